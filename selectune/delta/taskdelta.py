@@ -1,0 +1,110 @@
+"""The TaskDelta: one safetensors file holding everything a run changed, and nothing else.
+
+Keys are `<parameter name>::<kind>`:
+    ::set                       the tensor's new value, whole (the task head, full FT, BitFit biases)
+    ::lora_A ::lora_B ::lora_scale   W += scale · B A
+The JSON metadata (safetensors' string header) names the base model and a hash of the base weights it
+was trained on, the method, the budget line and the resolved config. Loading reads tensors and JSON
+only: no pickle, no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selectune.errors import SelectuneError
+
+FORMAT = "selectune.taskdelta/1"
+KINDS = ("set", "lora_A", "lora_B", "lora_scale")
+VALUE_KINDS = ("set", "lora_A", "lora_B")  # kinds whose numbers count as stored
+
+
+@dataclass
+class TaskDelta:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------------------- structure
+    def by_parameter(self) -> dict[str, dict[str, torch.Tensor]]:
+        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, tensor in self.tensors.items():
+            name, sep, kind = key.rpartition("::")
+            if not sep or kind not in KINDS:
+                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(KINDS)})")
+            grouped[name][kind] = tensor
+        return dict(grouped)
+
+    @property
+    def stored(self) -> int:
+        return sum(t.numel() for k, t in self.tensors.items() if k.rpartition("::")[2] in VALUE_KINDS)
+
+    # ----------------------------------------------------------------------------- apply
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module) -> None:
+        """Write the delta into a plain base model's weights, in fp32 (then cast as the caller wants)."""
+        params = dict(model.named_parameters())
+        for name, parts in self.by_parameter().items():
+            if name not in params:
+                raise SelectuneError(f"task delta changes '{name}', which this model does not have "
+                                     f"(trained on base '{self.meta.get('base_model')}')")
+            param = params[name]
+            if "set" in parts:
+                _check_shape(name, parts["set"].shape, param.shape)
+                param.copy_(parts["set"].to(param.device, param.dtype))
+            if "lora_A" in parts:
+                a, b = parts["lora_A"].float(), parts["lora_B"].float()
+                delta = (b @ a) * parts["lora_scale"].float()
+                _check_shape(name, delta.shape, param.shape)
+                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+
+    # ----------------------------------------------------------------------------- file
+    def save(self, path: str | Path) -> int:
+        """Write atomically (a temporary file renamed into place); returns the size in bytes."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "selectune": json.dumps(self.meta)})
+        os.replace(tmp, path)
+        return path.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskDelta:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "delta.safetensors"
+        if not path.is_file():
+            raise SelectuneError(f"no task delta at {path} (give a run directory or a .safetensors delta file)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise SelectuneError(f"{path}: not a readable task delta (truncated or corrupted: {err})") from None
+        if header.get("format") != FORMAT:
+            raise SelectuneError(f"{path}: not a selectune task delta (format '{header.get('format')}')")
+        try:
+            meta = json.loads(header["selectune"])
+        except (KeyError, json.JSONDecodeError):
+            raise SelectuneError(f"{path}: task delta metadata is missing or corrupted") from None
+        delta = cls(tensors, meta)
+        delta.by_parameter()  # validates the key layout
+        return delta
+
+
+def _check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
+    if tuple(got) != tuple(want):
+        raise SelectuneError(f"task delta: '{name}' has shape {tuple(got)} but the model's is {tuple(want)} "
+                             f"(a delta for another base model?)")

@@ -1,0 +1,36 @@
+"""Scoring a model on a task's dev split(s): shared by the training loop and `selectune eval`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from selectune.tasks import Task
+from selectune.tasks.batches import EncodedSplit, collate, eval_batches
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: EncodedSplit, batch_size: int, pad_id: int,
+            device: torch.device) -> np.ndarray:
+    """Raw outputs (logits) for every row of `split`, in row order."""
+    was_training = model.training
+    model.eval()
+    outputs: list[tuple[list[int], torch.Tensor]] = []
+    for rows in eval_batches(split, batch_size):
+        batch = collate(split, rows, pad_id)
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        outputs.append((rows, logits.float().cpu()))
+    model.train(was_training)
+    result = torch.empty(len(split), outputs[0][1].shape[-1])
+    for rows, logits in outputs:
+        result[rows] = logits
+    return result.numpy()
+
+
+def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batch_size: int, pad_id: int,
+             device: torch.device) -> dict[str, dict[str, float | None]]:
+    """Official metrics on every evaluation split, e.g. {"dev": {"f1": 86.1, "accuracy": 80.4}}."""
+    return {name: task.score(predict(model, split, batch_size, pad_id, device), split.labels.numpy())
+            for name, split in splits.items()}

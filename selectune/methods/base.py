@@ -1,0 +1,116 @@
+"""The one interface every method implements (design.md, "Flow of one run").
+
+    attach(backbone)      freeze the base, insert the method's delta forms, mark what trains
+    param_groups(lr, wd)  what the optimiser sees, each group with its own learning rate
+    penalty()             a term added to the task loss every step (None if the method has none)
+    after_step(step)      called by the loop after every optimiser step (schedules, masks, logging)
+    delta()               the tensors to store: the TaskDelta entries of this method
+
+The task head (the parameters the checkpoint did not have) is trained densely and stored whole by
+every method, so the base class handles it. A new method is one module with a `Config` dataclass and
+a subclass of `Method`, registered in `selectune.methods.METHODS` — the training loop never changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from selectune.backbone import Backbone
+from selectune.budget import BudgetReport
+
+ProbeBatches = Callable[[], Iterator[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has; each method's Config extends it."""
+
+    name: str
+    lr: Optional[float] = None  # learning rate of the method's parameters (None: trainer.lr)
+    head_lr: Optional[float] = None  # learning rate of the task head (None: the method's lr)
+
+
+class Method(ABC):
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_budget: ClassVar[bool] = False  # False: the method sizes itself and rejects a budget
+
+    def __init__(self, cfg: MethodConfig, budget: Optional[int]) -> None:
+        self.cfg = cfg
+        self.budget = budget
+        self.backbone: Backbone | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def attach(self, backbone: Backbone, probe: ProbeBatches | None = None) -> None:
+        """Freeze everything, unfreeze the head, then let the method add what it trains."""
+        self.backbone = backbone
+        for name, param in backbone.model.named_parameters():
+            param.requires_grad_(name in backbone.head_names)
+        self.setup(backbone, probe)
+
+    @abstractmethod
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        """Insert delta forms / unfreeze the method's parameters (the head is already trainable)."""
+
+    # ------------------------------------------------------------------ training
+    @property
+    def model(self) -> nn.Module:
+        assert self.backbone is not None, "attach() first"
+        return self.backbone.model
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Every parameter with a gradient, by name (what a resumable checkpoint saves)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Method and head parameters, each split into decayed (matrices) and not (biases, norms)."""
+        assert self.backbone is not None
+        method_lr = self.cfg.lr if self.cfg.lr is not None else lr
+        head_lr = self.cfg.head_lr if self.cfg.head_lr is not None else method_lr
+        groups = []
+        for is_head, group_lr in ((False, method_lr), (True, head_lr)):
+            params = [(n, p) for n, p in self.trainable().items() if (n in self.backbone.head_names) == is_head]
+            for decay in (True, False):
+                chosen = [p for n, p in params if (p.ndim >= 2) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
+                                   "name": f"{'head' if is_head else self.cfg.name}{'' if decay else '/no_decay'}"})
+        return groups
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Method state beyond the trainable tensors that a resumed run needs (masks, importance...)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ storing
+    @abstractmethod
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        """The method's own TaskDelta entries (`<param>::<kind>`), the head excluded."""
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        assert self.backbone is not None
+        params = dict(self.model.named_parameters())
+        head = {f"{n}::set": params[n].detach().clone() for n in sorted(self.backbone.head_names)}
+        return {**head, **{k: v.detach().clone() for k, v in self.method_delta().items()}}
+
+    def report(self) -> BudgetReport:
+        assert self.backbone is not None
+        from selectune.delta.taskdelta import TaskDelta
+
+        head = sum(self.model.get_parameter(n).numel() for n in self.backbone.head_names)
+        return BudgetReport(backbone=self.backbone.num_base_parameters, head=head,
+                            trainable=sum(p.numel() for p in self.trainable().values()),
+                            stored=TaskDelta(self.delta()).stored, asked=self.budget)

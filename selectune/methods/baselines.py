@@ -1,0 +1,45 @@
+"""The baselines every comparison needs (methods.md §6): full fine-tuning, BitFit, linear probe.
+
+They make selective results meaningful: a row without its baseline proves nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selectune.backbone import Backbone
+from selectune.methods.base import Method, ProbeBatches
+
+
+class FullFineTune(Method):
+    """Every parameter trains; the delta stores every tensor whole."""
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        for param in backbone.model.parameters():
+            param.requires_grad_(True)
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        assert self.backbone is not None
+        return {f"{n}::set": p for n, p in self.backbone.base_parameters().items()}
+
+
+class BitFit(Method):
+    """Only the bias terms (and the head) train — Ben Zaken et al., 2022."""
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        for name, param in backbone.base_parameters().items():
+            param.requires_grad_(name.endswith(".bias"))
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        assert self.backbone is not None
+        return {f"{n}::set": p for n, p in self.backbone.base_parameters().items() if n.endswith(".bias")}
+
+
+class LinearProbe(Method):
+    """Only the head trains: the floor any tuning method must beat."""
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        pass
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        return {}

@@ -1,0 +1,69 @@
+"""LoRA (Hu et al., 2021) on the project's own low-rank delta form.
+
+Targets are module-name suffixes (`query`, `value`, `attention.output.dense`, ...), matched against
+nn.Linear modules outside the head. With a budget, the rank is the largest r whose stored count
+(head included) fits it, so LoRA can be compared with sparse methods at the same stored count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from selectune.backbone import Backbone
+from selectune.delta.lowrank import LowRankLinear
+from selectune.errors import SelectuneError
+from selectune.methods.base import Method, MethodConfig, ProbeBatches
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+def find_linears(model: nn.Module, targets: list[str], exclude: frozenset[str]) -> dict[str, nn.Linear]:
+    """nn.Linear modules whose name ends with one of `targets`, skipping modules of excluded params."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            if f"{name}.weight" not in exclude:
+                found[name] = module
+    return found
+
+
+class LoRA(Method):
+    Config = LoRAConfig
+    uses_budget = True
+    cfg: LoRAConfig
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
+        if not linears:
+            raise SelectuneError(f"method.targets={list(self.cfg.targets)} matches no Linear layer of the model")
+        rank = self.cfg.r
+        if self.budget is not None:
+            head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+            per_rank = sum(m.in_features + m.out_features for m in linears.values())
+            rank = (self.budget - head) // per_rank
+            if rank < 1:
+                raise SelectuneError(f"budget of {self.budget:,} cannot hold LoRA rank 1 on {len(linears)} "
+                                     f"matrices ({per_rank + head:,} values with the head)")
+        self.rank = rank
+        for name, linear in linears.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = backbone.model.get_submodule(parent_name)
+            setattr(parent, child, LowRankLinear(linear, rank, self.cfg.alpha, self.cfg.dropout))
+        self.wrapped = {name: backbone.model.get_submodule(name) for name in linears}
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.wrapped.items():
+            out[f"{name}.weight::lora_A"] = module.lora_A
+            out[f"{name}.weight::lora_B"] = module.lora_B
+            out[f"{name}.weight::lora_scale"] = torch.tensor(module.scale, dtype=torch.float32)
+        return out

@@ -1,0 +1,229 @@
+"""The training loop: one loop for every method (design.md, "Flow of one run").
+
+Read it top to bottom: set-up (optimiser, schedule, resume), then per step
+    forward -> task loss + method.penalty() -> backward -> clip -> optimiser step -> method.after_step(t)
+with evaluation, logging and checkpoints at fixed step counts. A method changes what trains and what
+is stored, never this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from selectune import checkpoint
+from selectune.errors import SelectuneError
+from selectune.evaluation import evaluate
+from selectune.methods.base import Method
+from selectune.tasks import Task
+from selectune.tasks.batches import EncodedSplit, collate, train_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    """The `trainer` config group."""
+
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 2e-5  # for the method's parameters unless method.lr is set
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06  # linear warm-up over this share of the steps, then linear decay to 0
+    max_grad_norm: float = 1.0
+    eval_every: Optional[int] = None  # steps; None: at the end of every epoch (and always at the end)
+    checkpoint_every: Optional[int] = None  # steps; None: at every evaluation
+    log_every: int = 10
+    select: str = "last"  # which evaluation the stored delta and results come from: last | best
+    seed: int = 42
+    resume: bool = False  # continue from the run directory's checkpoint (same hydra.run.dir / out_dir)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # the rich progress bar (stderr)
+
+    def validate(self) -> None:
+        if self.select not in ("last", "best"):
+            raise SelectuneError(f"trainer.select='{self.select}': use last or best")
+        for key in ("batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, key) <= 0:
+                raise SelectuneError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise SelectuneError(f"trainer.epochs must be positive, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SelectuneError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelectuneError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SelectuneError(f"trainer.device='{name}': use auto, cpu, cuda or cuda:N") from None
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA peak allocation on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
+                 pad_id: int, run_dir: Path, save_delta, console: Console | None = None) -> None:
+        """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes."""
+        cfg.validate()
+        self.cfg, self.task, self.method, self.splits, self.pad_id = cfg, task, method, splits, pad_id
+        self.run_dir, self.save_delta = run_dir, save_delta
+        self.console = console or Console(stderr=True)
+        self.device = resolve_device(cfg.device)
+        self.model = method.model.to(self.device)
+        self.eval_splits = {name: splits[name] for name in task.eval_splits}
+        n_train = len(splits["train"])
+        self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule(self, step: int) -> float:
+        warmup = int(self.cfg.warmup_ratio * self.total_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+
+    def _write_jsonl(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_jsonl(self, step: int) -> None:
+        """On resume, drop the records a killed run wrote after its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _primary(self, metrics: dict[str, dict[str, float | None]]) -> float:
+        value = metrics[self.task.eval_splits[0]][self.task.spec.primary]
+        return -math.inf if value is None else value
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        cfg, model, method, task = self.cfg, self.model, self.method, self.task
+        params = method.trainable()
+        optimizer = torch.optim.AdamW(method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._schedule(s))
+        train = self.splits["train"]
+        step, evals, best, delta_bytes, train_time = 0, [], None, None, 0.0
+
+        if cfg.resume and checkpoint.exists(self.run_dir):
+            state = checkpoint.load(self.run_dir, params)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            method.load_state(state["method"])
+            step, evals, best, delta_bytes, train_time = (state["step"], state["evals"], state["best"],
+                                                          state["delta_bytes"], state["train_time"])
+            self._truncate_jsonl(step)
+            self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
+        elif cfg.resume:
+            self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
+                                       "{task.fields[eps]:.1f} ex/s"), TimeRemainingColumn(),
+                            console=self.console, disable=not cfg.progress, transient=False)
+        bar = progress.add_task(f"{task.name} · {method.cfg.name}", total=self.total_steps, completed=step,
+                                loss=float("nan"), lr=scheduler.get_last_lr()[0], eps=0.0)
+        model.train()
+        window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        with progress:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                epoch, offset = divmod(step, self.steps_per_epoch)
+                rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
+                batch = {k: v.to(self.device) for k, v in collate(train, rows, self.pad_id).items()}
+                labels = batch.pop("labels")
+                loss = task_loss(model(**batch).logits, labels, task.spec.is_regression)
+                penalty = method.penalty()
+                total = loss if penalty is None else loss + penalty
+                if not torch.isfinite(total):
+                    raise SelectuneError(f"loss became {total.item()} at step {step + 1}; lower trainer.lr "
+                                         f"(now {cfg.lr}) or method.lr")
+                total.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                extra = method.after_step(step)
+                train_time += time.perf_counter() - t0
+
+                window_loss, window_n = window_loss + loss.item() * len(rows), window_n + len(rows)
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_t0
+                    record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                              "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
+                              "examples_per_s": window_n / elapsed,
+                              "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
+                    if penalty is not None:
+                        record["penalty"] = penalty.item()
+                    self._write_jsonl(record)
+                    progress.update(bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
+                    if cfg.progress and not self.console.is_terminal:  # a log file gets plain lines instead
+                        self.console.print(f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
+                                           f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
+                    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                progress.update(bar, completed=step)
+
+                if step % self.eval_every == 0 or step == self.total_steps:
+                    metrics = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id, self.device)
+                    evals.append({"step": step, "metrics": metrics})
+                    self._write_jsonl({"step": step, "eval": metrics})
+                    progress.console.print(f"step {step}: " + format_metrics(metrics))
+                    if cfg.select == "best" and (best is None or self._primary(metrics) > self._primary(best["metrics"])):
+                        best = {"step": step, "metrics": metrics}
+                        delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+                if step % self.checkpoint_every == 0 and step < self.total_steps:
+                    checkpoint.save(self.run_dir, params, {
+                        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "method": method.state(), "evals": evals, "best": best, "delta_bytes": delta_bytes,
+                        "train_time": train_time})
+
+        if cfg.select == "last":
+            delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+        chosen = evals[-1] if cfg.select == "last" else best
+        checkpoint.remove(self.run_dir)
+        return {"selection": cfg.select, "selected_step": chosen["step"], "metrics": chosen["metrics"],
+                "final": evals[-1], "evals": evals, "steps": step, "delta_bytes": delta_bytes,
+                "train_time_s": round(train_time, 2), "step_time_s": round(train_time / max(step, 1), 4),
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device)}
+
+
+def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:
+    parts = []
+    for split, values in metrics.items():
+        shown = " ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in values.items())
+        parts.append(f"{split}: {shown}")
+    return " · ".join(parts)

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny GLUE data in the real file layouts, a tiny random model, CLI helpers.
+
+Everything here runs offline: HF_HUB_OFFLINE=1 makes any accidental Hub access fail at once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_DATA = Path(os.environ.get("SELECTUNE_DATA", SHARED_DATA))
+
+TINY = ["model=tiny_random", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=16"]
+
+WORDS = "the a cat dog sat ran on under mat house quickly slowly big small red blue was is not very".split()
+
+
+def _sentence(rng: random.Random, n: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
+
+
+def write_glue(root: Path, rows: int = 48, seed: int = 0) -> Path:
+    """Write every GLUE task in the GLUE distribution's TSV layout (headers, BOM, CoLA headerless...)."""
+    rng = random.Random(seed)
+    glue = root / "glue"
+
+    def write(task: str, name: str, header: str | None, make_row, bom: bool = False) -> None:
+        folder = glue / task
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = ([header] if header else []) + [make_row(i) for i in range(rows)]
+        text = "\n".join(lines) + "\n"
+        (folder / f"{name}.tsv").write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+
+    for split in ("train", "dev"):
+        write("CoLA", split, None, lambda i: f"gj04\t{i % 2}\t\t{_sentence(rng)}")
+        write("SST-2", split, "sentence\tlabel", lambda i: f"{_sentence(rng)} \t{i % 2}")
+        write("MRPC", split, "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+              lambda i: f"{i % 2}\t{1000 + i}\t{2000 + i}\t{_sentence(rng)}\t{_sentence(rng)}", bom=True)
+        write("STS-B", split, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+              lambda i: f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{_sentence(rng)}\t"
+                        f"{_sentence(rng)}\t{(i * 0.37) % 5:.3f}")
+        write("QQP", split, "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+              lambda i: f"{i}\t{2 * i}\t{2 * i + 1}\t{_sentence(rng)}?\t{_sentence(rng)}?\t{i % 2}")
+        write("QNLI", split, "index\tquestion\tsentence\tlabel",
+              lambda i: f"{i}\t{_sentence(rng)}?\t{_sentence(rng)}\t{('entailment', 'not_entailment')[i % 2]}")
+        write("RTE", split, "index\tsentence1\tsentence2\tlabel",
+              lambda i: f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{('entailment', 'not_entailment')[i % 2]}")
+        write("WNLI", split, "index\tsentence1\tsentence2\tlabel",
+              lambda i: f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{i % 2}")
+    mnli_header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                   "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+    labels = ("entailment", "neutral", "contradiction")
+    for split in ("train", "dev_matched", "dev_mismatched"):
+        write("MNLI", split, mnli_header,
+              lambda i: f"{i}\t{i}\t{i}e\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{_sentence(rng)}\t"
+                        f"{_sentence(rng)}\t{labels[i % 3]}\t{labels[i % 3]}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def glue_root(tmp_path_factory) -> Path:
+    return write_glue(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def data_env(glue_root, monkeypatch) -> Path:
+    monkeypatch.setenv("SELECTUNE_DATA", str(glue_root))
+    return glue_root
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m selectune ...` as a user would, in `cwd`."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def compose_run(recipe: str, *overrides: str):
+    from selectune.config import compose
+
+    return compose("train", [f"recipe={recipe}", *TINY, *overrides])

