@@ -41,8 +41,13 @@ def exists(run_dir: Path) -> bool:
     return (run_dir / NAME / "state.pt").is_file()
 
 
-def load(run_dir: Path, params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
-    """Copy the saved trainable tensors into `params`, restore the RNGs, return the rest of the state."""
+def read(run_dir: Path) -> dict[str, Any]:
+    """The saved loop state (position, optimiser, scheduler, method state, RNG states)."""
+    return torch.load(run_dir / NAME / "state.pt", weights_only=True)
+
+
+def restore(run_dir: Path, params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> None:
+    """Copy the saved trainable tensors into `params` and restore the RNGs of `state`."""
     folder = run_dir / NAME
     saved = load_file(str(folder / "trainable.safetensors"))
     if set(saved) != set(params):
@@ -50,14 +55,15 @@ def load(run_dir: Path, params: dict[str, torch.nn.Parameter]) -> dict[str, Any]
                              f"({len(saved)} trainable tensors saved, {len(params)} now); start a new run dir")
     with torch.no_grad():
         for name, param in params.items():
+            if saved[name].shape != param.shape:
+                raise SelectuneError(f"checkpoint in {folder}: '{name}' has shape {tuple(saved[name].shape)}, "
+                                     f"the run now {tuple(param.shape)}; start a new run dir")
             param.copy_(saved[name])
-    state = torch.load(folder / "state.pt", weights_only=True)
-    rng = state.pop("rng")
+    rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
 
 
 def remove(run_dir: Path) -> None:

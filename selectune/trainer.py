@@ -113,6 +113,16 @@ class Trainer:
             return (step + 1) / warmup
         return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
 
+    def _optimizer(self, step: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the method's parameter groups, its schedule positioned at `step`."""
+        optimizer = torch.optim.AdamW(self.method.param_groups(self.cfg.lr, self.cfg.weight_decay), lr=self.cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._schedule(s))
+        if step:
+            scheduler.last_epoch = step
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * self._schedule(step)
+        return optimizer, scheduler
+
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -131,23 +141,24 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         cfg, model, method, task = self.cfg, self.model, self.method, self.task
-        params = method.trainable()
-        optimizer = torch.optim.AdamW(method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._schedule(s))
-        train = self.splits["train"]
+        state = checkpoint.read(self.run_dir) if cfg.resume and checkpoint.exists(self.run_dir) else None
         step, evals, best, delta_bytes, train_time = 0, [], None, None, 0.0
-
-        if cfg.resume and checkpoint.exists(self.run_dir):
-            state = checkpoint.load(self.run_dir, params)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            method.load_state(state["method"])
+        if state is not None:
+            method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
             step, evals, best, delta_bytes, train_time = (state["step"], state["evals"], state["best"],
                                                           state["delta_bytes"], state["train_time"])
+        params = method.trainable()
+        optimizer, scheduler = self._optimizer(step)
+        built_for = method.trainable_version
+        if state is not None:
+            checkpoint.restore(self.run_dir, params, state)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
             self._truncate_jsonl(step)
             self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
         elif cfg.resume:
             self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
+        train = self.splits["train"]
 
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
@@ -178,6 +189,10 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 extra = method.after_step(step)
+                if method.trainable_version != built_for:  # the method changed what trains (re-selection)
+                    params = method.trainable()
+                    optimizer, scheduler = self._optimizer(step)
+                    built_for = method.trainable_version
                 train_time += time.perf_counter() - t0
 
                 window_loss, window_n = window_loss + loss.item() * len(rows), window_n + len(rows)

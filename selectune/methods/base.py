@@ -44,6 +44,9 @@ class Method(ABC):
         self.cfg = cfg
         self.budget = budget
         self.backbone: Backbone | None = None
+        # Bumped whenever the set of trainable tensors changes after attach (e.g. SaRA's progressive
+        # re-selection); the loop then rebuilds its optimiser over `param_groups`.
+        self.trainable_version = 0
 
     # ------------------------------------------------------------------ set-up
     def attach(self, backbone: Backbone, probe: ProbeBatches | None = None) -> None:
