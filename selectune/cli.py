@@ -2,11 +2,12 @@
 
     selectune train recipe=glue/mrpc_full [overrides] [-m] [--cfg job]   Hydra-composed training run
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
+    selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
     selectune validate <recipe> [overrides]                              build everything, train nothing
 
-`train` and `eval` run under `hydra.main` (run dirs, multirun, --cfg, completion); `cat` and
+`train`, `eval` and `export` run under `hydra.main` (run dirs, multirun, --cfg, completion); `cat` and
 `validate` use Hydra's compose API, so they write nothing. Overrides are checked before Hydra runs:
 an unknown recipe / group option gets close-name suggestions and a wrong-typed value names its key.
 """
@@ -26,14 +27,15 @@ USAGE = """usage: selectune <command> [recipe=... | <recipe>] [key=value ...]
 commands:
   train     train a recipe:          selectune train recipe=glue/mrpc_full [trainer.lr=3e-5] [-m]
   eval      score a stored delta:    selectune eval run=<run dir or delta file> [task=glue/rte]
+  export    merge into the base:     selectune export run=<run dir or delta file> out=<dir> [dtype=bfloat16]
   ls        list the recipes
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "eval", "ls", "cat", "validate")
-HYDRA_COMMANDS = {"train": "train", "eval": "eval"}
+COMMANDS = ("train", "eval", "export", "ls", "cat", "validate")
+HYDRA_COMMANDS = {"train": "train", "eval": "eval", "export": "export"}
 
 
 def fail(err: BaseException, debug: bool) -> None:
@@ -77,6 +79,12 @@ def _eval(cfg) -> None:
     from selectune.commands import evaluate_delta
 
     evaluate_delta(cfg.run, cfg.get("task"), cfg.batch_size, cfg.device)
+
+
+def _export(cfg) -> None:
+    from selectune.export import export
+
+    export(cfg.run, cfg.out, cfg.dtype, cfg.force)
 
 
 def _overrides(args: list[str]) -> list[str]:
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             if command == "train":
                 _precheck_train(rest)
             sys.argv = [f"selectune {command}", *rest]
-            _hydra_entry(HYDRA_COMMANDS[command], _train if command == "train" else _eval)()
+            body = {"train": _train, "eval": _eval, "export": _export}[command]
+            _hydra_entry(HYDRA_COMMANDS[command], body)()
     except SelectuneError as err:
         fail(err, debug)
 

@@ -99,9 +99,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     splits = encode_splits(task, backbone, list(task.splits))
     method.attach(backbone, probe=None)
     report = method.report()
+    decided = method.describe()
     console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                  f"{len(splits['train']):,} train examples · {report.line()}")
-    log.info(report.line())
+                  f"{len(splits['train']):,} train examples · {report.line()}"
+                  + (f" · {json.dumps(decided)}" if decided else ""))
+    log.info("%s %s", report.line(), decided)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), saved_cfg)
 
@@ -112,13 +114,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def save_delta(path: Path) -> int:
         from selectune.delta.taskdelta import TaskDelta
 
-        return TaskDelta(method.delta(), meta).save(path)
+        return TaskDelta(method.delta(), {**meta, "method_state": method.describe()}).save(path, cfg.get("compact"))
 
     trainer = Trainer(spec.trainer, task, method, splits, backbone.tokenizer.pad_token_id, run_dir, save_delta,
                       console)
     outcome = trainer.fit()
     results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
-               **outcome, "budget": report.as_dict(), "base_hash": base_hash, "selectune_version": __version__}
+               **outcome, "budget": method.report().as_dict(), "method_state": method.describe(), "base_hash": base_hash,
+               "selectune_version": __version__}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")

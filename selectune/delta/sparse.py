@@ -32,24 +32,30 @@ def scatter_add(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor)
     return out.view_as(base)
 
 
+def effective(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, frozen_indices: torch.Tensor,
+              frozen_values: torch.Tensor) -> torch.Tensor:
+    """W0 + scatter(trainable entries) + scatter(frozen entries), as a new tensor."""
+    if frozen_indices.numel():
+        indices, values = torch.cat([indices, frozen_indices]), torch.cat([values.detach(), frozen_values])
+    return scatter_add(base, indices, values)
+
+
 class _SparseLinear(torch.autograd.Function):
-    """y = x (W0 + S)^T + b with S = scatter(idx, values); gradients for x, values and b only."""
+    """y = x (W0 + S)^T + b with S = scatter(idx, values) (+ frozen entries); grads for x, values, b."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, in_features):  # type: ignore[override]
-        effective = scatter_add(weight, indices, values)
-        ctx.save_for_backward(x, weight, values, indices)
+    def forward(ctx, x, weight, bias, values, indices, frozen_indices, frozen_values, in_features):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, values, indices, frozen_indices, frozen_values)
         ctx.in_features = in_features
         ctx.has_bias = bias is not None
-        return F.linear(x, effective, bias)
+        return F.linear(x, effective(weight, indices, values, frozen_indices, frozen_values), bias)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, values, indices = ctx.saved_tensors
+        x, weight, values, indices, frozen_indices, frozen_values = ctx.saved_tensors
         grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            effective = scatter_add(weight, indices, values)  # recomputed: no dense copy kept alive
-            grad_x = dy @ effective.to(dy.dtype)
+        if ctx.needs_input_grad[0]:  # W_eff recomputed: no dense copy is kept alive between passes
+            grad_x = dy @ effective(weight, indices, values, frozen_indices, frozen_values).to(dy.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1])
@@ -64,7 +70,7 @@ class _SparseLinear(torch.autograd.Function):
             grad_values = grad_values.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy2.sum(0)
-        return grad_x, None, grad_bias, grad_values, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None
 
 
 class SparseDeltaModule(nn.Module):
@@ -72,7 +78,9 @@ class SparseDeltaModule(nn.Module):
 
     The wrapped module's own parameters are re-registered here under their names (frozen), so the
     model's parameter names do not change; the wrapped module is kept unregistered and called with
-    the effective tensors (a fast custom path for Linear weights).
+    the effective tensors (a fast custom path for Linear weights). Besides the trainable entries a
+    tensor may hold frozen entries: deltas that stopped training (SaRA's progressive re-selection)
+    but still belong to the task delta.
     """
 
     def __init__(self, base: nn.Module, indices: dict[str, torch.Tensor]) -> None:
@@ -81,46 +89,91 @@ class SparseDeltaModule(nn.Module):
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
         self.delta_names = sorted(indices)
+        empty = torch.zeros(0)
         for name, idx in indices.items():
-            self.set_indices(name, idx, torch.zeros(idx.numel(), dtype=torch.float32,
-                                                    device=getattr(base, name).device))
+            self.set_entries(name, idx, torch.zeros(idx.numel()), empty.to(torch.int32), empty)
 
-    def set_indices(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """(Re)define the trainable entries of tensor `name` (sorted flat int32 indices + their values)."""
+    def set_entries(self, name: str, indices: torch.Tensor, values: torch.Tensor, frozen_indices: torch.Tensor,
+                    frozen_values: torch.Tensor) -> None:
+        """(Re)define tensor `name`'s trainable entries (sorted flat indices + values) and frozen ones."""
         device = getattr(self, name).device
-        self.register_buffer(f"{name}_indices", indices.to(device=device, dtype=torch.int32), persistent=False)
-        setattr(self, f"{name}_delta", nn.Parameter(values.to(device=device, dtype=torch.float32)))
+        as_index = {"device": device, "dtype": torch.int32}
+        as_value = {"device": device, "dtype": torch.float32}
+        self.register_buffer(f"{name}_indices", indices.to(**as_index), persistent=False)
+        self.register_buffer(f"{name}_frozen_indices", frozen_indices.to(**as_index), persistent=False)
+        self.register_buffer(f"{name}_frozen_values", frozen_values.detach().to(**as_value), persistent=False)
+        setattr(self, f"{name}_delta", nn.Parameter(values.detach().to(**as_value)))
 
-    def indices(self, name: str) -> torch.Tensor:
-        return getattr(self, f"{name}_indices")
+    def parts(self, name: str) -> tuple[torch.Tensor, nn.Parameter, torch.Tensor, torch.Tensor]:
+        """(indices, trainable values, frozen indices, frozen values) of tensor `name`."""
+        return (getattr(self, f"{name}_indices"), getattr(self, f"{name}_delta"),
+                getattr(self, f"{name}_frozen_indices"), getattr(self, f"{name}_frozen_values"))
 
-    def values(self, name: str) -> nn.Parameter:
-        return getattr(self, f"{name}_delta")
+    def entries(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored entry of `name` (trainable and frozen), sorted by index: (indices, values)."""
+        idx, values, f_idx, f_values = self.parts(name)
+        all_idx, all_values = torch.cat([idx, f_idx]), torch.cat([values.detach(), f_values])
+        order = torch.argsort(all_idx)
+        return all_idx[order], all_values[order]
 
     def forward(self, *args, **kwargs):
         base = self.wrapped
+        if not any(self.parts(n)[0].numel() + self.parts(n)[2].numel() for n in self.delta_names):
+            return base(*args, **kwargs)
         if isinstance(base, nn.Linear) and "weight" in self.delta_names and not kwargs and len(args) == 1:
-            bias = self.bias
-            if "bias" in self.delta_names:
-                bias = _GatherGrad.apply(self.bias, self.indices("bias"), self.values("bias"))
-            return _SparseLinear.apply(args[0], self.weight, bias, self.values("weight"), self.indices("weight"),
+            bias = _GatherGrad.apply(self.bias, *self.parts("bias")) if "bias" in self.delta_names else self.bias
+            return _SparseLinear.apply(args[0], self.weight, bias, *self._reorder(self.parts("weight")),
                                        base.in_features)
-        tensors = {n: _GatherGrad.apply(getattr(self, n), self.indices(n), self.values(n)) for n in self.delta_names}
+        tensors = {n: _GatherGrad.apply(getattr(self, n), *self.parts(n)) for n in self.delta_names}
         return functional_call(base, tensors, args, kwargs)
 
+    @staticmethod
+    def _reorder(parts):
+        idx, values, f_idx, f_values = parts
+        return values, idx, f_idx, f_values
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: {self.indices(n).numel()} entries" for n in self.delta_names)
+        return ", ".join(f"{n}: {self.parts(n)[0].numel()} trainable entries" for n in self.delta_names)
+
+
+def wrap(model: nn.Module, selection: dict[str, torch.Tensor]) -> dict[str, SparseDeltaModule]:
+    """Give each selected parameter (name -> flat indices, possibly empty) a sparse delta, wrapping
+    its owning module once. Returns the wrappers by module name."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, idx in selection.items():
+        module_name, _, tensor = name.rpartition(".")
+        by_module.setdefault(module_name, {})[tensor] = idx
+    wrappers = {}
+    for module_name, indices in by_module.items():
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapper = SparseDeltaModule(getattr(parent, child), indices)
+        setattr(parent, child, wrapper)
+        wrappers[module_name] = wrapper
+    return wrappers
+
+
+def delta_entries(wrappers: dict[str, SparseDeltaModule]) -> dict[str, torch.Tensor]:
+    """TaskDelta entries `<param>::indices` / `<param>::values` of every non-empty sparse delta."""
+    out = {}
+    for module_name, wrapper in wrappers.items():
+        for name in wrapper.delta_names:
+            idx, values = wrapper.entries(name)
+            if idx.numel():
+                out[f"{module_name}.{name}::indices"] = idx
+                out[f"{module_name}.{name}::values"] = values
+    return out
 
 
 class _GatherGrad(torch.autograd.Function):
-    """base + scatter(idx, values) for small / naturally dense-gradient tensors: dv = grad.flat[idx]."""
+    """W0 + scatter(entries) for small or naturally dense-gradient tensors: dv = grad.flat[idx]."""
 
     @staticmethod
-    def forward(ctx, base, indices, values):  # type: ignore[override]
+    def forward(ctx, base, indices, values, frozen_indices, frozen_values):  # type: ignore[override]
         ctx.save_for_backward(indices)
-        return scatter_add(base, indices, values)
+        return effective(base, indices, values, frozen_indices, frozen_values)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (indices,) = ctx.saved_tensors
-        return None, None, grad.reshape(-1)[indices.long()].to(torch.float32)
+        return None, None, grad.reshape(-1)[indices.long()].to(torch.float32), None, None

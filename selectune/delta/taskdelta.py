@@ -1,8 +1,12 @@
 """The TaskDelta: one safetensors file holding everything a run changed, and nothing else.
 
 Keys are `<parameter name>::<kind>`:
-    ::set                       the tensor's new value, whole (the task head, full FT, BitFit biases)
+    ::set                            the tensor's new value, whole (the task head, full FT, BitFit biases)
     ::lora_A ::lora_B ::lora_scale   W += scale · B A
+    ::indices ::values               W.flat[indices] += values (sorted int32 flat indices, fp32 values)
+The compact form (`compact=True`) stores sparse entries as `::index_gaps` (first index, then
+differences; uint16 where every gap fits, else int32) and half-precision `::values`: 4 bytes per
+stored number instead of 8. Loading turns it back into the plain form.
 The JSON metadata (safetensors' string header) names the base model and a hash of the base weights it
 was trained on, the method, the budget line and the resolved config. Loading reads tensors and JSON
 only: no pickle, no code.
@@ -23,8 +27,9 @@ from torch import nn
 from selectune.errors import SelectuneError
 
 FORMAT = "selectune.taskdelta/1"
-KINDS = ("set", "lora_A", "lora_B", "lora_scale")
-VALUE_KINDS = ("set", "lora_A", "lora_B")  # kinds whose numbers count as stored
+KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values")
+VALUE_KINDS = ("set", "lora_A", "lora_B", "values")  # kinds whose numbers count as stored
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -59,6 +64,10 @@ class TaskDelta:
             if "set" in parts:
                 _check_shape(name, parts["set"].shape, param.shape)
                 param.copy_(parts["set"].to(param.device, param.dtype))
+            if "indices" in parts:
+                flat = param.data.view(-1)
+                idx = parts["indices"].long().to(param.device)
+                flat[idx] = (flat[idx].float() + parts["values"].float().to(param.device)).to(param.dtype)
             if "lora_A" in parts:
                 a, b = parts["lora_A"].float(), parts["lora_B"].float()
                 delta = (b @ a) * parts["lora_scale"].float()
@@ -66,14 +75,18 @@ class TaskDelta:
                 param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
 
     # ----------------------------------------------------------------------------- file
-    def save(self, path: str | Path) -> int:
-        """Write atomically (a temporary file renamed into place); returns the size in bytes."""
+    def save(self, path: str | Path, compact: str | None = None) -> int:
+        """Write atomically (a temporary file renamed into place); returns the size in bytes.
+
+        `compact="float16"` or `"bfloat16"` writes sparse entries delta-encoded with half values."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        if compact is not None:
+            tensors = _compact(tensors, HALF[compact])
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "selectune": json.dumps(self.meta)})
         os.replace(tmp, path)
         return path.stat().st_size
@@ -99,7 +112,7 @@ class TaskDelta:
             meta = json.loads(header["selectune"])
         except (KeyError, json.JSONDecodeError):
             raise SelectuneError(f"{path}: task delta metadata is missing or corrupted") from None
-        delta = cls(tensors, meta)
+        delta = cls(_expand(tensors), meta)
         delta.by_parameter()  # validates the key layout
         return delta
 
@@ -108,3 +121,33 @@ def _check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
     if tuple(got) != tuple(want):
         raise SelectuneError(f"task delta: '{name}' has shape {tuple(got)} but the model's is {tuple(want)} "
                              f"(a delta for another base model?)")
+
+
+def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
+    """Sparse entries as first-index-then-gaps (uint16 when every gap fits) and half-precision values."""
+    out = {}
+    for key, tensor in tensors.items():
+        name, _, kind = key.rpartition("::")
+        if kind == "indices":
+            gaps = torch.diff(tensor.long(), prepend=torch.zeros(1, dtype=torch.long))
+            small = gaps.numel() == 0 or int(gaps.max()) < 2**16
+            out[f"{name}::index_gaps"] = gaps.to(torch.uint16 if small else torch.int32)
+        elif kind == "values":
+            out[key] = tensor.to(half)
+        else:
+            out[key] = tensor
+    return out
+
+
+def _expand(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The compact form back to the plain one (int32 indices, fp32 values)."""
+    out = {}
+    for key, tensor in tensors.items():
+        name, _, kind = key.rpartition("::")
+        if kind == "index_gaps":
+            out[f"{name}::indices"] = torch.cumsum(tensor.to(torch.int64), 0).to(torch.int32)
+        elif kind == "values":
+            out[key] = tensor.float()
+        else:
+            out[key] = tensor
+    return out

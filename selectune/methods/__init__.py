@@ -9,12 +9,14 @@ from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig
 from selectune.methods.baselines import BitFit, FullFineTune, LinearProbe
 from selectune.methods.lora import LoRA
+from selectune.methods.sara import SaRA
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
     "bitfit": BitFit,
     "linear": LinearProbe,
     "lora": LoRA,
+    "sara": SaRA,
 }
 
 

@@ -91,6 +91,10 @@ class Method(ABC):
     def after_step(self, step: int) -> dict[str, float]:
         return {}
 
+    def describe(self) -> dict[str, Any]:
+        """What the method decided (selection counts, mask hashes, ranks): logged and stored with results."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """Method state beyond the trainable tensors that a resumed run needs (masks, importance...)."""
         return {}

@@ -1,0 +1,74 @@
+"""`selectune export`: merge a TaskDelta into its base model and save a plain Hugging Face model.
+
+Merging is done in fp32 (W0 + Δ), then the model is cast to the asked dtype and saved with its
+tokenizer, so `AutoModelForSequenceClassification.from_pretrained(out)` works without selectune.
+A delta only fits the base weights it was trained on: a base whose hash differs is refused unless
+`force=true`. Casting can swallow small updates: the report counts the changed entries whose merged
+value equals the base value once both are in the target dtype (|Δ| below the dtype's resolution at
+that weight).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from selectune.errors import SelectuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lost_in_cast(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    """(changed entries, of which lost once cast to `dtype`) between two fp32 tensors."""
+    changed = after != before
+    if dtype == torch.float32:
+        return int(changed.sum()), 0
+    lost = changed & (after.to(dtype) == before.to(dtype))
+    return int(changed.sum()), int(lost.sum())
+
+
+def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec
+    from selectune.delta.taskdelta import TaskDelta
+    from selectune.tasks.glue import glue_spec
+
+    if dtype not in DTYPES:
+        raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise SelectuneError(f"out={target} exists and is not empty; choose another folder")
+    delta = TaskDelta.load(run)
+    spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
+    task = glue_spec(spec.task.name)
+    backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed)
+    found = backbone.base_hash()
+    if found != delta.meta["base_hash"] and not force:
+        raise SelectuneError(f"base model '{backbone.name}' has weights hash {found}, but the delta was trained on "
+                             f"{delta.meta['base_hash']}; pass force=true to merge anyway")
+    model = backbone.model
+    touched = set(delta.by_parameter()) - backbone.head_names
+    before = {n: model.get_parameter(n).detach().clone() for n in touched}
+    delta.merge_into(model)
+    changed = lost = 0
+    for name in touched:
+        c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
+        changed, lost = changed + c, lost + n_lost
+    model.to(DTYPES[dtype])
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    backbone.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        target.rmdir()
+    tmp.rename(target)
+    report = {"out": str(target), "dtype": dtype, "base_model": backbone.name, "method": delta.meta["method"],
+              "changed_entries": changed, "lost_in_dtype": lost, "base_hash_matched": found == delta.meta["base_hash"]}
+    share = f" ({100 * lost / changed:.2f}%)" if changed else ""
+    print(f"exported {delta.meta['method']} delta on {backbone.name} to {target} in {dtype}: "
+          f"{changed:,} changed base entries, {lost:,}{share} below {dtype}'s resolution at their weight")
+    return report
