@@ -13,10 +13,11 @@ import datetime
 import json
 import os
 import platform
-import re
 from pathlib import Path
 
 import torch
+
+from docsection import write_section
 
 
 def fmt(value) -> str:
@@ -50,17 +51,13 @@ def main() -> None:
     section = args.section or args.root.name
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                f"torch {torch.__version__}")
-    body = (f"<!-- results:{section} -->\n### {args.title}\n\n"
+    body = (f"### {args.title}\n\n"
             f"Generated {datetime.date.today()} by `scripts/results_table.py` from `{args.root}/*/results.json`.\n"
             f"Command: `{args.command}`  \nMachine: {machine}.  \n"
             "Selection rule: the evaluation named in the *selection* column on the GLUE dev split "
             "(`last` = the end of training; no test split is used). Metrics are percentages.\n\n"
-            f"{table(args.root)}\n<!-- /results:{section} -->")
-    doc = args.doc.read_text() if args.doc.exists() else "# Results\n"
-    pattern = re.compile(rf"<!-- results:{re.escape(section)} -->.*?<!-- /results:{re.escape(section)} -->", re.S)
-    doc = pattern.sub(lambda _: body, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + body + "\n"
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(doc)
+            f"{table(args.root)}")
+    write_section(args.doc, f"results:{section}", body)
     print(body)
 
 

@@ -120,7 +120,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                       console)
     outcome = trainer.fit()
     results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
-               **outcome, "budget": method.report().as_dict(), "method_state": method.describe(), "base_hash": base_hash,
+               **outcome, "budget": method.report().as_dict(), "method_state": method.describe(),
+               "base_hash": base_hash,
                "selectune_version": __version__}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
@@ -170,7 +171,7 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     target = resolve_device(device)
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
-    metrics = evaluate(backbone.model, task, splits, batch_size, backbone.tokenizer.pad_token_id, target)
+    metrics, _ = evaluate(backbone.model, task, splits, batch_size, backbone.tokenizer.pad_token_id, target)
     result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
     out_dir = path if path.is_dir() else path.parent
     (out_dir / f"eval_{task.name}.json").write_text(json.dumps(result, indent=2) + "\n")

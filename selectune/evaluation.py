@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -30,7 +32,15 @@ def predict(model: nn.Module, split: EncodedSplit, batch_size: int, pad_id: int,
 
 
 def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batch_size: int, pad_id: int,
-             device: torch.device) -> dict[str, dict[str, float | None]]:
-    """Official metrics on every evaluation split, e.g. {"dev": {"f1": 86.1, "accuracy": 80.4}}."""
-    return {name: task.score(predict(model, split, batch_size, pad_id, device), split.labels.numpy())
-            for name, split in splits.items()}
+             device: torch.device) -> tuple[dict[str, dict[str, float | None]], dict[str, np.ndarray]]:
+    """Official metrics on every evaluation split, e.g. {"dev": {"f1": 86.1, "accuracy": 80.4}}, and the
+    raw outputs (logits) they were computed from, by split."""
+    outputs = {name: predict(model, split, batch_size, pad_id, device) for name, split in splits.items()}
+    metrics = {name: task.score(outputs[name], split.labels.numpy()) for name, split in splits.items()}
+    return metrics, outputs
+
+
+def save_outputs(folder: Path, outputs: dict[str, np.ndarray]) -> None:
+    """Raw outputs per split as `outputs_<split>.npy` (row order of the split's file)."""
+    for name, values in outputs.items():
+        np.save(folder / f"outputs_{name}.npy", values)

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from selectune import checkpoint
 from selectune.errors import SelectuneError
-from selectune.evaluation import evaluate
+from selectune.evaluation import evaluate, save_outputs
 from selectune.methods.base import Method
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, collate, train_batches
@@ -119,7 +119,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._schedule(s))
         if step:
             scheduler.last_epoch = step
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base_lr * self._schedule(step)
         return optimizer, scheduler
 
@@ -213,13 +213,16 @@ class Trainer:
                 progress.update(bar, completed=step)
 
                 if step % self.eval_every == 0 or step == self.total_steps:
-                    metrics = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id, self.device)
+                    metrics, outputs = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id,
+                                                self.device)
                     evals.append({"step": step, "metrics": metrics})
                     self._write_jsonl({"step": step, "eval": metrics})
                     progress.console.print(f"step {step}: " + format_metrics(metrics))
-                    if cfg.select == "best" and (best is None or self._primary(metrics) > self._primary(best["metrics"])):
+                    improved = best is None or self._primary(metrics) > self._primary(best["metrics"])
+                    if cfg.select == "best" and improved:
                         best = {"step": step, "metrics": metrics}
                         delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+                        save_outputs(self.run_dir, outputs)
                 if step % self.checkpoint_every == 0 and step < self.total_steps:
                     checkpoint.save(self.run_dir, params, {
                         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -228,6 +231,7 @@ class Trainer:
 
         if cfg.select == "last":
             delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+            save_outputs(self.run_dir, outputs)
         chosen = evals[-1] if cfg.select == "last" else best
         checkpoint.remove(self.run_dir)
         return {"selection": cfg.select, "selected_step": chosen["step"], "metrics": chosen["metrics"],

@@ -22,7 +22,8 @@ REAL_DATA = Path(os.environ.get("SELECTUNE_DATA", SHARED_DATA))
 
 TINY = ["model=tiny_random", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=16"]
 
-WORDS = "the a cat dog sat ran on under mat house quickly slowly big small red blue was is not very".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "house", "quickly", "slowly", "big",
+         "small", "red", "blue", "was", "is", "not", "very"]
 
 
 def _sentence(rng: random.Random, n: int = 6) -> str:

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+
 from conftest import TINY, run_cli
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REAL_DATA, run_cli
 
 from selectune.commands import evaluate_delta, train
 from selectune.config import compose
+
+from conftest import REAL_DATA, run_cli
 
 pytestmark = pytest.mark.skipif(not (REAL_DATA / "glue" / "SST-2").is_dir(), reason="real GLUE files not present")
 

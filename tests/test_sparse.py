@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import compose_run, run_cli
 
 from selectune.delta.sparse import SparseDeltaModule, delta_entries, wrap
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 from selectune.selection import mask_hash, select_below, select_k
+
+from conftest import compose_run, run_cli
 
 
 @pytest.mark.parametrize("shape,nnz,lead", [((5, 7), 9, (3,)), ((16, 4), 30, (2, 5)), ((3, 33), 1, (4, 2, 3))])
@@ -200,9 +201,9 @@ def test_sara_nuclear_penalty_is_logged(data_env, tmp_path):
 def test_bytes_per_stored_parameter(data_env, tmp_path):
     from selectune.commands import train
 
-    results = train(compose_run("glue/rte_sara", "trainer.max_steps=1", "budget.fraction=null", "budget.count=20000"), tmp_path / "plain")
-    compact = train(compose_run("glue/rte_sara", "trainer.max_steps=1", "budget.fraction=null", "budget.count=20000", "compact=float16"),
-                    tmp_path / "compact")
+    budget = ("trainer.max_steps=1", "budget.fraction=null", "budget.count=20000")
+    results = train(compose_run("glue/rte_sara", *budget), tmp_path / "plain")
+    compact = train(compose_run("glue/rte_sara", *budget, "compact=float16"), tmp_path / "compact")
     stored = results["budget"]["stored"]
     assert results["delta_bytes"] / stored <= 8.5
     assert compact["delta_bytes"] / stored <= 4.5

@@ -8,10 +8,11 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, compose_run, run_cli
 
 from selectune.commands import evaluate_delta, train
 from selectune.delta.taskdelta import TaskDelta
+
+from conftest import TINY, compose_run, run_cli
 
 
 def test_train_writes_results_delta_and_metrics(data_env, tmp_path):

@@ -103,7 +103,7 @@ class TaskDelta:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise SelectuneError(f"{path}: not a readable task delta (truncated or corrupted: {err})") from None
         if header.get("format") != FORMAT:

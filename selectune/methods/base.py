@@ -99,8 +99,8 @@ class Method(ABC):
         """Method state beyond the trainable tensors that a resumed run needs (masks, importance...)."""
         return {}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook: most methods have no state)
+        """Restore what `state()` returned (called before the trainable tensors are restored)."""
 
     # ------------------------------------------------------------------ storing
     @abstractmethod

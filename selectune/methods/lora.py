@@ -30,9 +30,9 @@ def find_linears(model: nn.Module, targets: list[str], exclude: frozenset[str]) 
     """nn.Linear modules whose name ends with one of `targets`, skipping modules of excluded params."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            if f"{name}.weight" not in exclude:
-                found[name] = module
+        matches = any(name == t or name.endswith("." + t) for t in targets)
+        if isinstance(module, nn.Linear) and matches and f"{name}.weight" not in exclude:
+            found[name] = module
     return found
 
 

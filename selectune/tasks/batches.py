@@ -24,7 +24,7 @@ class EncodedSplit:
 
 
 def encode(tokenizer, examples: list[Example], max_length: int, regression: bool) -> EncodedSplit:
-    columns = list(zip(*(ex.texts for ex in examples)))
+    columns = list(zip(*(ex.texts for ex in examples), strict=True))
     enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length, padding=False)
     dtype = torch.float32 if regression else torch.long
     return EncodedSplit(enc["input_ids"], enc.get("token_type_ids"),

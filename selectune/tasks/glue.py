@@ -162,7 +162,7 @@ def read_hub(spec: GlueSpec, hub_path: str, limits: dict[str, int | None]) -> di
     datasets.disable_progress_bars()
     try:
         dataset = datasets.load_dataset(hub_path, spec.name)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one line
+    except Exception as err:
         raise SelectuneError(f"could not load '{hub_path}' config '{spec.name}' with datasets "
                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); offline, "
                              f"use task.source=local with SELECTUNE_DATA, or pass online=true") from err
@@ -186,7 +186,8 @@ def read_hub(spec: GlueSpec, hub_path: str, limits: dict[str, int | None]) -> di
             if spec.labels is None:
                 label = float(label)
             elif not 0 <= int(label) < spec.num_labels:
-                raise SelectuneError(f"'{hub_path}' {hub_split} row {i}: label {label} outside 0..{spec.num_labels - 1}")
+                raise SelectuneError(f"'{hub_path}' {hub_split} row {i}: label {label} outside "
+                                     f"0..{spec.num_labels - 1}")
             examples.append(Example(tuple(str(row[c]) for c in spec.hub_text), label))
         out[split] = examples
     return out

@@ -1,0 +1,141 @@
+"""Step time and peak memory of the delta forms, measured in one run on the same batches.
+
+    python scripts/bench_step.py [--seqs 64 128] [--rounds 3] [--steps 6] [--write docs/benchmarks.md]
+
+Each (method, sequence length) runs in its own process (so peak memory is that method's alone): the
+offline MiniLM, batch 32, random token batches from a fixed seed (identical for every method), AdamW,
+2 warm-up steps, then `--steps` timed steps; the median is kept. Rounds alternate the method order
+to spread the machine's noise; the table reports the median over rounds and the ratios to LoRA.
+On CPU: wall time and the process's peak RSS. On CUDA: CUDA events and max_memory_allocated.
+Methods are compared at the same trainable count: LoRA r=8 on query/value (73,728 values + head);
+SparseDelta = SaRA restricted to the same query/value matrices with the same count; SaRA-all = the
+same count spread over all six matrix types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from docsection import write_section
+
+LORA_VALUES = 6 * 2 * 8 * (384 + 384)  # r=8 on query/value of the 6 MiniLM layers
+HEAD = 384 * 2 + 2
+METHODS = {
+    "full": ["recipe=glue/sst2_full"],
+    "lora": ["recipe=glue/sst2_lora"],
+    "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", "budget.fraction=null",
+               f"budget.count={LORA_VALUES + HEAD}"],
+    "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", f"budget.count={LORA_VALUES + HEAD}"],
+}
+
+
+def child(method: str, seq: int, steps: int, device_name: str) -> dict:
+    import resource
+
+    import torch
+
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+    from selectune.methods import build_method
+
+    torch.manual_seed(0)
+    spec = RunSpec.from_config(compose("train", METHODS[method]))
+    backbone = load_backbone(spec.model, 2, False, None, 0)
+    method_obj = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
+    method_obj.attach(backbone)
+    device = torch.device(device_name)
+    model = backbone.model.to(device).train()
+    optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
+    g = torch.Generator().manual_seed(1234)
+    batches = [(torch.randint(1000, 29000, (32, seq), generator=g), torch.randint(0, 2, (32,), generator=g))
+               for _ in range(steps + 2)]
+    cuda = device.type == "cuda"
+    times = []
+    for i, (ids, labels) in enumerate(batches):
+        ids, labels = ids.to(device), labels.to(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1000
+        else:
+            elapsed = time.perf_counter() - t0
+        if i >= 2:
+            times.append(elapsed)
+    report = method_obj.report()
+    peak = (torch.cuda.max_memory_allocated(device) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"method": method, "seq": seq, "step_s": statistics.median(times), "peak_mb": peak / 2**20,
+            "trainable": report.trainable, "memory": "cuda max_memory_allocated" if cuda else "peak RSS"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.device)))
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in range(args.rounds):
+        order = args.methods if r % 2 == 0 else list(reversed(args.methods))
+        for seq in args.seqs:
+            for method in order:
+                out = subprocess.run([sys.executable, __file__, "--child", method, str(seq), "--steps", str(args.steps),
+                                      "--device", args.device], capture_output=True, text=True, env=env, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault((method, seq), []).append(result)
+                print(f"round {r + 1}: {method:9s} seq {seq:4d}: {result['step_s']:.3f} s/step, "
+                      f"{result['peak_mb']:.0f} MiB", flush=True)
+    lines = ["| method | trainable | seq | s/step (median of rounds) | x LoRA time | peak memory MiB | "
+             "memory vs LoRA |", "|---|---|---|---|---|---|---|"]
+    for seq in args.seqs:
+        lora_t = statistics.median(x["step_s"] for x in runs[("lora", seq)]) if ("lora", seq) in runs else None
+        lora_m = statistics.median(x["peak_mb"] for x in runs[("lora", seq)]) if ("lora", seq) in runs else None
+        for method in args.methods:
+            rows = runs[(method, seq)]
+            t = statistics.median(x["step_s"] for x in rows)
+            m = statistics.median(x["peak_mb"] for x in rows)
+            rt = f"{t / lora_t:.2f}" if lora_t else "n/a"
+            rm = f"{100 * (m / lora_m - 1):+.1f}%" if lora_m else "n/a"
+            lines.append(f"| {method} | {rows[0]['trainable']:,} | {seq} | {t:.3f} | {rt} | {m:.0f} | {rm} |")
+    import torch
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
+               + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    command = "python scripts/bench_step.py " + " ".join(a for a in sys.argv[1:])
+    body = (f"### Step time and memory per delta form\n\nGenerated {datetime.date.today()} by "
+            f"`{command.strip()}` on {machine}. MiniLM (offline weights), batch 32, {args.steps} timed steps per "
+            f"process after 2 warm-up steps, {args.rounds} rounds; memory = {runs[next(iter(runs))][0]['memory']}.\n\n"
+            + "\n".join(lines))
+    print(body)
+    if args.write:
+        write_section(args.write, "bench:step", body)
+
+
+if __name__ == "__main__":
+    main()
