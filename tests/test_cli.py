@@ -37,7 +37,7 @@ def test_ls_lists_every_glue_recipe(tmp_path):
     result = run_cli("ls", cwd=tmp_path)
     assert result.returncode == 0
     for task in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
-        for method in ("full", "bitfit", "linear", "lora"):
+        for method in ("full", "bitfit", "linear", "lora", "sara"):
             assert f"glue/{task}_{method} " in result.stdout
 
 

@@ -272,3 +272,20 @@ def test_lost_in_cast_counts_sub_resolution_updates():
     after = torch.tensor([1.0 + 1e-4, 1.5, 0.001 + 1e-4, 5.0])
     assert lost_in_cast(before, after, torch.bfloat16) == (3, 1)  # 1 + 1e-4 rounds back to 1 in bf16
     assert lost_in_cast(before, after, torch.float32) == (3, 0)
+
+
+def test_sparse_gradient_fallback_without_the_sddmm_kernel(monkeypatch):
+    from selectune.delta import sparse
+
+    torch.manual_seed(3)
+    dy, x = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    idx = torch.tensor([0, 5, 6, 17, 23], dtype=torch.int32)
+    expected = (dy.t() @ x).reshape(-1)[idx.long()]
+    assert torch.allclose(sparse.sampled_weight_grad(dy, x, idx, (6, 4)), expected)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no sampled_addmm here")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", missing)
+    monkeypatch.setattr(sparse, "GRAD_CHUNK_ELEMENTS", 20)  # two entries per chunk: the chunk loop runs
+    assert torch.allclose(sparse.sampled_weight_grad(dy, x, idx, (6, 4)), expected)
