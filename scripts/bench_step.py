@@ -9,7 +9,8 @@ to spread the machine's noise; the table reports the median over rounds and the 
 On CPU: wall time and the process's peak RSS. On CUDA: CUDA events and max_memory_allocated.
 Methods are compared at the same trainable count: LoRA r=8 on query/value (73,728 values + head);
 SparseDelta = SaRA restricted to the same query/value matrices with the same count; SaRA-all = the
-same count spread over all six matrix types.
+same count spread over all six matrix types. sdiff_phase1 / udiff_phase1 = diff pruning's L0 phase
+(hard-concrete gates on every pretrained tensor), compared with full fine-tuning.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ METHODS = {
     "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", "budget.fraction=null",
                f"budget.count={LORA_VALUES + HEAD}"],
     "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", f"budget.count={LORA_VALUES + HEAD}"],
+    "sdiff_phase1": ["recipe=glue/sst2_sdiff"],
+    "udiff_phase1": ["recipe=glue/sst2_udiff"],
 }
 
 
@@ -68,7 +71,8 @@ def child(method: str, seq: int, steps: int, device_name: str) -> dict:
             start.record()
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
-        loss.backward()
+        penalty = method_obj.penalty()
+        (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
@@ -111,18 +115,22 @@ def main() -> None:
                 runs.setdefault((method, seq), []).append(result)
                 print(f"round {r + 1}: {method:9s} seq {seq:4d}: {result['step_s']:.3f} s/step, "
                       f"{result['peak_mb']:.0f} MiB", flush=True)
-    lines = ["| method | trainable | seq | s/step (median of rounds) | x LoRA time | peak memory MiB | "
-             "memory vs LoRA |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable | seq | s/step (median of rounds) | x LoRA time | x full FT time | "
+             "peak memory MiB | memory vs LoRA | x full FT memory |", "|---|---|---|---|---|---|---|---|---|"]
+    def median(method: str, seq: int, key: str) -> float | None:
+        return statistics.median(x[key] for x in runs[(method, seq)]) if (method, seq) in runs else None
+
     for seq in args.seqs:
-        lora_t = statistics.median(x["step_s"] for x in runs[("lora", seq)]) if ("lora", seq) in runs else None
-        lora_m = statistics.median(x["peak_mb"] for x in runs[("lora", seq)]) if ("lora", seq) in runs else None
+        lora_t, lora_m = median("lora", seq, "step_s"), median("lora", seq, "peak_mb")
+        full_t, full_m = median("full", seq, "step_s"), median("full", seq, "peak_mb")
         for method in args.methods:
-            rows = runs[(method, seq)]
-            t = statistics.median(x["step_s"] for x in rows)
-            m = statistics.median(x["peak_mb"] for x in rows)
+            t, m = median(method, seq, "step_s"), median(method, seq, "peak_mb")
             rt = f"{t / lora_t:.2f}" if lora_t else "n/a"
             rm = f"{100 * (m / lora_m - 1):+.1f}%" if lora_m else "n/a"
-            lines.append(f"| {method} | {rows[0]['trainable']:,} | {seq} | {t:.3f} | {rt} | {m:.0f} | {rm} |")
+            ft = f"{t / full_t:.2f}" if full_t else "n/a"
+            fm = f"{m / full_m:.2f}" if full_m else "n/a"
+            lines.append(f"| {method} | {runs[(method, seq)][0]['trainable']:,} | {seq} | {t:.3f} | {rt} | {ft} | "
+                         f"{m:.0f} | {rm} | {fm} |")
     import torch
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"

@@ -104,24 +104,39 @@ class Trainer:
         self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.eval_every = cfg.eval_every or self.steps_per_epoch
+        method.plan(self.total_steps, self.steps_per_epoch)  # schedules are validated before any step
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
 
     # ------------------------------------------------------------------ helpers
-    def _schedule(self, step: int) -> float:
-        warmup = int(self.cfg.warmup_ratio * self.total_steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+    def _multiplier(self, group: dict[str, Any], step: int) -> float:
+        """Learning-rate factor of one parameter group at `step`: linear warm-up then linear decay to 0
+        over the group's window (default: the whole run), or 1 for groups marked `constant`."""
+        if group.get("constant"):
+            return 1.0
+        start, end = group.get("window", (0, self.total_steps))
+        if step < start:
+            return 0.0
+        warmup = int(self.cfg.warmup_ratio * (end - start))
+        if step < start + warmup:
+            return (step - start + 1) / warmup
+        return max(0.0, (end - step) / max(1, end - start - warmup))
 
     def _optimizer(self, step: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """AdamW over the method's parameter groups, its schedule positioned at `step`."""
-        optimizer = torch.optim.AdamW(self.method.param_groups(self.cfg.lr, self.cfg.weight_decay), lr=self.cfg.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self._schedule(s))
-        if step:
-            scheduler.last_epoch = step
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                group["lr"] = base_lr * self._schedule(step)
-        return optimizer, scheduler
+        """AdamW over the method's parameter groups, each group's schedule positioned at `step`."""
+        groups = self.method.param_groups(self.cfg.lr, self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]  # lets the schedule start at `step` (last_epoch below)
+        lambdas = [lambda s, g=group: self._multiplier(g, s) for group in groups]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
+
+    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip gradients to max_grad_norm, separately per `clip` family of groups (default: all together)."""
+        families: dict[str, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            families.setdefault(group.get("clip", "all"), []).extend(group["params"])
+        for params in families.values():
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
@@ -183,7 +198,7 @@ class Trainer:
                                          f"(now {cfg.lr}) or method.lr")
                 total.backward()
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                    self._clip(optimizer)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -219,7 +234,7 @@ class Trainer:
                     self._write_jsonl({"step": step, "eval": metrics})
                     progress.console.print(f"step {step}: " + format_metrics(metrics))
                     improved = best is None or self._primary(metrics) > self._primary(best["metrics"])
-                    if cfg.select == "best" and improved:
+                    if cfg.select == "best" and method.storable and improved:
                         best = {"step": step, "metrics": metrics}
                         delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
                         save_outputs(self.run_dir, outputs)
@@ -232,6 +247,9 @@ class Trainer:
         if cfg.select == "last":
             delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
             save_outputs(self.run_dir, outputs)
+        if best is None and cfg.select == "best":
+            raise SelectuneError("trainer.select=best found no evaluation of a storable delta; evaluate after "
+                                 "the method's final form exists (trainer.eval_every) or use select=last")
         chosen = evals[-1] if cfg.select == "last" else best
         checkpoint.remove(self.run_dir)
         return {"selection": cfg.select, "selected_step": chosen["step"], "metrics": chosen["metrics"],

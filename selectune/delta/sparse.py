@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from selectune.delta.wrapping import by_module, replace_module
+
 # Entries per chunk of the sparse weight gradient: bounds the (tokens x chunk) temporaries to ~64 MB.
 GRAD_CHUNK_ELEMENTS = 16 * 2**20
 
@@ -160,18 +162,17 @@ class SparseDeltaModule(nn.Module):
 def wrap(model: nn.Module, selection: dict[str, torch.Tensor]) -> dict[str, SparseDeltaModule]:
     """Give each selected parameter (name -> flat indices, possibly empty) a sparse delta, wrapping
     its owning module once. Returns the wrappers by module name."""
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for name, idx in selection.items():
-        module_name, _, tensor = name.rpartition(".")
-        by_module.setdefault(module_name, {})[tensor] = idx
     wrappers = {}
-    for module_name, indices in by_module.items():
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapper = SparseDeltaModule(getattr(parent, child), indices)
-        setattr(parent, child, wrapper)
-        wrappers[module_name] = wrapper
+    for module_name, tensors in by_module(list(selection)).items():
+        indices = {t: selection[f"{module_name}.{t}"] for t in tensors}
+        wrappers[module_name] = SparseDeltaModule(unwrap(model.get_submodule(module_name)), indices)
+        replace_module(model, module_name, wrappers[module_name])
     return wrappers
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind a delta-form wrapper (a module swapped twice wraps the original)."""
+    return getattr(module, "wrapped", module)
 
 
 def delta_entries(wrappers: dict[str, SparseDeltaModule]) -> dict[str, torch.Tensor]:

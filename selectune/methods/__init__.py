@@ -8,6 +8,7 @@ from selectune.config import typed
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig
 from selectune.methods.baselines import BitFit, FullFineTune, LinearProbe
+from selectune.methods.diffpruning import DiffPruning
 from selectune.methods.lora import LoRA
 from selectune.methods.sara import SaRA
 
@@ -17,6 +18,8 @@ METHODS: dict[str, type[Method]] = {
     "linear": LinearProbe,
     "lora": LoRA,
     "sara": SaRA,
+    "udiff": DiffPruning,
+    "sdiff": DiffPruning,
 }
 
 

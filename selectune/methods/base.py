@@ -61,6 +61,10 @@ class Method(ABC):
         """Insert delta forms / unfreeze the method's parameters (the head is already trainable)."""
 
     # ------------------------------------------------------------------ training
+    def plan(self, total_steps: int, steps_per_epoch: int) -> None:  # noqa: B027 (optional hook)
+        """Called by the loop before the first step with the run's length: methods with a schedule
+        (phases, rank budgets) fix and validate it here, failing before any training."""
+
     @property
     def model(self) -> nn.Module:
         assert self.backbone is not None, "attach() first"
@@ -71,7 +75,10 @@ class Method(ABC):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Method and head parameters, each split into decayed (matrices) and not (biases, norms)."""
+        """Method and head parameters, each split into decayed (matrices) and not (biases, norms).
+
+        Besides AdamW's keys a group may carry `constant: True` (no schedule), `window: (start, end)`
+        (warm-up and decay within those steps) and `clip: <family>` (gradients clipped per family)."""
         assert self.backbone is not None
         method_lr = self.cfg.lr if self.cfg.lr is not None else lr
         head_lr = self.cfg.head_lr if self.cfg.head_lr is not None else method_lr
@@ -113,11 +120,21 @@ class Method(ABC):
         head = {f"{n}::set": params[n].detach().clone() for n in sorted(self.backbone.head_names)}
         return {**head, **{k: v.detach().clone() for k, v in self.method_delta().items()}}
 
-    def report(self) -> BudgetReport:
-        assert self.backbone is not None
+    @property
+    def storable(self) -> bool:
+        """Whether delta() is the final form now (diff pruning's phase 1 is not: it projects later);
+        "best" selection only considers evaluations made while this is true."""
+        return True
+
+    def stored_count(self) -> int:
+        """Numbers the TaskDelta stores (what it will store, for a method that is not storable yet)."""
         from selectune.delta.taskdelta import TaskDelta
 
+        return TaskDelta(self.delta()).stored
+
+    def report(self) -> BudgetReport:
+        assert self.backbone is not None
         head = sum(self.model.get_parameter(n).numel() for n in self.backbone.head_names)
         return BudgetReport(backbone=self.backbone.num_base_parameters, head=head,
                             trainable=sum(p.numel() for p in self.trainable().values()),
-                            stored=TaskDelta(self.delta()).stored, asked=self.budget)
+                            stored=self.stored_count(), asked=self.budget)

@@ -14,6 +14,7 @@ from torch import nn
 
 from selectune.backbone import Backbone
 from selectune.delta.lowrank import LowRankLinear
+from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
 
@@ -55,9 +56,7 @@ class LoRA(Method):
                                      f"matrices ({per_rank + head:,} values with the head)")
         self.rank = rank
         for name, linear in linears.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = backbone.model.get_submodule(parent_name)
-            setattr(parent, child, LowRankLinear(linear, rank, self.cfg.alpha, self.cfg.dropout))
+            replace_module(backbone.model, name, LowRankLinear(linear, rank, self.cfg.alpha, self.cfg.dropout))
         self.wrapped = {name: backbone.model.get_submodule(name) for name in linears}
 
     def method_delta(self) -> dict[str, torch.Tensor]:

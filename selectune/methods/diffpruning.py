@@ -1,0 +1,204 @@
+"""Diff pruning (Guo, Rush, Kim, ACL 2021): U-Diff (`udiff`) and S-Diff (`sdiff`), methods.md §1-2.
+
+One run holds both phases of the paper, so the stored delta is sparse from the start:
+
+Phase 1 (L0 training, the first `phase1_epochs`): θ = θ0 + z ⊙ w on the hard-concrete form, loss =
+task + λ · E‖δ‖₀; w and α in separate groups (w: method lr, linear schedule; α: `alpha_lr`, constant,
+as the reference's never-stepped α schedule), gradients clipped separately. S-Diff adds one gate per
+group and the penalty Σ_j Σ_{i∈g(j)} σ(α_i − c) σ(α^j − c).
+Projection (paper §4.3): δ = z_eval ⊙ w, keep the top-k |δ| with k = budget − head (0.5% of the
+backbone with the head counted, by default; exact, stable tie-break).
+Phase 2: only those k entries train, on the SparseDelta form with the mask fixed, at `phase2_lr`
+with their own warm-up and decay over the remaining steps; w and α are dropped.
+The head trains densely throughout and counts in the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from selectune.backbone import Backbone
+from selectune.delta import sparse
+from selectune.delta.hardconcrete import HardConcreteModule
+from selectune.delta.wrapping import by_module, replace_module
+from selectune.errors import SelectuneError
+from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.selection import count, mask_hash, select_k
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffPruningConfig(MethodConfig):
+    targets: Optional[list[str]] = None  # parameter-name suffixes to diff-prune; None: every pretrained tensor
+    l0_weight: float = 1.25e-7  # λ
+    alpha_init: float = 5.0
+    alpha_lr: float = 0.1
+    stretch_left: float = -1.5  # l
+    stretch_right: float = 1.5  # r
+    group_rows: Optional[int] = None  # S-Diff groups: None = one per tensor; N = blocks of N rows (a head)
+    phase1_epochs: float = 3.0  # the rest of trainer.epochs is phase 2
+    phase2_lr: float = 5.0e-5
+    log_every: int = 50  # steps between density statistics in metrics.jsonl (they scan every α)
+
+
+class DiffPruning(Method):
+    Config = DiffPruningConfig
+    uses_budget = True
+    cfg: DiffPruningConfig
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        if self.budget is None:
+            raise SelectuneError(f"{self.cfg.name} projects onto an exact budget: give budget=0_5pct or budget.count")
+        self.structured = self.cfg.name == "sdiff"
+        names = [n for n in backbone.base_parameters()
+                 if self.cfg.targets is None or any(n == t or n.endswith("." + t) for t in self.cfg.targets)]
+        if not names:
+            raise SelectuneError(f"method.targets={self.cfg.targets} matches no parameter of the model")
+        self.names = names
+        self.head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+        if not 0 < self.budget - self.head <= sum(backbone.model.get_parameter(n).numel() for n in names):
+            raise SelectuneError(f"budget of {self.budget:,} must exceed the head ({self.head:,}) and fit the "
+                                 f"{len(names)} target tensors")
+        self.phase = 1
+        self.switch_step: int | None = None
+        self.hardconcrete: dict[str, HardConcreteModule] = {}
+        for module_name, tensors in by_module(names).items():
+            module = HardConcreteModule(backbone.model.get_submodule(module_name), tensors, self.cfg.alpha_init,
+                                        self.cfg.stretch_left, self.cfg.stretch_right, self.cfg.group_rows,
+                                        self.structured)
+            replace_module(backbone.model, module_name, module)
+            self.hardconcrete[module_name] = module
+        self.wrappers: dict[str, sparse.SparseDeltaModule] = {}
+        self.projection: dict[str, Any] = {}
+
+    def plan(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.total_steps = total_steps
+        self.switch_step = round(self.cfg.phase1_epochs * steps_per_epoch)
+        if not 0 < self.switch_step < total_steps:
+            raise SelectuneError(f"{self.cfg.name}: phase 1 ({self.cfg.phase1_epochs} epochs = {self.switch_step} "
+                                 f"steps) must end before the run's {total_steps} steps; make trainer.epochs "
+                                 f"larger than method.phase1_epochs")
+
+    # ------------------------------------------------------------------ phase 1
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        groups = super().param_groups(lr, weight_decay)
+        if self.phase == 1:  # α: its own constant lr, no decay, clipped on its own (reference)
+            for group in groups:
+                if group["name"].startswith(self.cfg.name):
+                    group["clip"] = "w"
+            alphas = [p for n, p in self.model.named_parameters() if n.endswith("alpha") and p.requires_grad]
+            alpha_ids = {id(a) for a in alphas}
+            for group in groups:
+                group["params"] = [p for p in group["params"] if id(p) not in alpha_ids]
+            groups = [g for g in groups if g["params"]]
+            groups.append({"params": alphas, "lr": self.cfg.alpha_lr, "weight_decay": 0.0, "constant": True,
+                           "clip": "alpha", "name": f"{self.cfg.name}/alpha"})
+        else:
+            assert self.switch_step is not None
+            for group in groups:
+                if not group["name"].startswith("head"):
+                    group["lr"] = self.cfg.phase2_lr
+                    group["window"] = (self.switch_step, self.total_steps)
+        return groups
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.phase != 1:
+            return None
+        return self.cfg.l0_weight * self.expected_l0()
+
+    def expected_l0(self) -> torch.Tensor:
+        return sum(m.expected_l0(n) for m in self.hardconcrete.values() for n in m.delta_names)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if self.phase == 1 and step == self.switch_step:
+            stats = self.statistics()
+            self.project()
+            return {**stats, **{k: v for k, v in self.projection.items() if isinstance(v, (int, float))}}
+        if self.phase == 1 and step % self.cfg.log_every == 0:
+            return self.statistics()
+        return {}
+
+    @torch.no_grad()
+    def statistics(self) -> dict[str, float]:
+        """Expected density, nonzero fraction of z (a training sample and eval), groups fully off."""
+        total = sum(self.model.get_parameter(n).numel() for n in self.names)
+        sampled = evaluated = groups = groups_off = 0
+        for module in self.hardconcrete.values():
+            for name in module.delta_names:
+                sampled += int((module.mask(name, training=True) > 0).sum())
+                z = module.mask(name, training=False)
+                evaluated += int((z > 0).sum())
+                ids = module.group_ids(name)
+                if ids is None:
+                    groups, groups_off = groups + 1, groups_off + int(not (z > 0).any())
+                else:
+                    on = torch.zeros(int(ids.max()) + 1, dtype=torch.bool, device=z.device)
+                    on.index_fill_(0, ids[(z > 0).reshape(-1)], True)
+                    groups, groups_off = groups + on.numel(), groups_off + int((~on).sum())
+        return {"expected_density": float(self.expected_l0()) / total, "z_nonzero_sampled": sampled / total,
+                "z_nonzero_eval": evaluated / total, "groups_off_fraction": groups_off / groups,
+                "phase": 1.0}
+
+    # ------------------------------------------------------------------ projection -> phase 2
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep the top-k |z ⊙ w| (paper §4.3) and continue on the SparseDelta form with a fixed mask."""
+        deltas = {f"{m}.{n}": module.delta(n, training=False) for m, module in self.hardconcrete.items()
+                  for n in module.delta_names}
+        k = self.budget - self.head
+        nonzero = sum(int((d != 0).sum()) for d in deltas.values())
+        selection = select_k({n: d.abs() for n, d in deltas.items()}, k, largest=True)
+        self._to_sparse(selection, {n: deltas[n].reshape(-1)[i.long()] for n, i in selection.items()})
+        tensors_touched = len(selection)
+        self.projection = {"projected_from_nonzero": nonzero, "kept": k, "mask_hash": mask_hash(selection),
+                           "tensors_untouched_fraction": 1 - tensors_touched / len(self.names)}
+        log.info("%s projection: %d nonzero -> %d kept (mask %s)", self.cfg.name, nonzero, k, self.projection["mask_hash"])
+
+    def _to_sparse(self, selection: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+        empty = torch.zeros(0, dtype=torch.int32)
+        for module_name, module in self.hardconcrete.items():
+            wrapper = sparse.SparseDeltaModule(module.wrapped, {n: selection.get(f"{module_name}.{n}", empty)
+                                                                for n in module.delta_names})
+            for n in module.delta_names:
+                key = f"{module_name}.{n}"
+                if key in values:
+                    wrapper.parts(n)[1].data.copy_(values[key])
+            replace_module(self.model, module_name, wrapper)
+            self.wrappers[module_name] = wrapper
+        self.hardconcrete = {}
+        self.phase = 2
+        self.trainable_version += 1
+
+    # ------------------------------------------------------------------ resume and storing
+    def state(self) -> dict[str, Any]:
+        if self.phase == 1:
+            return {"phase": 1}
+        selection = {f"{m}.{n}": w.parts(n)[0].cpu() for m, w in self.wrappers.items() for n in w.delta_names}
+        return {"phase": 2, "selection": selection, "projection": dict(self.projection)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["phase"] == 2:
+            self._to_sparse({n: i for n, i in state["selection"].items() if i.numel()}, {})
+            self.projection = state["projection"]
+
+    @property
+    def storable(self) -> bool:
+        return self.phase == 2
+
+    def stored_count(self) -> int:
+        assert self.budget is not None
+        return self.budget if self.phase == 1 else super().stored_count()
+
+    def describe(self) -> dict[str, Any]:
+        return {"phase": self.phase, "structured": self.structured, **self.projection}
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        if self.phase == 1:
+            raise SelectuneError(f"{self.cfg.name}: the delta is sparse only after the projection at step "
+                                 f"{self.switch_step}; evaluate with trainer.select=last or after phase 1")
+        return sparse.delta_entries(self.wrappers)
