@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import compose_run
 
 from selectune.delta.hardconcrete import HardConcreteModule, gate, p_nonzero
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
+
+from conftest import compose_run
 
 
 def test_empirical_nonzero_probability_matches_the_closed_form():

@@ -27,7 +27,7 @@ from selectune.delta.hardconcrete import HardConcreteModule
 from selectune.delta.wrapping import by_module, replace_module
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
-from selectune.selection import count, mask_hash, select_k
+from selectune.selection import mask_hash, select_k
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class DiffPruning(Method):
         tensors_touched = len(selection)
         self.projection = {"projected_from_nonzero": nonzero, "kept": k, "mask_hash": mask_hash(selection),
                            "tensors_untouched_fraction": 1 - tensors_touched / len(self.names)}
-        log.info("%s projection: %d nonzero -> %d kept (mask %s)", self.cfg.name, nonzero, k, self.projection["mask_hash"])
+        log.info("%s projection: %d nonzero -> %d kept (mask %s)", self.cfg.name, nonzero, k,
+                 self.projection["mask_hash"])
 
     def _to_sparse(self, selection: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
         empty = torch.zeros(0, dtype=torch.int32)
