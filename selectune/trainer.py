@@ -51,6 +51,7 @@ class TrainerConfig:
     seed: int = 42
     resume: bool = False  # continue from the run directory's checkpoint (same hydra.run.dir / out_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a grad scaler). Method state stays fp32
     progress: bool = True  # the rich progress bar (stderr)
 
     def validate(self) -> None:
@@ -61,8 +62,13 @@ class TrainerConfig:
                 raise SelectuneError(f"trainer.{key} must be positive, got {getattr(self, key)}")
         if self.max_steps is None and self.epochs <= 0:
             raise SelectuneError(f"trainer.epochs must be positive, got {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise SelectuneError(f"trainer.precision='{self.precision}': use {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup_ratio < 1:
             raise SelectuneError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,6 +105,8 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.device = resolve_device(cfg.device)
         self.model = method.model.to(self.device)
+        dtype = PRECISIONS[cfg.precision]
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.eval_splits = {name: splits[name] for name in task.eval_splits}
         n_train = len(splits["train"])
         self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -165,10 +173,12 @@ class Trainer:
         params = method.trainable()
         optimizer, scheduler = self._optimizer(step)
         built_for = method.trainable_version
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is not None:
             checkpoint.restore(self.run_dir, params, state)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
             self._truncate_jsonl(step)
             self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
         elif cfg.resume:
@@ -190,16 +200,19 @@ class Trainer:
                 rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
                 batch = {k: v.to(self.device) for k, v in collate(train, rows, self.pad_id).items()}
                 labels = batch.pop("labels")
-                loss = task_loss(model(**batch).logits, labels, task.spec.is_regression)
-                penalty = method.penalty()
+                with self.autocast():
+                    loss = task_loss(model(**batch).logits, labels, task.spec.is_regression)
+                penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
                 total = loss if penalty is None else loss + penalty
                 if not torch.isfinite(total):
                     raise SelectuneError(f"loss became {total.item()} at step {step + 1}; lower trainer.lr "
                                          f"(now {cfg.lr}) or method.lr")
-                total.backward()
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
                     self._clip(optimizer)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -228,8 +241,9 @@ class Trainer:
                 progress.update(bar, completed=step)
 
                 if step % self.eval_every == 0 or step == self.total_steps:
-                    metrics, outputs = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id,
-                                                self.device)
+                    with self.autocast():
+                        metrics, outputs = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id,
+                                                    self.device)
                     evals.append({"step": step, "metrics": metrics})
                     self._write_jsonl({"step": step, "eval": metrics})
                     progress.console.print(f"step {step}: " + format_metrics(metrics))
@@ -241,6 +255,7 @@ class Trainer:
                 if step % self.checkpoint_every == 0 and step < self.total_steps:
                     checkpoint.save(self.run_dir, params, {
                         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "method": method.state(), "evals": evals, "best": best, "delta_bytes": delta_bytes,
                         "train_time": train_time})
 

@@ -1,0 +1,92 @@
+"""Device placement and mixed precision, for every method.
+
+On this CPU-only machine: bf16/fp16 autocast runs on CPU, and a float64 conversion of an attached
+model catches any method tensor that is not registered with the model (such a tensor would also be
+left behind by `model.to("cuda")`). Tests marked `cuda` run where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selectune.delta.taskdelta import TaskDelta
+from selectune.errors import SelectuneError
+
+from conftest import compose_run
+
+METHODS = ["full", "bitfit", "linear", "lora", "sara", "udiff", "sdiff"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def overrides(method: str) -> list[str]:
+    extra = ["trainer.epochs=2", "method.phase1_epochs=1"] if method.endswith("diff") else ["trainer.max_steps=3"]
+    return [*extra, "task.max_train_examples=24", "task.max_eval_examples=16"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_under_autocast_and_stores_fp32(method, precision, data_env, tmp_path):
+    from selectune.commands import train
+
+    results = train(compose_run(f"glue/rte_{method}", f"trainer.precision={precision}", *overrides(method)),
+                    tmp_path / "run")
+    assert results["device"] == "cpu"
+    delta = TaskDelta.load(tmp_path / "run")
+    assert all(t.dtype in (torch.float32, torch.int32) for t in delta.tensors.values())
+    assert torch.isfinite(torch.cat([t.float().reshape(-1) for t in delta.tensors.values()])).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_tensors_follow_the_model(method, data_env):
+    """Convert an attached model to float64 and run it: an unregistered method tensor would break."""
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(compose_run(f"glue/rte_{method}"))
+    backbone, m = build(spec, load_task(spec.task))
+    m.attach(backbone)
+    if method.endswith("diff"):
+        m.plan(total_steps=20, steps_per_epoch=4)
+        m.project()  # phase 2's sparse wrappers must follow too
+    model = backbone.model.double().train()
+    ids = torch.randint(1000, 2000, (2, 6))
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.float64
+    logits.sum().backward()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float64, name
+
+
+def test_unknown_precision_and_missing_cuda(data_env, tmp_path):
+    from selectune.commands import train
+
+    with pytest.raises(SelectuneError, match="trainer.precision='fp8'"):
+        train(compose_run("glue/rte_full", "trainer.precision=fp8"), tmp_path / "a")
+    if not torch.cuda.is_available():
+        with pytest.raises(SelectuneError, match="CUDA is not available"):
+            train(compose_run("glue/rte_full", "trainer.device=cuda", "trainer.max_steps=1"), tmp_path / "b")
+
+
+@cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_cuda_in_bf16(method, data_env, tmp_path):
+    from selectune.commands import train
+
+    results = train(compose_run(f"glue/rte_{method}", "trainer.device=cuda", "trainer.precision=bf16",
+                                *overrides(method)), tmp_path / "run")
+    assert results["device"].startswith("cuda") and results["peak_memory_mb"] > 0
+    delta = TaskDelta.load(tmp_path / "run")
+    assert all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.int32) for t in delta.tensors.values())
+
+
+@cuda
+def test_cuda_results_match_cpu_in_fp32(data_env, tmp_path):
+    from selectune.commands import train
+
+    a = train(compose_run("glue/rte_sara", "trainer.device=cpu", "trainer.max_steps=3"), tmp_path / "cpu")
+    b = train(compose_run("glue/rte_sara", "trainer.device=cuda", "trainer.max_steps=3"), tmp_path / "gpu")
+    da, db = TaskDelta.load(tmp_path / "cpu").tensors, TaskDelta.load(tmp_path / "gpu").tensors
+    assert all(torch.allclose(da[k].float(), db[k].float(), atol=1e-4) for k in da)
+    assert a["steps"] == b["steps"]
