@@ -1,13 +1,14 @@
 """`selectune` command line: parse, dispatch, and turn user errors into one line.
 
     selectune train recipe=glue/mrpc_full [overrides] [-m] [--cfg job]   Hydra-composed training run
+    selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]         sensitivity maps, no training
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
     selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
     selectune validate <recipe> [overrides]                              build everything, train nothing
 
-`train`, `eval` and `export` run under `hydra.main` (run dirs, multirun, --cfg, completion); `cat` and
+`train`, `probe`, `eval` and `export` run under `hydra.main` (run dirs, multirun, --cfg, completion); `cat` and
 `validate` use Hydra's compose API, so they write nothing. Overrides are checked before Hydra runs:
 an unknown recipe / group option gets close-name suggestions and a wrong-typed value names its key.
 """
@@ -28,14 +29,15 @@ commands:
   train     train a recipe:          selectune train recipe=glue/mrpc_full [trainer.lr=3e-5] [-m]
   eval      score a stored delta:    selectune eval run=<run dir or delta file> [task=glue/rte]
   export    merge into the base:     selectune export run=<run dir or delta file> out=<dir> [dtype=bfloat16]
+  probe     sensitivity maps:        selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]
   ls        list the recipes
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "eval", "export", "ls", "cat", "validate")
-HYDRA_COMMANDS = {"train": "train", "eval": "eval", "export": "export"}
+COMMANDS = ("train", "probe", "eval", "export", "ls", "cat", "validate")
+HYDRA_COMMANDS = {"train": "train", "probe": "probe", "eval": "eval", "export": "export"}
 
 
 def fail(err: BaseException, debug: bool) -> None:
@@ -81,6 +83,21 @@ def _eval(cfg) -> None:
     evaluate_delta(cfg.run, cfg.get("task"), cfg.batch_size, cfg.device)
 
 
+def _probe(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from selectune.commands import remove_run_dir
+    from selectune.probe import run_probe
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_probe(cfg, run_dir)
+    except SelectuneError:
+        if not (run_dir / "summary.json").exists():
+            remove_run_dir(run_dir)
+        raise
+
+
 def _export(cfg) -> None:
     from selectune.export import export
 
@@ -91,8 +108,8 @@ def _overrides(args: list[str]) -> list[str]:
     return [a for a in args if "=" in a and not a.startswith("-")]
 
 
-def _precheck_train(args: list[str]) -> None:
-    """Compose and type-check a single train run before Hydra creates its run dir."""
+def _precheck(config_name: str, args: list[str]) -> None:
+    """Compose and type-check a single run before Hydra creates its run dir."""
     from selectune.commands import RunSpec
     from selectune.config import check_group_overrides, compose
 
@@ -100,7 +117,7 @@ def _precheck_train(args: list[str]) -> None:
     check_group_overrides(overrides)
     if any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in args):
         return
-    RunSpec.from_config(compose("train", [o for o in overrides if not o.lstrip("+~").startswith("hydra")]))
+    RunSpec.from_config(compose(config_name, [o for o in overrides if not o.lstrip("+~").startswith("hydra")]))
 
 
 def _recipe_args(args: list[str]) -> list[str]:
@@ -175,10 +192,10 @@ def main(argv: list[str] | None = None) -> None:
 
                 validate(cfg)
         else:
-            if command == "train":
-                _precheck_train(rest)
+            if command in ("train", "probe"):
+                _precheck(command, rest)
             sys.argv = [f"selectune {command}", *rest]
-            body = {"train": _train, "eval": _eval, "export": _export}[command]
+            body = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}[command]
             _hydra_entry(HYDRA_COMMANDS[command], body)()
     except SelectuneError as err:
         fail(err, debug)

@@ -20,9 +20,9 @@ from selectune.backbone import Backbone, ModelConfig, load_backbone
 from selectune.budget import BudgetConfig
 from selectune.config import typed
 from selectune.errors import SelectuneError
-from selectune.methods.base import MethodConfig
+from selectune.methods.base import MethodConfig, ProbeBatches
 from selectune.tasks import Task, TaskConfig, load_task
-from selectune.tasks.batches import EncodedSplit, collate, encode
+from selectune.tasks.batches import EncodedSplit, collate, encode, train_batches
 from selectune.trainer import Trainer, TrainerConfig, format_metrics, resolve_device, task_loss
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,18 @@ def build(spec: RunSpec, task: Task):
     return backbone, method
 
 
+def probe_batches(task: Task, split: EncodedSplit, backbone: Backbone, batch_size: int, seed: int,
+                  device: torch.device) -> ProbeBatches:
+    """The first n training batches in a fixed, seeded order (the order of epoch 0), for methods that
+    look at gradients before training."""
+
+    def batches(n: int):
+        for rows in train_batches(len(split), batch_size, seed, epoch=0)[:n]:
+            yield {k: v.to(device) for k, v in collate(split, rows, backbone.tokenizer.pad_token_id).items()}
+
+    return ProbeBatches(batches, lambda logits, labels: task_loss(logits, labels, task.spec.is_regression))
+
+
 def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str, EncodedSplit]:
     return {name: encode(backbone.tokenizer, task.splits[name], task.max_seq_length, task.spec.is_regression)
             for name in names}
@@ -97,7 +109,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     backbone, method = build(spec, task)
     base_hash = backbone.base_hash()
     splits = encode_splits(task, backbone, list(task.splits))
-    method.attach(backbone, probe=None)
+    device = resolve_device(spec.trainer.device)
+    backbone.model.to(device)  # before attach: probes and selections run where training will
+    method.attach(backbone, probe_batches(task, splits["train"], backbone, spec.trainer.batch_size,
+                                          spec.trainer.seed, device))
     report = method.report()
     decided = method.describe()
     console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
@@ -167,7 +182,7 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     if backbone.base_hash() != delta.meta["base_hash"]:
         raise SelectuneError(f"the base weights of '{backbone.name}' differ from those the delta was trained on "
                              f"(hash {backbone.base_hash()} != {delta.meta['base_hash']})")
-    delta.merge_into(backbone.model)
+    delta.apply_to(backbone.model)
     target = resolve_device(device)
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
@@ -186,8 +201,8 @@ def validate(cfg: DictConfig) -> None:
     spec.task.max_train_examples = spec.task.max_eval_examples = 8
     task = load_task(spec.task)
     backbone, method = build(spec, task)
-    method.attach(backbone)
     split = encode_splits(task, backbone, ["train"])["train"]
+    method.attach(backbone, probe_batches(task, split, backbone, 4, spec.trainer.seed, torch.device("cpu")))
     batch = collate(split, list(range(len(split))), backbone.tokenizer.pad_token_id)
     labels = batch.pop("labels")
     loss = task_loss(backbone.model(**batch).logits, labels, task.spec.is_regression)

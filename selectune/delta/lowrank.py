@@ -33,6 +33,11 @@ class LowRankLinear(nn.Module):
         out = F.linear(x, self.weight, self.bias)
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
+    def delta_entries(self, weight_name: str) -> dict[str, torch.Tensor]:
+        """TaskDelta entries of this factor pair for the wrapped weight `weight_name`."""
+        return {f"{weight_name}::lora_A": self.lora_A, f"{weight_name}::lora_B": self.lora_B,
+                f"{weight_name}::lora_scale": torch.tensor(self.scale, dtype=torch.float32)}
+
     def merged_delta(self) -> torch.Tensor:
         """ΔW = scale · B A, in the weight's shape."""
         return (self.lora_B @ self.lora_A) * self.scale

@@ -24,11 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from selectune.delta.adapter import KINDS as ADAPTER_KINDS
+from selectune.delta.adapter import AdapterLinear
+from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
 FORMAT = "selectune.taskdelta/1"
-KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values")
-VALUE_KINDS = ("set", "lora_A", "lora_B", "values")  # kinds whose numbers count as stored
+KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values", *ADAPTER_KINDS)
+VALUE_KINDS = ("set", "lora_A", "lora_B", "values", *ADAPTER_KINDS)  # kinds whose numbers count as stored
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -48,14 +51,34 @@ class TaskDelta:
         return dict(grouped)
 
     @property
+    def adapters(self) -> list[str]:
+        """Weights with an Adapter: a module, not a change of numbers, so it cannot be merged."""
+        return sorted(n for n, parts in self.by_parameter().items() if "adapter_up_weight" in parts)
+
+    @property
     def stored(self) -> int:
         return sum(t.numel() for k, t in self.tensors.items() if k.rpartition("::")[2] in VALUE_KINDS)
 
     # ----------------------------------------------------------------------------- apply
     @torch.no_grad()
-    def merge_into(self, model: nn.Module) -> None:
-        """Write the delta into a plain base model's weights, in fp32 (then cast as the caller wants)."""
+    def apply_to(self, model: nn.Module) -> None:
+        """Merge what merges into the weights and attach the Adapters as modules (for evaluation)."""
+        adapters = self.adapters
+        self.merge_into(model, allow_adapters=True)
+        by_name = self.by_parameter()
+        for name in adapters:
+            module_name = name.rpartition(".")[0]
+            replace_module(model, module_name, AdapterLinear.from_entries(model.get_submodule(module_name),
+                                                                            by_name[name]))
+
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module, allow_adapters: bool = False) -> None:
+        """Write the delta into a plain base model's weights, in fp32 (then cast as the caller wants).
+        Adapters cannot be merged: with `allow_adapters` they are left out (apply_to attaches them)."""
         params = dict(model.named_parameters())
+        if self.adapters and not allow_adapters:
+            raise SelectuneError(f"the delta holds Adapter modules on {len(self.adapters)} weights, which cannot "
+                                 f"be merged into weights; they are exported as modules (adapters.safetensors)")
         for name, parts in self.by_parameter().items():
             if name not in params:
                 raise SelectuneError(f"task delta changes '{name}', which this model does not have "

@@ -11,6 +11,7 @@ from selectune.methods.baselines import BitFit, FullFineTune, LinearProbe
 from selectune.methods.diffpruning import DiffPruning
 from selectune.methods.lora import LoRA
 from selectune.methods.sara import SaRA
+from selectune.methods.spt import SPT
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
@@ -20,6 +21,8 @@ METHODS: dict[str, type[Method]] = {
     "sara": SaRA,
     "udiff": DiffPruning,
     "sdiff": DiffPruning,
+    "spt_lora": SPT,
+    "spt_adapter": SPT,
 }
 
 

@@ -24,7 +24,12 @@ from torch import nn
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
 
-ProbeBatches = Callable[[], Iterator[dict[str, torch.Tensor]]]
+@dataclass
+class ProbeBatches:
+    """Training batches for methods that look at gradients before training (SPT's sensitivity)."""
+
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]  # n -> the first n, fixed seeded order
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # task loss of (logits, labels)
 
 
 @dataclass

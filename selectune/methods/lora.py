@@ -62,7 +62,5 @@ class LoRA(Method):
     def method_delta(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, module in self.wrapped.items():
-            out[f"{name}.weight::lora_A"] = module.lora_A
-            out[f"{name}.weight::lora_B"] = module.lora_B
-            out[f"{name}.weight::lora_scale"] = torch.tensor(module.scale, dtype=torch.float32)
+            out.update(module.delta_entries(f"{name}.weight"))
         return out

@@ -1,0 +1,122 @@
+"""`selectune probe`: sensitivity maps of a recipe's model on its task, no training.
+
+Writes to the run directory:
+    sensitivity.safetensors   per-parameter scores, keys `<parameter>::<score>` (fp32)
+    summary.json              per tensor: size, mean / max score, and for each budget τ its count and
+                              share in the global top-τ set (exact, stable ties)
+    heatmap_<score>.png       layers × module types (q, k, v, o, ffn-in, ffn-out); colour = the share of
+                              the top-τ entries that fall in that matrix (first budget)
+and prints the same grid as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from selectune.config import typed
+from selectune.errors import SelectuneError
+from selectune.sensitivity import SCORES, TYPE_ORDER, Ranking, candidates, layer_index, module_type, probe
+
+
+@dataclass
+class ProbeConfig:
+    batches: int = 16
+    scores: list[str] = field(default_factory=lambda: ["grad2"])
+    budgets: list[float] = field(default_factory=lambda: [0.005])
+    include_embeddings: bool = False
+
+
+def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec, encode_splits, probe_batches
+    from selectune.tasks import load_task
+    from selectune.trainer import resolve_device
+
+    spec = RunSpec.from_config(cfg)
+    options = typed(ProbeConfig, cfg.get("probe", {}), "probe")
+    bad = [s for s in options.scores if s not in SCORES]
+    if bad or not options.scores:
+        raise SelectuneError(f"probe.scores={options.scores}: choose from {', '.join(SCORES)}")
+    if options.batches <= 0 or not all(0 < b <= 1 for b in options.budgets) or not options.budgets:
+        raise SelectuneError("probe.batches must be positive and probe.budgets fractions in (0, 1]")
+    task = load_task(spec.task)
+    backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, None, spec.trainer.seed)
+    device = resolve_device(spec.trainer.device)
+    model = backbone.model.to(device)
+    train = encode_splits(task, backbone, ["train"])["train"]
+    feed = probe_batches(task, train, backbone, spec.trainer.batch_size, spec.trainer.seed, device)
+    names = candidates(model, backbone.head_names, options.include_embeddings)
+    maps = probe(model, names, feed.batches(options.batches), feed.loss, tuple(options.scores))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file({f"{n}::{s}": t.cpu().contiguous() for s, per in maps.items() for n, t in per.items()},
+              str(run_dir / "sensitivity.safetensors"))
+    total = sum(model.get_parameter(n).numel() for n in names)
+    taus = [max(1, round(b * backbone.num_base_parameters)) for b in options.budgets]
+    summary: dict[str, Any] = {"task": task.name, "model": backbone.name, "batches": options.batches,
+                               "batch_size": spec.trainer.batch_size, "seed": spec.trainer.seed,
+                               "candidates": total, "budgets": dict(zip(options.budgets, taus, strict=True)),
+                               "scores": {}}
+    for score, per in maps.items():
+        ranking = Ranking(per)
+        counts = {tau: ranking.counts(min(tau, total)) for tau in taus}
+        summary["scores"][score] = {
+            name: {"numel": t.numel(), "mean": float(t.mean()), "max": float(t.max()),
+                   "top": {str(tau): {"count": counts[tau][name], "share": counts[tau][name] / min(tau, total)}
+                           for tau in taus}}
+            for name, t in per.items()}
+        grid = share_grid(summary["scores"][score], str(taus[0]))
+        heatmap(grid, run_dir / f"heatmap_{score}.png",
+                f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})")
+        print_grid(grid, f"{task.name}: share of the global top-{taus[0]:,} ({score}) per matrix")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
+    return summary
+
+
+def share_grid(per_tensor: dict[str, Any], tau: str) -> list[list[float]]:
+    """rows = layers, columns = TYPE_ORDER: the share of the top-τ entries in each weight matrix."""
+    cells: dict[tuple[int, str], float] = {}
+    for name, info in per_tensor.items():
+        layer, kind = layer_index(name), module_type(name)
+        if layer is not None and kind is not None and name.endswith(".weight"):
+            cells[(layer, kind)] = info["top"][tau]["share"]
+    layers = 1 + max((layer for layer, _ in cells), default=-1)
+    return [[cells.get((layer, kind), 0.0) for kind in TYPE_ORDER] for layer in range(layers)]
+
+
+def heatmap(grid: list[list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(grid) + 1.6))
+    image = ax.imshow([[100 * v for v in row] for row in grid], cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(TYPE_ORDER)), TYPE_ORDER)
+    ax.set_yticks(range(len(grid)), [f"layer {i}" for i in range(len(grid))])
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color="white" if v < max(map(max, grid)) / 2
+                    else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, label="% of the top-τ entries")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_grid(grid: list[list[float]], title: str) -> None:
+    table = Table(*["layer", *TYPE_ORDER], title=title)
+    for i, row in enumerate(grid):
+        table.add_row(str(i), *(f"{100 * v:.1f}%" for v in row))
+    Console().print(table)
