@@ -53,7 +53,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     model = backbone.model
     touched = set(delta.by_parameter()) - backbone.head_names
     before = {n: model.get_parameter(n).detach().clone() for n in touched}
-    delta.merge_into(model)
+    delta.merge_into(model, allow_adapters=True)
     changed = lost = 0
     for name in touched:
         c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
@@ -63,10 +63,21 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     backbone.tokenizer.save_pretrained(tmp)
+    adapters = delta.adapters
+    if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
+        from safetensors.torch import save_file
+
+        kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items() if k.rpartition("::")[0] in adapters
+                and "adapter" in k}
+        save_file(kept, str(tmp / "adapters.safetensors"), metadata={"format": "selectune.adapters/1"})
     if target.exists():
         target.rmdir()
     tmp.rename(target)
+    if adapters:
+        print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in {target}/adapters.safetensors "
+              f"(the merged model alone lacks them; `selectune eval run={run}` applies them)")
     report = {"out": str(target), "dtype": dtype, "base_model": backbone.name, "method": delta.meta["method"],
+              "adapters": len(adapters),
               "changed_entries": changed, "lost_in_dtype": lost, "base_hash_matched": found == delta.meta["base_hash"]}
     share = f" ({100 * lost / changed:.2f}%)" if changed else ""
     print(f"exported {delta.meta['method']} delta on {backbone.name} to {target} in {dtype}: "

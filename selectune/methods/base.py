@@ -24,6 +24,7 @@ from torch import nn
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
 
+
 @dataclass
 class ProbeBatches:
     """Training batches for methods that look at gradients before training (SPT's sensitivity)."""
