@@ -67,15 +67,16 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
         from safetensors.torch import save_file
 
-        kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items() if k.rpartition("::")[0] in adapters
-                and "adapter" in k}
+        kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
+                if k.rpartition("::")[0] in adapters and "adapter" in k}
         save_file(kept, str(tmp / "adapters.safetensors"), metadata={"format": "selectune.adapters/1"})
     if target.exists():
         target.rmdir()
     tmp.rename(target)
     if adapters:
-        print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in {target}/adapters.safetensors "
-              f"(the merged model alone lacks them; `selectune eval run={run}` applies them)")
+        print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in "
+              f"{target}/adapters.safetensors (the merged model alone lacks them; `selectune eval run={run}` "
+              f"applies them)")
     report = {"out": str(target), "dtype": dtype, "base_model": backbone.name, "method": delta.meta["method"],
               "adapters": len(adapters),
               "changed_entries": changed, "lost_in_dtype": lost, "base_hash_matched": found == delta.meta["base_hash"]}
