@@ -22,6 +22,7 @@ from rich.table import Table
 
 from selectune.config import typed
 from selectune.errors import SelectuneError
+from selectune.plots import grid_heatmap
 from selectune.sensitivity import SCORES, TYPE_ORDER, Ranking, candidates, layer_index, module_type, probe
 
 
@@ -74,8 +75,9 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                            for tau in taus}}
             for name, t in per.items()}
         grid = share_grid(summary["scores"][score], str(taus[0]))
-        heatmap(grid, run_dir / f"heatmap_{score}.png",
-                f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})")
+        grid_heatmap([[100 * v for v in row] for row in grid], TYPE_ORDER, run_dir / f"heatmap_{score}.png",
+                     f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})",
+                     "% of the top-τ entries")
         print_grid(grid, f"{task.name}: share of the global top-{taus[0]:,} ({score}) per matrix")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
@@ -91,27 +93,6 @@ def share_grid(per_tensor: dict[str, Any], tau: str) -> list[list[float]]:
             cells[(layer, kind)] = info["top"][tau]["share"]
     layers = 1 + max((layer for layer, _ in cells), default=-1)
     return [[cells.get((layer, kind), 0.0) for kind in TYPE_ORDER] for layer in range(layers)]
-
-
-def heatmap(grid: list[list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(grid) + 1.6))
-    image = ax.imshow([[100 * v for v in row] for row in grid], cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(TYPE_ORDER)), TYPE_ORDER)
-    ax.set_yticks(range(len(grid)), [f"layer {i}" for i in range(len(grid))])
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color="white" if v < max(map(max, grid)) / 2
-                    else "black", fontsize=8)
-    fig.colorbar(image, ax=ax, label="% of the top-τ entries")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_grid(grid: list[list[float]], title: str) -> None:

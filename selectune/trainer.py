@@ -2,6 +2,7 @@
 
 Read it top to bottom: set-up (optimiser, schedule, resume), then per step
     forward -> task loss + method.penalty() -> backward -> clip -> optimiser step -> method.after_step(t)
+    -> zero_grad
 with evaluation, logging and checkpoints at fixed step counts. A method changes what trains and what
 is stored, never this file.
 """
@@ -214,9 +215,9 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                extra = method.after_step(step)
+                extra = method.after_step(step)  # before zero_grad: AdaLoRA's importance reads the gradients
+                optimizer.zero_grad(set_to_none=True)
                 if method.trainable_version != built_for:  # the method changed what trains (re-selection)
                     params = method.trainable()
                     optimizer, scheduler = self._optimizer(step)
@@ -262,6 +263,7 @@ class Trainer:
         if cfg.select == "last":
             delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
             save_outputs(self.run_dir, outputs)
+        method.write_artifacts(self.run_dir)
         if best is None and cfg.select == "best":
             raise SelectuneError("trainer.select=best found no evaluation of a storable delta; evaluate after "
                                  "the method's final form exists (trainer.eval_every) or use select=last")

@@ -4,6 +4,8 @@ Keys are `<parameter name>::<kind>`:
     ::set                            the tensor's new value, whole (the task head, full FT, BitFit biases)
     ::lora_A ::lora_B ::lora_scale   W += scale · B A
     ::indices ::values               W.flat[indices] += values (sorted int32 flat indices, fp32 values)
+    ::svd_P ::svd_E ::svd_Q ::svd_scale   W += scale · P diag(E) Q (AdaLoRA)
+    ::adapter_*                      an Adapter module (cannot be merged; attached by apply_to)
 The compact form (`compact=True`) stores sparse entries as `::index_gaps` (first index, then
 differences; uint16 where every gap fits, else int32) and half-precision `::values`: 4 bytes per
 stored number instead of 8. Loading turns it back into the plain form.
@@ -30,8 +32,10 @@ from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
 FORMAT = "selectune.taskdelta/1"
-KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values", *ADAPTER_KINDS)
-VALUE_KINDS = ("set", "lora_A", "lora_B", "values", *ADAPTER_KINDS)  # kinds whose numbers count as stored
+KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values", "svd_P", "svd_E", "svd_Q", "svd_scale",
+         *ADAPTER_KINDS)
+# kinds whose numbers count as stored
+VALUE_KINDS = ("set", "lora_A", "lora_B", "values", "svd_P", "svd_E", "svd_Q", *ADAPTER_KINDS)
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -91,6 +95,11 @@ class TaskDelta:
                 flat = param.data.view(-1)
                 idx = parts["indices"].long().to(param.device)
                 flat[idx] = (flat[idx].float() + parts["values"].float().to(param.device)).to(param.dtype)
+            if "svd_P" in parts:
+                p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
+                delta = (p * e) @ q * parts["svd_scale"].float()
+                _check_shape(name, delta.shape, param.shape)
+                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
             if "lora_A" in parts:
                 a, b = parts["lora_A"].float(), parts["lora_B"].float()
                 delta = (b @ a) * parts["lora_scale"].float()

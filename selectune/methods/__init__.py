@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from selectune.config import typed
 from selectune.errors import SelectuneError
+from selectune.methods.adalora import AdaLoRA
 from selectune.methods.base import Method, MethodConfig
 from selectune.methods.baselines import BitFit, FullFineTune, LinearProbe
 from selectune.methods.diffpruning import DiffPruning
@@ -23,6 +24,7 @@ METHODS: dict[str, type[Method]] = {
     "sdiff": DiffPruning,
     "spt_lora": SPT,
     "spt_adapter": SPT,
+    "adalora": AdaLoRA,
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -101,8 +102,12 @@ class Method(ABC):
     def penalty(self) -> torch.Tensor | None:
         return None
 
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, Any]:
+        """Called after every optimiser step, gradients still in place; returns values to log."""
         return {}
+
+    def write_artifacts(self, run_dir: Path) -> None:  # noqa: B027 (optional hook)
+        """Called once at the end of training: plots and files a method wants in the run directory."""
 
     def describe(self) -> dict[str, Any]:
         """What the method decided (selection counts, mask hashes, ranks): logged and stored with results."""

@@ -1,0 +1,226 @@
+"""AdaLoRA (Zhang et al., ICLR 2023), methods.md §5, with the rank schedule owned by the loop.
+
+ΔW = P diag(λ) Q on every target matrix (SVDLinear), loss = task + γ Σ_k R_k (orthogonality).
+After every optimiser step (gradients still in place):
+    I = |w · g|,  Ī ← β1 Ī + (1−β1) I,  U = |I − Ī|,  Ū ← β2 Ū + (1−β2) U,  s = Ī · Ū
+    triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
+Budget b(t) (kept triplets in total): b(0) before t_init; cubic decay to b(T) until T − t_final; b(T)
+after. Every ΔT steps in the decay phase the λ of triplets outside the top-b(t) are zeroed (P, Q keep
+training, so a triplet can return); at T − t_final the final pattern is fixed and re-applied every
+step. The schedule is validated before training (plan), logged every step (metrics.jsonl: budget,
+kept triplets, kept rank per matrix), and drawn at the end (adalora_budget.png, adalora_ranks.png).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from selectune.backbone import Backbone
+from selectune.delta.svd import SVDLinear
+from selectune.delta.wrapping import replace_module
+from selectune.errors import SelectuneError
+from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.lora import find_linears
+from selectune.methods.sara import ALL_LINEARS
+from selectune.selection import select_k
+from selectune.sensitivity import TYPE_ORDER, layer_index, module_type
+
+
+@dataclass
+class AdaLoRAConfig(MethodConfig):
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
+    target_total: Optional[int] = None  # b(T), kept triplets in total; None: derived from the budget count
+    init_ratio: float = 1.5  # b(0) = init_ratio · b(T) (rounded up to whole ranks per matrix)
+    lora_alpha: float = 32.0  # scale = lora_alpha / initial rank
+    t_init: float = 0.1  # steps at b(0) before pruning starts (a value < 1 is a fraction of the run)
+    t_final: float = 0.2  # final steps at b(T) with the pattern fixed (a value < 1 is a fraction)
+    delta_t: int = 10  # ΔT: steps between maskings in the decay phase
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_weight: float = 0.1  # γ (paper: 0.1; 0.3 for RTE and STS-B)
+    orth_form: str = "paper"  # paper: Σ_k squared Frobenius; reference: mean of unsquared norms (as peft)
+    trim: bool = False  # store only the kept triplets (physically trimmed delta)
+
+
+def budget_at(t: int, b0: int, bT: int, t_init: int, t_final: int, total: int) -> int:
+    """b(t) of methods.md §5 (numerator t − t_init, as the paper and the reference code)."""
+    if t < t_init:
+        return b0
+    if t >= total - t_final:
+        return bT
+    progress = 1 - (t - t_init) / (total - t_init - t_final)
+    return int(bT + (b0 - bT) * progress**3)
+
+
+class AdaLoRA(Method):
+    Config = AdaLoRAConfig
+    uses_budget = True
+    cfg: AdaLoRAConfig
+
+    def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        if self.cfg.orth_form not in ("paper", "reference"):
+            raise SelectuneError(f"method.orth_form='{self.cfg.orth_form}': use paper or reference")
+        linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
+        if not linears:
+            raise SelectuneError(f"method.targets={list(self.cfg.targets)} matches no Linear layer of the model")
+        head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+        per_triplet = sum(m.in_features + m.out_features + 1 for m in linears.values()) / len(linears)
+        if self.cfg.target_total is not None:
+            self.bT = self.cfg.target_total
+        elif self.budget is not None:
+            self.bT = int((self.budget - head) // per_triplet)
+        else:
+            raise SelectuneError("AdaLoRA needs method.target_total (b(T)) or a budget (budget.count=N)")
+        if self.bT < 1:
+            raise SelectuneError(f"AdaLoRA: a final budget of {self.bT} triplets is not reachable; raise the budget")
+        self.r0 = max(1, math.ceil(self.cfg.init_ratio * self.bT / len(linears)))
+        self.b0 = self.r0 * len(linears)
+        if self.bT > self.b0:
+            raise SelectuneError(f"AdaLoRA: b(T)={self.bT} exceeds b(0)={self.b0}; raise method.init_ratio")
+        self.modules: dict[str, SVDLinear] = {}
+        for name, linear in sorted(linears.items()):
+            self.modules[name] = SVDLinear(linear, self.r0, self.cfg.lora_alpha)
+            replace_module(backbone.model, name, self.modules[name])
+        self.ema: dict[str, torch.Tensor] = {}
+        self.unc: dict[str, torch.Tensor] = {}
+        self.fixed: dict[str, torch.Tensor] | None = None
+        self.keep = {n: torch.ones(self.r0, dtype=torch.bool) for n in self.modules}  # the last mask applied
+        self.history: list[tuple[int, int, int]] = []  # (step, b(t), kept triplets)
+
+    def plan(self, total_steps: int, steps_per_epoch: int) -> None:
+        def steps(value: float) -> int:
+            return int(round(value * total_steps)) if 0 < value < 1 else int(value)
+
+        self.total, self.t_init, self.t_final = total_steps, steps(self.cfg.t_init), steps(self.cfg.t_final)
+        decay = total_steps - self.t_final - self.t_init
+        if decay <= 0:
+            raise SelectuneError(f"AdaLoRA schedule: t_init ({self.t_init}) + t_final ({self.t_final}) must be less "
+                                 f"than the run's {total_steps} steps")
+        if self.cfg.delta_t <= 0 or not any(t % self.cfg.delta_t == 0 for t in range(max(1, self.t_init),
+                                                                                    total_steps - self.t_final)):
+            raise SelectuneError(f"AdaLoRA schedule: no pruning step between t_init={self.t_init} and "
+                                 f"T - t_final={total_steps - self.t_final} with delta_t={self.cfg.delta_t}; "
+                                 f"lower method.delta_t or t_init/t_final")
+
+    # ------------------------------------------------------------------ training
+    def penalty(self) -> torch.Tensor | None:
+        if not self.cfg.orth_weight:
+            return None
+        squared = self.cfg.orth_form == "paper"
+        terms = [m.orthogonality(squared) for m in self.modules.values()]
+        total = sum(terms) if squared else sum(terms) / (2 * len(terms))
+        return self.cfg.orth_weight * total
+
+    @torch.no_grad()
+    def _update_importance(self) -> None:
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        for name, module in self.modules.items():
+            for kind in ("lora_P", "lora_E", "lora_Q"):
+                param = getattr(module, kind)
+                if param.grad is None:
+                    continue
+                key = f"{name}.{kind}"
+                importance = (param * param.grad).abs()
+                if key not in self.ema:
+                    self.ema[key] = torch.zeros_like(importance)
+                    self.unc[key] = torch.zeros_like(importance)
+                self.ema[key].mul_(b1).add_(importance, alpha=1 - b1)
+                self.unc[key].mul_(b2).add_((importance - self.ema[key]).abs(), alpha=1 - b2)
+
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        scores = {}
+        for name in self.modules:
+            s = {kind: self.ema[f"{name}.{kind}"] * self.unc[f"{name}.{kind}"] for kind in ("lora_P", "lora_E", "lora_Q")
+                 if f"{name}.{kind}" in self.ema}
+            if len(s) < 3:
+                return {}
+            scores[name] = s["lora_E"] + s["lora_P"].mean(0) + s["lora_Q"].mean(1)
+        return scores
+
+    @torch.no_grad()
+    def _mask(self, keep: dict[str, torch.Tensor]) -> None:
+        self.keep = keep
+        for name, module in self.modules.items():
+            module.lora_E[~keep[name].to(module.lora_E.device)] = 0.0
+
+    def _top(self, budget: int) -> dict[str, torch.Tensor]:
+        scores = self.triplet_scores()
+        if not scores:
+            return {n: torch.ones(self.r0, dtype=torch.bool) for n in self.modules}
+        chosen = select_k(scores, budget, largest=True)
+        out = {}
+        for name in self.modules:
+            keep = torch.zeros(self.r0, dtype=torch.bool)
+            if name in chosen:
+                keep[chosen[name].long()] = True
+            out[name] = keep
+        return out
+
+    def after_step(self, step: int) -> dict[str, Any]:
+        b = budget_at(step, self.b0, self.bT, self.t_init, self.t_final, self.total)
+        if step < self.total - self.t_final:
+            self._update_importance()
+            if step >= self.t_init and step % self.cfg.delta_t == 0:
+                self._mask(self._top(b))
+        else:
+            if self.fixed is None:
+                self.fixed = self._top(self.bT)
+            self._mask(self.fixed)
+        ranks = self.ranks()
+        kept = sum(ranks.values())
+        self.history.append((step, b, kept))
+        return {"adalora_budget": b, "adalora_kept": kept, "kept_rank": ranks}
+
+    def ranks(self) -> dict[str, int]:
+        """Kept triplets per matrix under the last mask (between maskings pruned λ may regrow)."""
+        return {name: int(self.keep[name].sum()) for name in self.modules}
+
+    # ------------------------------------------------------------------ resume, storing, plots
+    def state(self) -> dict[str, Any]:
+        return {"ema": {k: v.cpu() for k, v in self.ema.items()}, "unc": {k: v.cpu() for k, v in self.unc.items()},
+                "fixed": None if self.fixed is None else dict(self.fixed), "keep": dict(self.keep),
+                "history": [list(h) for h in self.history]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        device = next(iter(self.modules.values())).lora_E.device
+        self.ema = {k: v.to(device) for k, v in state["ema"].items()}
+        self.unc = {k: v.to(device) for k, v in state["unc"].items()}
+        self.fixed = state["fixed"]
+        self.keep = state["keep"]
+        self.history = [tuple(h) for h in state["history"]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"b0": self.b0, "bT": self.bT, "initial_rank": self.r0, "matrices": len(self.modules),
+                "final_rank_pattern": self.ranks() if self.fixed is not None else None, "trimmed": self.cfg.trim}
+
+    def method_delta(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.modules.items():
+            keep = (module.lora_E != 0) if self.cfg.trim else None
+            out.update(module.delta_entries(f"{name}.weight", keep))
+        return out
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        from selectune.plots import curves, grid_heatmap
+
+        steps = list(range(self.total + 1))
+        formula = [budget_at(t, self.b0, self.bT, self.t_init, self.t_final, self.total) for t in steps]
+        curves({"b(t) (schedule)": (steps, formula),
+                "kept triplets": ([h[0] for h in self.history], [h[2] for h in self.history])},
+               run_dir / "adalora_budget.png", f"AdaLoRA budget: b(0)={self.b0} → b(T)={self.bT}", "step", "triplets")
+        ranks = self.ranks()
+        layers = 1 + max((layer_index(n + ".") or 0) for n in ranks)
+        grid = [[0.0] * len(TYPE_ORDER) for _ in range(layers)]
+        for name, r in ranks.items():
+            layer, kind = layer_index(name + "."), module_type(name + ".")
+            if layer is not None and kind is not None:
+                grid[layer][TYPE_ORDER.index(kind)] = float(r)
+        grid_heatmap(grid, TYPE_ORDER, run_dir / "adalora_ranks.png", "AdaLoRA final rank per matrix", "rank",
+                     fmt="{:.0f}")
+        (run_dir / "adalora_ranks.json").write_text(json.dumps(ranks, indent=1) + "\n")

@@ -1,0 +1,127 @@
+"""AdaLoRA: the budget schedule, masking, revival, validation, orthogonality and storage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selectune.delta.svd import SVDLinear
+from selectune.delta.taskdelta import TaskDelta
+from selectune.errors import SelectuneError
+from selectune.methods.adalora import budget_at
+
+from conftest import compose_run
+
+
+def build(*overrides: str):
+    from selectune.commands import RunSpec
+    from selectune.commands import build as build_run
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(compose_run("glue/rte_adalora", *overrides))
+    backbone, method = build_run(spec, load_task(spec.task))
+    method.attach(backbone)
+    return backbone, method
+
+
+def test_budget_curve_matches_the_formula_at_every_step(data_env, tmp_path):
+    from selectune.commands import train
+
+    train(compose_run("glue/rte_adalora", "trainer.max_steps=40", "trainer.log_every=1", "method.t_init=5",
+                      "method.t_final=10", "method.delta_t=2", "method.target_total=8"), tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if "adalora_budget" in r}
+    assert sorted(logged) == list(range(1, 41))
+    b0, bT = 12, 8  # 12 matrices (2 layers x 6), r0 = ceil(1.5 * 8 / 12) = 1
+    for t, r in logged.items():
+        if t < 5:
+            expected = b0
+        elif t >= 30:
+            expected = bT
+        else:
+            expected = int(bT + (b0 - bT) * (1 - (t - 5) / (40 - 5 - 10)) ** 3)
+        assert r["adalora_budget"] == expected == budget_at(t, b0, bT, 5, 10, 40)
+        if t >= 30:
+            assert r["adalora_kept"] == bT
+    assert (tmp_path / "run" / "adalora_budget.png").exists() and (tmp_path / "run" / "adalora_ranks.png").exists()
+    delta = TaskDelta.load(tmp_path / "run")
+    nonzero = sum(int((t != 0).sum()) for k, t in delta.tensors.items() if k.endswith("::svd_E"))
+    assert nonzero == bT  # after the final phase exactly b(T) triplets are nonzero
+
+
+def test_masking_keeps_the_top_budget_and_pruned_triplets_keep_p_and_q(data_env):
+    _, method = build("method.target_total=24")  # r0 = 3 on 12 matrices: 36 triplets
+    method.plan(total_steps=100, steps_per_epoch=10)
+    torch.manual_seed(0)
+    for module in method.modules.values():
+        with torch.no_grad():
+            module.lora_E.normal_()
+        for kind in ("lora_P", "lora_E", "lora_Q"):
+            getattr(module, kind).grad = torch.randn_like(getattr(module, kind))
+    method._update_importance()
+    scores = method.triplet_scores()
+    flat = torch.cat([scores[n] for n in sorted(scores)])
+    keep = method._top(20)
+    method._mask(keep)
+    kept = torch.cat([keep[n] for n in sorted(keep)])
+    assert int(kept.sum()) == 20 and flat[kept].min() >= flat[~kept].max()
+    name = next(n for n in sorted(keep) if not keep[n].all())
+    module = method.modules[name]
+    pruned = int((~keep[name]).nonzero()[0])
+    p_before, q_before = module.lora_P[:, pruned].clone(), module.lora_Q[pruned].clone()
+    assert module.lora_E[pruned] == 0 and p_before.abs().sum() > 0 and q_before.abs().sum() > 0
+    # P, Q keep their values and keep training; λ can grow back, and the triplet returns when it scores again
+    opt = torch.optim.SGD([module.lora_E, module.lora_P], lr=0.1)
+    module.lora_E.grad = -torch.ones_like(module.lora_E)
+    module.lora_P.grad = torch.ones_like(module.lora_P)
+    opt.step()
+    assert module.lora_E[pruned] != 0 and not torch.equal(module.lora_P[:, pruned], p_before)
+
+
+def test_schedule_misconfigurations_fail_before_training(data_env, tmp_path):
+    from selectune.commands import train
+
+    with pytest.raises(SelectuneError, match=r"t_init \(6\) \+ t_final \(5\)"):
+        train(compose_run("glue/rte_adalora", "trainer.max_steps=10", "method.t_init=6", "method.t_final=5"),
+              tmp_path / "a")
+    with pytest.raises(SelectuneError, match="no pruning step"):
+        train(compose_run("glue/rte_adalora", "trainer.max_steps=10", "method.t_init=1", "method.t_final=2",
+                          "method.delta_t=50"), tmp_path / "b")
+    with pytest.raises(SelectuneError, match="exceeds b\\(0\\)"):
+        train(compose_run("glue/rte_adalora", "method.init_ratio=0.5", "method.target_total=24"), tmp_path / "c")
+    with pytest.raises(SelectuneError, match="not reachable"):
+        train(compose_run("glue/rte_adalora", "method.target_total=null", "budget.count=100"), tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_orthogonality_penalty_is_zero_for_orthonormal_factors():
+    module = SVDLinear(torch.nn.Linear(6, 5), r=3, alpha=3)
+    with torch.no_grad():
+        module.lora_P.copy_(torch.linalg.qr(torch.randn(5, 3)).Q)
+        module.lora_Q.copy_(torch.linalg.qr(torch.randn(6, 3)).Q.t())
+    assert module.orthogonality(squared=True) < 1e-10 and module.orthogonality(squared=False) < 1e-5
+    with torch.no_grad():
+        module.lora_P.mul_(2)
+    eye = torch.eye(3)
+    expected = ((module.lora_P.t() @ module.lora_P - eye) ** 2).sum()
+    assert torch.allclose(module.orthogonality(squared=True), expected, atol=1e-5)
+
+
+def test_svd_delta_merges_and_trims(data_env, tmp_path):
+    from selectune.commands import train
+
+    full = train(compose_run("glue/rte_adalora", "trainer.max_steps=20", "method.t_init=2", "method.t_final=5",
+                             "method.delta_t=2", "method.target_total=8"), tmp_path / "full")
+    trimmed = train(compose_run("glue/rte_adalora", "trainer.max_steps=20", "method.t_init=2", "method.t_final=5",
+                                "method.delta_t=2", "method.target_total=8", "method.trim=true"), tmp_path / "trim")
+    assert trimmed["metrics"] == full["metrics"]
+    assert trimmed["budget"]["stored"] < full["budget"]["stored"]
+    a, b = TaskDelta.load(tmp_path / "full"), TaskDelta.load(tmp_path / "trim")
+    assert sum(t.numel() for k, t in b.tensors.items() if k.endswith("::svd_E")) == 8
+    from selectune.commands import evaluate_delta
+
+    assert evaluate_delta(str(tmp_path / "trim"), None, 16, "cpu")["metrics"] == full["metrics"]
+    assert evaluate_delta(str(tmp_path / "full"), None, 16, "cpu")["metrics"] == full["metrics"]
+    assert a.meta["method_state"]["final_rank_pattern"] is not None
