@@ -136,8 +136,8 @@ class AdaLoRA(Method):
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         scores = {}
         for name in self.modules:
-            s = {kind: self.ema[f"{name}.{kind}"] * self.unc[f"{name}.{kind}"] for kind in ("lora_P", "lora_E", "lora_Q")
-                 if f"{name}.{kind}" in self.ema}
+            keys = {kind: f"{name}.{kind}" for kind in ("lora_P", "lora_E", "lora_Q")}
+            s = {kind: self.ema[key] * self.unc[key] for kind, key in keys.items() if key in self.ema}
             if len(s) < 3:
                 return {}
             scores[name] = s["lora_E"] + s["lora_P"].mean(0) + s["lora_Q"].mean(1)
