@@ -4,6 +4,7 @@
     selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]         sensitivity maps, no training
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
     selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
+    selectune report <run dirs or a multirun dir> [out=<dir>]            table + plots over runs
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
     selectune validate <recipe> [overrides]                              build everything, train nothing
@@ -30,13 +31,14 @@ commands:
   eval      score a stored delta:    selectune eval run=<run dir or delta file> [task=glue/rte]
   export    merge into the base:     selectune export run=<run dir or delta file> out=<dir> [dtype=bfloat16]
   probe     sensitivity maps:        selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]
+  report    compare runs:            selectune report runs/multirun/<time> [more dirs] [out=<dir>]
   ls        list the recipes
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "probe", "eval", "export", "ls", "cat", "validate")
+COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate")
 HYDRA_COMMANDS = {"train": "train", "probe": "probe", "eval": "eval", "export": "export"}
 
 
@@ -173,6 +175,14 @@ def main(argv: list[str] | None = None) -> None:
             from selectune.config import print_recipes
 
             print_recipes()
+        elif command == "report":
+            from selectune.report import report
+
+            folders = [Path(a) for a in rest if not a.startswith("out=")]
+            out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
+            if not folders:
+                raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
+            report(folders, out)
         elif command in ("cat", "validate"):
             from omegaconf import OmegaConf
 

@@ -1,0 +1,127 @@
+"""`selectune report <run dirs or a multirun dir> [out=<dir>]`: one table and the papers' plots.
+
+Collects every results.json below the given folders, groups runs by (task, method, stored count) and
+averages over seeds (mean ± sample std), then writes to `out` (default: the first folder):
+    report.md            task × method: primary dev metric, other metrics, seeds, stored params,
+                         % of the backbone, delta bytes, s/step, peak memory
+    metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
+    training_curves.png  training loss against step, one line per run
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from selectune.errors import SelectuneError
+from selectune.tasks.glue import GLUE
+
+
+def collect(folders: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for folder in folders:
+        if not folder.exists():
+            raise SelectuneError(f"report: {folder} does not exist")
+        for path in sorted(folder.rglob("results.json")):
+            result = json.loads(path.read_text())
+            result["run_dir"] = str(path.parent)
+            runs.append(result)
+    if not runs:
+        raise SelectuneError(f"report: no results.json below {', '.join(map(str, folders))}")
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method, stored count): metrics as mean and std over the runs' seeds."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[(run["task"], run["method"], run["budget"]["stored"])].append(run)
+    rows = []
+    for (task, method, stored), members in sorted(groups.items()):
+        split = next(iter(members[0]["metrics"]))
+        metrics = {}
+        for name in members[0]["metrics"][split]:
+            values = [m["metrics"][split][name] for m in members if m["metrics"][split][name] is not None]
+            if values:
+                metrics[name] = mean_std(values)
+        rows.append({"task": task, "method": method, "stored": stored, "split": split, "metrics": metrics,
+                     "primary": GLUE[task].primary if task in GLUE else next(iter(metrics)),
+                     "seeds": sorted(m["seed"] for m in members), "backbone": members[0]["budget"]["backbone"],
+                     "delta_bytes": statistics.mean(m["delta_bytes"] for m in members),
+                     "step_time_s": statistics.mean(m["step_time_s"] for m in members),
+                     "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
+                     "runs": [m["run_dir"] for m in members]})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | method | primary (dev) | all dev metrics | seeds | stored params | % of backbone | "
+             "delta on disk | s/step | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        primary = r["metrics"].get(r["primary"])
+        shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
+        others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items())
+        lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
+                     f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
+                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
+                     f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[str]:
+    from selectune.plots import _pyplot
+
+    plt = _pyplot()
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for method in sorted({r["method"] for r in rows if r["task"] == task}):
+            points = sorted((r["stored"], *r["metrics"].get(r["primary"], (float("nan"), 0.0)))
+                            for r in rows if r["task"] == task and r["method"] == method)
+            xs, ys, es = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("stored parameters per task")
+        ax.set_ylabel(f"dev {next(r['primary'] for r in rows if r['task'] == task)}")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_budget.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        path = Path(run["run_dir"]) / "metrics.jsonl"
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            if steps:
+                ax.plot(*zip(*steps, strict=True), label=f"{run['task']} {run['method']} s{run['seed']}", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
+    return ["metric_vs_budget.png", "training_curves.png"]
+
+
+def report(folders: list[Path], out: Path | None = None) -> Path:
+    runs = collect(folders)
+    rows = summarise(runs)
+    out = out or folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    images = plots(rows, runs, out)
+    text = (f"# selectune report\n\n{len(runs)} runs from {', '.join(map(str, folders))}; mean ± sample std over "
+            f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n\n"
+            + "\n".join(f"![{name}]({name})" for name in images) + "\n")
+    (out / "report.md").write_text(text)
+    print(markdown(rows))
+    print(f"\nwrote {out / 'report.md'} and {', '.join(images)}")
+    return out / "report.md"

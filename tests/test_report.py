@@ -1,0 +1,39 @@
+"""`selectune report` on hand-made runs: the numbers in the table are the right ones."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000):
+    folder.mkdir(parents=True)
+    result = {"task": task, "method": method, "seed": seed, "metrics": {"dev": metrics}, "selection": "last",
+              "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
+              "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10}
+    (folder / "results.json").write_text(json.dumps(result))
+    lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_report_of_two_fake_runs_has_the_right_numbers(tmp_path):
+    fake_run(tmp_path / "runs" / "a", "mrpc", "sara", 1, {"f1": 80.0, "accuracy": 70.0}, 5000)
+    fake_run(tmp_path / "runs" / "b", "mrpc", "sara", 2, {"f1": 84.0, "accuracy": 74.0}, 5000, 3000)
+    fake_run(tmp_path / "runs" / "c", "mrpc", "lora", 1, {"f1": 83.0, "accuracy": 75.0}, 74498)
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    sara = next(line for line in text.splitlines() if "| sara |" in line)
+    # mean of 80 and 84 is 82; sample std is sqrt(((80-82)^2 + (84-82)^2) / 1) = 2.83
+    assert "f1 82.00 ± 2.83" in sara and "accuracy 72.00 ± 2.83" in sara and "| 1,2 |" in sara
+    assert "| 5,000 | 0.500% | 0.00 MiB |" in sara  # mean delta bytes 2000 -> 0.00 MiB
+    lora = next(line for line in text.splitlines() if "| lora |" in line)
+    assert "f1 83.00 ± 0.00" in lora and "7.450%" in lora
+    assert (tmp_path / "rep" / "metric_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "rep" / "training_curves.png").exists()
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    result = run_cli("report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0 and "no results.json" in result.stderr and "Traceback" not in result.stderr
