@@ -76,7 +76,9 @@ def _train(cfg) -> None:
 
     from selectune.commands import train
 
-    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    explicit = any(o.split("=", 1)[0].lstrip("+") == "out_dir" for o in hydra_cfg.overrides.task)
+    train(cfg, Path(hydra_cfg.runtime.output_dir), explicit_out_dir=explicit or hydra_cfg.mode.name == "MULTIRUN")
 
 
 def _eval(cfg) -> None:

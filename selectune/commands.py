@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from selectune import __version__
+from selectune import __version__, distributed
 from selectune.backbone import Backbone, ModelConfig, load_backbone
 from selectune.budget import BudgetConfig
 from selectune.config import typed
@@ -66,15 +66,18 @@ def build(spec: RunSpec, task: Task):
 
 
 def probe_batches(task: Task, split: EncodedSplit, backbone: Backbone, batch_size: int, seed: int,
-                  device: torch.device) -> ProbeBatches:
+                  device: torch.device, ctx: distributed.Context = distributed.Context()) -> ProbeBatches:  # noqa: B008
     """The first n training batches in a fixed, seeded order (the order of epoch 0), for methods that
-    look at gradients before training."""
+    look at gradients before training; with several processes each takes its share of every batch
+    and per-batch gradients are averaged over the ranks (`reduce`) before a method squares them."""
 
     def batches(n: int):
         for rows in train_batches(len(split), batch_size, seed, epoch=0)[:n]:
-            yield {k: v.to(device) for k, v in collate(split, rows, backbone.tokenizer.pad_token_id).items()}
+            mine = ctx.shard(rows)
+            yield {k: v.to(device) for k, v in collate(split, mine, backbone.tokenizer.pad_token_id).items()}
 
-    return ProbeBatches(batches, lambda logits, labels: task_loss(logits, labels, task.spec.is_regression))
+    return ProbeBatches(batches, lambda logits, labels: task_loss(logits, labels, task.spec.is_regression),
+                        ctx.mean_)
 
 
 def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str, EncodedSplit]:
@@ -83,18 +86,20 @@ def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str,
 
 
 # --------------------------------------------------------------------------- train
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool = True) -> dict[str, Any]:
     fresh = not any((run_dir / name).exists() for name in RUN_OUTPUTS)
     try:
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, explicit_out_dir)
     except (SelectuneError, KeyboardInterrupt):
         if fresh and not (run_dir / "checkpoint").exists():
             remove_run_dir(run_dir)  # nothing worth keeping: leave no half-written run behind
         raise
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, Any]:
     spec = RunSpec.from_config(cfg)
+    ctx = distributed.setup(spec.trainer.device)
+    distributed.check_out_dir(ctx, explicit_out_dir)
     if (run_dir / "results.json").exists():
         raise SelectuneError(f"{run_dir} already holds a finished run; choose another out_dir")
     saved_cfg = run_dir / "config.yaml"
@@ -109,18 +114,22 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     backbone, method = build(spec, task)
     base_hash = backbone.base_hash()
     splits = encode_splits(task, backbone, list(task.splits))
-    device = resolve_device(spec.trainer.device)
+    device = distributed.device_for(ctx, resolve_device(spec.trainer.device))
     backbone.model.to(device)  # before attach: probes and selections run where training will
     method.attach(backbone, probe_batches(task, splits["train"], backbone, spec.trainer.batch_size,
-                                          spec.trainer.seed, device))
+                                          spec.trainer.seed, device, ctx))
+    if ctx.active:  # dropout and diff-pruning noise: an independent stream per rank
+        torch.manual_seed(spec.trainer.seed + 7919 * ctx.rank)
     report = method.report()
     decided = method.describe()
-    console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                  f"{len(splits['train']):,} train examples · {report.line()}"
-                  + (f" · {json.dumps(decided)}" if decided else ""))
-    log.info("%s %s", report.line(), decided)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), saved_cfg)
+    if ctx.main:
+        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
+                      f"{len(splits['train']):,} train examples · {report.line()}"
+                      + (f" · {json.dumps(decided)}" if decided else "")
+                      + (f" · {ctx.world} processes" if ctx.active else ""))
+        log.info("%s %s", report.line(), decided)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), saved_cfg)
 
     meta = {"base_model": backbone.name, "base_hash": base_hash, "method": method.cfg.name, "task": task.name,
             "budget": report.as_dict(), "seed": spec.trainer.seed, "selectune_version": __version__,
@@ -132,12 +141,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return TaskDelta(method.delta(), {**meta, "method_state": method.describe()}).save(path, cfg.get("compact"))
 
     trainer = Trainer(spec.trainer, task, method, splits, backbone.tokenizer.pad_token_id, run_dir, save_delta,
-                      console)
+                      console, ctx)
     outcome = trainer.fit()
     results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
                **outcome, "budget": method.report().as_dict(), "method_state": method.describe(),
                "base_hash": base_hash,
                "selectune_version": __version__}
+    if not ctx.main:
+        return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")

@@ -44,7 +44,7 @@ def candidates(model: nn.Module, head: frozenset[str], include_embeddings: bool 
 
 
 def probe(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]], loss_fn,
-          scores: tuple[str, ...] = ("grad2",)) -> dict[str, dict[str, torch.Tensor]]:
+          scores: tuple[str, ...] = ("grad2",), reduce=lambda grad: grad) -> dict[str, dict[str, torch.Tensor]]:
     """{score: {parameter name: fp32 tensor}} accumulated over `batches` (see module docstring)."""
     unknown = set(scores) - set(SCORES)
     if unknown:
@@ -65,7 +65,7 @@ def probe(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.
 
     def fold(name: str):
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.float()
+            grad = reduce(param.grad.float())  # the batch gradient, also when ranks hold shards
             if "grad2" in out:
                 out["grad2"][name].add_(grad.square())
             if "taylor" in out:

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from selectune import checkpoint
+from selectune.distributed import Context, device_for
 from selectune.errors import SelectuneError
-from selectune.evaluation import evaluate, save_outputs
+from selectune.evaluation import evaluate, predict, save_outputs
 from selectune.methods.base import Method
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, collate, train_batches
@@ -98,13 +100,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
-                 pad_id: int, run_dir: Path, save_delta, console: Console | None = None) -> None:
+                 pad_id: int, run_dir: Path, save_delta, console: Console | None = None,
+                 ctx: Context = Context()) -> None:  # noqa: B008 (a frozen, immutable default)
         """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes."""
         cfg.validate()
+        if ctx.active and cfg.batch_size < ctx.world:
+            raise SelectuneError(f"trainer.batch_size={cfg.batch_size} is the global batch: it must be at least the "
+                                 f"{ctx.world} processes")
         self.cfg, self.task, self.method, self.splits, self.pad_id = cfg, task, method, splits, pad_id
-        self.run_dir, self.save_delta = run_dir, save_delta
+        self.run_dir, self.save_delta, self.ctx = run_dir, save_delta, ctx
         self.console = console or Console(stderr=True)
-        self.device = resolve_device(cfg.device)
+        self.device = device_for(ctx, resolve_device(cfg.device))
         self.model = method.model.to(self.device)
         dtype = PRECISIONS[cfg.precision]
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -147,12 +153,46 @@ class Trainer:
         for params in families.values():
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
 
+    def _forward_model(self) -> torch.nn.Module:
+        """The model the loop calls: DDP around it when several processes train (re-made whenever the
+        method changes what trains; DDP broadcasts rank 0's parameters and buffers as it wraps)."""
+        if not self.ctx.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # an empty trainable tensor (a matrix SaRA selected nothing from) never gets a gradient
+        unused = any(p.numel() == 0 for p in self.method.trainable().values())
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+
+    def _evaluate(self) -> tuple[dict[str, dict[str, float | None]], dict[str, Any]]:
+        """Dev metrics; with several processes each predicts its share of the rows, gathered in order."""
+        cfg = self.cfg
+        with self.autocast():
+            if not self.ctx.active:
+                return evaluate(self.model, self.task, self.eval_splits, cfg.eval_batch_size, self.pad_id, self.device)
+            outputs = {}
+            for name, split in self.eval_splits.items():
+                rows = self.ctx.shard(list(range(len(split))))
+                part = predict(self.model, split.subset(rows), cfg.eval_batch_size, self.pad_id, self.device)
+                full = np.empty((len(split), part.shape[-1]), dtype=part.dtype)
+                for r, chunk in enumerate(self.ctx.gather(part)):
+                    full[r::self.ctx.world] = chunk
+                outputs[name] = full
+        metrics = {name: self.task.score(outputs[name], split.labels.numpy())
+                   for name, split in self.eval_splits.items()}
+        return metrics, outputs
+
     def _write_jsonl(self, record: dict[str, Any]) -> None:
+        if not self.ctx.main:
+            return
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def _truncate_jsonl(self, step: int) -> None:
         """On resume, drop the records a killed run wrote after its last checkpoint."""
+        if not self.ctx.main:
+            return
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -173,7 +213,9 @@ class Trainer:
                                                           state["delta_bytes"], state["train_time"])
         params = method.trainable()
         optimizer, scheduler = self._optimizer(step)
+        forward_model = self._forward_model()
         built_for = method.trainable_version
+        main = self.ctx.main
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is not None:
             checkpoint.restore(self.run_dir, params, state)
@@ -181,15 +223,16 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             self._truncate_jsonl(step)
-            self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
-        elif cfg.resume:
+            if main:
+                self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
+        elif cfg.resume and main:
             self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
         train = self.splits["train"]
 
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
                                        "{task.fields[eps]:.1f} ex/s"), TimeRemainingColumn(),
-                            console=self.console, disable=not cfg.progress, transient=False)
+                            console=self.console, disable=not (cfg.progress and main), transient=False)
         bar = progress.add_task(f"{task.name} · {method.cfg.name}", total=self.total_steps, completed=step,
                                 loss=float("nan"), lr=scheduler.get_last_lr()[0], eps=0.0)
         model.train()
@@ -198,13 +241,16 @@ class Trainer:
             while step < self.total_steps:
                 t0 = time.perf_counter()
                 epoch, offset = divmod(step, self.steps_per_epoch)
-                rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
+                global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
+                rows = self.ctx.shard(global_rows)
                 batch = {k: v.to(self.device) for k, v in collate(train, rows, self.pad_id).items()}
                 labels = batch.pop("labels")
                 with self.autocast():
-                    loss = task_loss(model(**batch).logits, labels, task.spec.is_regression)
+                    loss = task_loss(forward_model(**batch).logits, labels, task.spec.is_regression)
+                # DDP averages gradients over ranks: weigh each rank's mean by its share of the global batch
+                share = len(rows) * self.ctx.world / len(global_rows)
                 penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
-                total = loss if penalty is None else loss + penalty
+                total = loss * share if penalty is None else loss * share + penalty
                 if not torch.isfinite(total):
                     raise SelectuneError(f"loss became {total.item()} at step {step + 1}; lower trainer.lr "
                                          f"(now {cfg.lr}) or method.lr")
@@ -221,12 +267,14 @@ class Trainer:
                 if method.trainable_version != built_for:  # the method changed what trains (re-selection)
                     params = method.trainable()
                     optimizer, scheduler = self._optimizer(step)
+                    forward_model = self._forward_model()
                     built_for = method.trainable_version
                 train_time += time.perf_counter() - t0
 
                 window_loss, window_n = window_loss + loss.item() * len(rows), window_n + len(rows)
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_t0
+                    window_loss, window_n = self.ctx.sum(window_loss), self.ctx.sum(window_n)
                     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
                               "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
                               "examples_per_s": window_n / elapsed,
@@ -235,44 +283,48 @@ class Trainer:
                         record["penalty"] = penalty.item()
                     self._write_jsonl(record)
                     progress.update(bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
-                    if cfg.progress and not self.console.is_terminal:  # a log file gets plain lines instead
+                    if cfg.progress and main and not self.console.is_terminal:  # a log file gets plain lines instead
                         self.console.print(f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
                                            f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
                     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
                 progress.update(bar, completed=step)
 
                 if step % self.eval_every == 0 or step == self.total_steps:
-                    with self.autocast():
-                        metrics, outputs = evaluate(model, task, self.eval_splits, cfg.eval_batch_size, self.pad_id,
-                                                    self.device)
+                    metrics, outputs = self._evaluate()
                     evals.append({"step": step, "metrics": metrics})
                     self._write_jsonl({"step": step, "eval": metrics})
-                    progress.console.print(f"step {step}: " + format_metrics(metrics))
+                    if main:
+                        progress.console.print(f"step {step}: " + format_metrics(metrics))
                     improved = best is None or self._primary(metrics) > self._primary(best["metrics"])
                     if cfg.select == "best" and method.storable and improved:
                         best = {"step": step, "metrics": metrics}
-                        delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
-                        save_outputs(self.run_dir, outputs)
-                if step % self.checkpoint_every == 0 and step < self.total_steps:
+                        if main:
+                            delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+                            save_outputs(self.run_dir, outputs)
+                if step % self.checkpoint_every == 0 and step < self.total_steps and main:
                     checkpoint.save(self.run_dir, params, {
                         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "method": method.state(), "evals": evals, "best": best, "delta_bytes": delta_bytes,
                         "train_time": train_time})
 
-        if cfg.select == "last":
+        if cfg.select == "last" and main:
             delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
             save_outputs(self.run_dir, outputs)
-        method.write_artifacts(self.run_dir)
+        if main:
+            method.write_artifacts(self.run_dir)
         if best is None and cfg.select == "best":
             raise SelectuneError("trainer.select=best found no evaluation of a storable delta; evaluate after "
                                  "the method's final form exists (trainer.eval_every) or use select=last")
         chosen = evals[-1] if cfg.select == "last" else best
-        checkpoint.remove(self.run_dir)
+        if main:
+            checkpoint.remove(self.run_dir)
+        distributed = {"world": self.ctx.world, "in_sync": self.ctx.in_sync(self.model)} if self.ctx.active else None
         return {"selection": cfg.select, "selected_step": chosen["step"], "metrics": chosen["metrics"],
                 "final": evals[-1], "evals": evals, "steps": step, "delta_bytes": delta_bytes,
                 "train_time_s": round(train_time, 2), "step_time_s": round(train_time / max(step, 1), 4),
-                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device)}
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
+                "distributed": distributed}
 
 
 def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:

@@ -32,6 +32,7 @@ class ProbeBatches:
 
     batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]  # n -> the first n, fixed seeded order
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # task loss of (logits, labels)
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad  # averages a gradient over processes
 
 
 @dataclass

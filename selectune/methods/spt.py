@@ -130,7 +130,8 @@ class SPT(Method):
         model = backbone.model
         names = candidates(model, backbone.head_names, self.cfg.include_embeddings)
         linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        scores = probe(model, names, probe_batches.batches(self.cfg.probe_batches), probe_batches.loss)["grad2"]
+        scores = probe(model, names, probe_batches.batches(self.cfg.probe_batches), probe_batches.loss,
+                       reduce=probe_batches.reduce)["grad2"]
         head = sum(model.get_parameter(n).numel() for n in backbone.head_names)
         rank = self.cfg.rank
 

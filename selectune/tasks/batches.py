@@ -22,6 +22,10 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, rows: list[int]) -> EncodedSplit:
+        types = None if self.token_type_ids is None else [self.token_type_ids[i] for i in rows]
+        return EncodedSplit([self.input_ids[i] for i in rows], types, self.labels[rows])
+
 
 def encode(tokenizer, examples: list[Example], max_length: int, regression: bool) -> EncodedSplit:
     columns = list(zip(*(ex.texts for ex in examples), strict=True))

@@ -1,0 +1,87 @@
+"""torchrun with 2 gloo processes on CPU, for every method: the ranks agree, and the stored delta is the
+single-process one at the same global batch (fp32 tolerance). Dropout is off so the two can agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from selectune.delta.taskdelta import TaskDelta
+
+NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
+              "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+COMMON = [*TINY, *NO_DROPOUT, "task.max_train_examples=48", "task.max_eval_examples=16"]
+PER_METHOD = {
+    "full": ["trainer.max_steps=4"],
+    "lora": ["trainer.max_steps=4"],
+    "sara": ["trainer.max_steps=4", "method.progressive_step=2"],
+    "sdiff": ["trainer.epochs=2", "method.phase1_epochs=1"],
+    "spt_lora": ["trainer.max_steps=4", "budget.count=20000", "method.probe_batches=3"],
+    "adalora": ["trainer.max_steps=8", "method.t_init=2", "method.t_final=3", "method.delta_t=1",
+                "method.target_total=8"],
+}
+
+
+def torchrun(*args: str, cwd, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "selectune", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("method", list(PER_METHOD))
+def test_two_processes_agree_with_each_other_and_with_one(method, data_env, tmp_path):
+    args = ["train", f"recipe=glue/rte_{method}", *COMMON, *PER_METHOD[method]]
+    port = 29400 + list(PER_METHOD).index(method)
+    two = torchrun(*args, f"out_dir={tmp_path / 'two'}", cwd=tmp_path, port=port)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(*args, f"out_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    result = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert result["distributed"] == {"world": 2, "in_sync": True}  # parameters and masks equal on both ranks
+    assert result["budget"] == json.loads((tmp_path / "one" / "results.json").read_text())["budget"]
+    a, b = TaskDelta.load(tmp_path / "one").tensors, TaskDelta.load(tmp_path / "two").tensors
+    if method == "sdiff":  # hard-concrete noise is drawn per rank by design: the masks differ, the count not
+        assert TaskDelta(a).stored == TaskDelta(b).stored
+        return
+    assert set(a) == set(b)
+    for key in a:
+        if a[key].dtype == torch.int32:
+            assert torch.equal(a[key], b[key]), key  # same masks
+        else:
+            assert torch.allclose(a[key], b[key], atol=2e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
+
+
+def test_torchrun_needs_an_explicit_out_dir(data_env, tmp_path):
+    result = torchrun("train", "recipe=glue/rte_full", *COMMON, "trainer.max_steps=1", cwd=tmp_path, port=29420)
+    assert result.returncode != 0 and "pass out_dir=" in result.stderr
+
+
+def test_resume_with_another_number_of_processes(data_env, tmp_path):
+    """Start on one process, kill it after a checkpoint, finish on two: same delta as one uninterrupted run."""
+    args = ["train", "recipe=glue/rte_lora", *COMMON, "task.max_train_examples=200", "trainer.epochs=2",
+            "trainer.checkpoint_every=3"]
+    whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "selectune", *args, f"out_dir={tmp_path / 'run'}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "checkpoint" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = torchrun(*args, f"out_dir={tmp_path / 'run'}", "trainer.resume=true", cwd=tmp_path, port=29421)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    a, b = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "run").tensors
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4) for k in a)
