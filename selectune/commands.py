@@ -22,7 +22,7 @@ from selectune.config import typed
 from selectune.errors import SelectuneError
 from selectune.methods.base import MethodConfig, ProbeBatches
 from selectune.tasks import Task, TaskConfig, load_task
-from selectune.tasks.batches import EncodedSplit, collate, encode, train_batches
+from selectune.tasks.batches import EncodedSplit, train_batches
 from selectune.trainer import Trainer, TrainerConfig, format_metrics, resolve_device, task_loss
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,14 @@ def probe_batches(task: Task, split: EncodedSplit, backbone: Backbone, batch_siz
     def batches(n: int):
         for rows in train_batches(len(split), batch_size, seed, epoch=0)[:n]:
             mine = ctx.shard(rows)
-            yield {k: v.to(device) for k, v in collate(split, mine, backbone.tokenizer.pad_token_id).items()}
+            yield {k: v.to(device) for k, v in split.batch(mine).items()}
 
     return ProbeBatches(batches, lambda logits, labels: task_loss(logits, labels, task.spec.is_regression),
                         ctx.mean_)
 
 
 def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str, EncodedSplit]:
-    return {name: encode(backbone.tokenizer, task.splits[name], task.max_seq_length, task.spec.is_regression)
-            for name in names}
+    return {name: task.encode(name, backbone) for name in names}
 
 
 # --------------------------------------------------------------------------- train
@@ -140,8 +139,7 @@ def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, 
 
         return TaskDelta(method.delta(), {**meta, "method_state": method.describe()}).save(path, cfg.get("compact"))
 
-    trainer = Trainer(spec.trainer, task, method, splits, backbone.tokenizer.pad_token_id, run_dir, save_delta,
-                      console, ctx)
+    trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx)
     outcome = trainer.fit()
     results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
                **outcome, "budget": method.report().as_dict(), "method_state": method.describe(),
@@ -197,7 +195,7 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     target = resolve_device(device)
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
-    metrics, _ = evaluate(backbone.model, task, splits, batch_size, backbone.tokenizer.pad_token_id, target)
+    metrics, _ = evaluate(backbone.model, task, splits, batch_size, target)
     result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
     out_dir = path if path.is_dir() else path.parent
     (out_dir / f"eval_{task.name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -214,7 +212,7 @@ def validate(cfg: DictConfig) -> None:
     backbone, method = build(spec, task)
     split = encode_splits(task, backbone, ["train"])["train"]
     method.attach(backbone, probe_batches(task, split, backbone, 4, spec.trainer.seed, torch.device("cpu")))
-    batch = collate(split, list(range(len(split))), backbone.tokenizer.pad_token_id)
+    batch = split.batch(list(range(len(split))))
     labels = batch.pop("labels")
     loss = task_loss(backbone.model(**batch).logits, labels, task.spec.is_regression)
     penalty = method.penalty()

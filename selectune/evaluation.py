@@ -9,18 +9,17 @@ import torch
 from torch import nn
 
 from selectune.tasks import Task
-from selectune.tasks.batches import EncodedSplit, collate, eval_batches
+from selectune.tasks.batches import EncodedSplit, eval_batches
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: EncodedSplit, batch_size: int, pad_id: int,
-            device: torch.device) -> np.ndarray:
+def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device) -> np.ndarray:
     """Raw outputs (logits) for every row of `split`, in row order."""
     was_training = model.training
     model.eval()
     outputs: list[tuple[list[int], torch.Tensor]] = []
     for rows in eval_batches(split, batch_size):
-        batch = collate(split, rows, pad_id)
+        batch = split.batch(rows)
         batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         outputs.append((rows, logits.float().cpu()))
@@ -31,11 +30,11 @@ def predict(model: nn.Module, split: EncodedSplit, batch_size: int, pad_id: int,
     return result.numpy()
 
 
-def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batch_size: int, pad_id: int,
+def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batch_size: int,
              device: torch.device) -> tuple[dict[str, dict[str, float | None]], dict[str, np.ndarray]]:
     """Official metrics on every evaluation split, e.g. {"dev": {"f1": 86.1, "accuracy": 80.4}}, and the
     raw outputs (logits) they were computed from, by split."""
-    outputs = {name: predict(model, split, batch_size, pad_id, device) for name, split in splits.items()}
+    outputs = {name: predict(model, split, batch_size, device) for name, split in splits.items()}
     metrics = {name: task.score(outputs[name], split.labels.numpy()) for name, split in splits.items()}
     return metrics, outputs
 

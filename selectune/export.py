@@ -32,10 +32,12 @@ def lost_in_cast(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) 
 
 
 def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
-    from selectune.backbone import load_backbone
+    from selectune.backbone import load_backbone, save_preprocessor
     from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
+    from selectune.tasks import TaskConfig
     from selectune.tasks.glue import glue_spec
+    from selectune.tasks.vtab import vtab_spec
 
     if dtype not in DTYPES:
         raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
@@ -44,7 +46,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
         raise SelectuneError(f"out={target} exists and is not empty; choose another folder")
     delta = TaskDelta.load(run)
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
-    task = glue_spec(spec.task.name)
+    task_cfg: TaskConfig = spec.task
+    task = vtab_spec(task_cfg.name, task_cfg.num_classes) if task_cfg.family == "vtab" else glue_spec(task_cfg.name)
     backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed)
     found = backbone.base_hash()
     if found != delta.meta["base_hash"] and not force:
@@ -62,7 +65,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    backbone.tokenizer.save_pretrained(tmp)
+    save_preprocessor(backbone, tmp)
     adapters = delta.adapters
     if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
         from safetensors.torch import save_file

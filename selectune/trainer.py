@@ -30,7 +30,7 @@ from selectune.errors import SelectuneError
 from selectune.evaluation import evaluate, predict, save_outputs
 from selectune.methods.base import Method
 from selectune.tasks import Task
-from selectune.tasks.batches import EncodedSplit, collate, train_batches
+from selectune.tasks.batches import EncodedSplit, train_batches
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
-                 pad_id: int, run_dir: Path, save_delta, console: Console | None = None,
+                 run_dir: Path, save_delta, console: Console | None = None,
                  ctx: Context = Context()) -> None:  # noqa: B008 (a frozen, immutable default)
         """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes."""
         cfg.validate()
         if ctx.active and cfg.batch_size < ctx.world:
             raise SelectuneError(f"trainer.batch_size={cfg.batch_size} is the global batch: it must be at least the "
                                  f"{ctx.world} processes")
-        self.cfg, self.task, self.method, self.splits, self.pad_id = cfg, task, method, splits, pad_id
+        self.cfg, self.task, self.method, self.splits = cfg, task, method, splits
         self.run_dir, self.save_delta, self.ctx = run_dir, save_delta, ctx
         self.console = console or Console(stderr=True)
         self.device = device_for(ctx, resolve_device(cfg.device))
@@ -170,11 +170,11 @@ class Trainer:
         cfg = self.cfg
         with self.autocast():
             if not self.ctx.active:
-                return evaluate(self.model, self.task, self.eval_splits, cfg.eval_batch_size, self.pad_id, self.device)
+                return evaluate(self.model, self.task, self.eval_splits, cfg.eval_batch_size, self.device)
             outputs = {}
             for name, split in self.eval_splits.items():
                 rows = self.ctx.shard(list(range(len(split))))
-                part = predict(self.model, split.subset(rows), cfg.eval_batch_size, self.pad_id, self.device)
+                part = predict(self.model, split.subset(rows), cfg.eval_batch_size, self.device)
                 full = np.empty((len(split), part.shape[-1]), dtype=part.dtype)
                 for r, chunk in enumerate(self.ctx.gather(part)):
                     full[r::self.ctx.world] = chunk
@@ -243,7 +243,7 @@ class Trainer:
                 epoch, offset = divmod(step, self.steps_per_epoch)
                 global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
                 rows = self.ctx.shard(global_rows)
-                batch = {k: v.to(self.device) for k, v in collate(train, rows, self.pad_id).items()}
+                batch = {k: v.to(self.device) for k, v in train.batch(rows).items()}
                 labels = batch.pop("labels")
                 with self.autocast():
                     loss = task_loss(forward_model(**batch).logits, labels, task.spec.is_regression)

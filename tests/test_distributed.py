@@ -12,9 +12,10 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, run_cli
 
 from selectune.delta.taskdelta import TaskDelta
+
+from conftest import TINY, run_cli
 
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]

@@ -228,13 +228,12 @@ def test_export_round_trip_matches_the_in_training_model(data_env, tmp_path):
             "config": __import__("omegaconf").OmegaConf.to_container(cfg, resolve=True)}
     splits = encode_splits(task, backbone, ["train", "dev"])
     method.attach(backbone)
-    pad = backbone.tokenizer.pad_token_id
-    Trainer(spec.trainer, task, method, splits, pad, tmp_path, lambda p: TaskDelta(method.delta(), meta).save(p)).fit()
-    in_training = predict(method.model, splits["dev"], 16, pad, torch.device("cpu"))
+    Trainer(spec.trainer, task, method, splits, tmp_path, lambda p: TaskDelta(method.delta(), meta).save(p)).fit()
+    in_training = predict(method.model, splits["dev"], 16, torch.device("cpu"))
     report = export(str(tmp_path / "delta.safetensors"), str(tmp_path / "hf"))
     assert report["lost_in_dtype"] == 0 and report["changed_entries"] > 0
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
-    exported = predict(plain, splits["dev"], 16, pad, torch.device("cpu"))
+    exported = predict(plain, splits["dev"], 16, torch.device("cpu"))
     assert abs(exported - in_training).max() <= 1e-5
 
 

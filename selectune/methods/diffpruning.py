@@ -42,6 +42,7 @@ class DiffPruningConfig(MethodConfig):
     stretch_right: float = 1.5  # r
     group_rows: Optional[int] = None  # S-Diff groups: None = one per tensor; N = blocks of N rows (a head)
     phase1_epochs: float = 3.0  # the rest of trainer.epochs is phase 2
+    phase1_share: Optional[float] = None  # instead of phase1_epochs: this share of all steps (any schedule length)
     phase2_lr: float = 5.0e-5
     log_every: int = 50  # steps between density statistics in metrics.jsonl (they scan every α)
 
@@ -78,7 +79,8 @@ class DiffPruning(Method):
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:
         self.total_steps = total_steps
-        self.switch_step = round(self.cfg.phase1_epochs * steps_per_epoch)
+        self.switch_step = (round(self.cfg.phase1_share * total_steps) if self.cfg.phase1_share is not None
+                            else round(self.cfg.phase1_epochs * steps_per_epoch))
         if not 0 < self.switch_step < total_steps:
             raise SelectuneError(f"{self.cfg.name}: phase 1 ({self.cfg.phase1_epochs} epochs = {self.switch_step} "
                                  f"steps) must end before the run's {total_steps} steps; make trainer.epochs "

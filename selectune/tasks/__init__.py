@@ -1,28 +1,30 @@
-"""Tasks: the data and the metric of one benchmark task (GLUE today)."""
+"""Tasks: the data and the metric of one benchmark task (GLUE text, VTAB-1k images)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from selectune.errors import SelectuneError
-from selectune.tasks import glue, metrics
-from selectune.tasks.example import Example
+from selectune.tasks import glue, metrics, vtab
+from selectune.tasks.batches import EncodedSplit, ImageSplit, encode_text
 
 
 @dataclass
 class TaskConfig:
-    """The `task` config group (task/glue/<name>.yaml)."""
+    """The `task` config group (task/glue/<name>.yaml, task/vtab/<name>.yaml)."""
 
     name: str
-    family: str = "glue"
-    source: str = "local"  # local: TSV files under data_root; hub: `datasets.load_dataset(hub_path, name)`
+    family: str = "glue"  # glue | vtab
+    source: str = "local"  # local: files under data_root; hub (glue): `datasets.load_dataset(hub_path, name)`
     data_root: Optional[str] = None  # None: $SELECTUNE_DATA
     hub_path: str = "nyu-mll/glue"
-    max_seq_length: Optional[int] = None  # None: the task's default
+    max_seq_length: Optional[int] = None  # text: None = the task's default
+    protocol: str = "select"  # vtab: select (train800 -> val200) | final (train800val200 -> test)
+    num_classes: Optional[int] = None  # vtab: for a task folder outside the 19
     max_train_examples: Optional[int] = None  # the first N rows (quick runs, tests)
     max_eval_examples: Optional[int] = None
 
@@ -31,9 +33,9 @@ class TaskConfig:
 class Task:
     """A loaded task: its spec, its examples per split, and how to score predictions."""
 
-    spec: glue.GlueSpec
-    splits: dict[str, list[Example]]
-    max_seq_length: int
+    spec: glue.GlueSpec | vtab.VtabSpec
+    splits: dict[str, list[Any]]
+    max_seq_length: int = 128
 
     @property
     def name(self) -> str:
@@ -48,20 +50,38 @@ class Task:
         preds = outputs.reshape(-1) if self.spec.is_regression else outputs.argmax(axis=-1)
         return metrics.compute(self.spec.metrics, preds, labels)
 
+    def encode(self, split: str, backbone: Any) -> EncodedSplit:
+        """Tokenised text, or images at the backbone's input size."""
+        examples = self.splits[split]
+        if isinstance(self.spec, vtab.VtabSpec):
+            import torch
+
+            size = backbone.model.config.image_size
+            return ImageSplit([e.path for e in examples], torch.tensor([e.label for e in examples]), size)
+        return encode_text(backbone.tokenizer, examples, self.max_seq_length, self.spec.is_regression)
+
 
 def load_task(cfg: TaskConfig) -> Task:
-    if cfg.family != "glue":
-        raise SelectuneError(f"unknown task family '{cfg.family}' (known: glue)")
-    spec = glue.glue_spec(cfg.name)
-    limits = {"train": cfg.max_train_examples}
-    limits.update({split: cfg.max_eval_examples for split, _ in spec.dev_files})
-    if cfg.source == "local":
-        splits = glue.read_local(spec, cfg.data_root or os.environ.get("SELECTUNE_DATA"), limits)
-    elif cfg.source == "hub":
-        splits = glue.read_hub(spec, cfg.hub_path, limits)
+    root = cfg.data_root or os.environ.get("SELECTUNE_DATA")
+    if cfg.family == "vtab":
+        spec = vtab.vtab_spec(cfg.name, cfg.num_classes)
+        limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples}
+        splits = vtab.read_local(spec, root, cfg.protocol, limits)
+        task = Task(spec, splits)
+    elif cfg.family == "glue":
+        gspec = glue.glue_spec(cfg.name)
+        limits = {"train": cfg.max_train_examples}
+        limits.update({split: cfg.max_eval_examples for split, _ in gspec.dev_files})
+        if cfg.source == "local":
+            splits = glue.read_local(gspec, root, limits)
+        elif cfg.source == "hub":
+            splits = glue.read_hub(gspec, cfg.hub_path, limits)
+        else:
+            raise SelectuneError(f"unknown task.source '{cfg.source}' (use local or hub)")
+        task = Task(gspec, splits, cfg.max_seq_length or gspec.max_seq_length)
     else:
-        raise SelectuneError(f"unknown task.source '{cfg.source}' (use local or hub)")
-    for split, examples in splits.items():
+        raise SelectuneError(f"unknown task family '{cfg.family}' (known: glue, vtab)")
+    for split, examples in task.splits.items():
         if not examples:
-            raise SelectuneError(f"GLUE {spec.name} split '{split}' has no examples")
-    return Task(spec, splits, cfg.max_seq_length or spec.max_seq_length)
+            raise SelectuneError(f"{cfg.family} {cfg.name} split '{split}' has no examples")
+    return task

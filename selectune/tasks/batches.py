@@ -1,61 +1,104 @@
-"""Tokenised examples and dynamically padded batches.
+"""Encoded splits that make their own batches: tokenised text, or images read on demand.
 
-Examples are tokenised once (truncated to the task's max length, not padded); each batch is padded
-only to its own longest row, which on GLUE's short sentences saves most of the compute.
+Text is tokenised once (truncated to the task's max length, not padded); each batch is padded only to
+its own longest row, which on GLUE's short sentences saves most of the compute. Images are read,
+resized and normalised per batch (a VTAB-1k test set would not fit in memory as tensors).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from selectune.tasks.example import Example
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass
-class EncodedSplit:
+class TextSplit:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: torch.Tensor  # long for classification, float for regression
+    pad_id: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def subset(self, rows: list[int]) -> EncodedSplit:
+    def subset(self, rows: list[int]) -> TextSplit:
         types = None if self.token_type_ids is None else [self.token_type_ids[i] for i in rows]
-        return EncodedSplit([self.input_ids[i] for i in rows], types, self.labels[rows])
+        return TextSplit([self.input_ids[i] for i in rows], types, self.labels[rows], self.pad_id)
+
+    def eval_order(self) -> list[int]:
+        """Rows sorted by length: less padding; results are put back in row order."""
+        return sorted(range(len(self)), key=lambda i: len(self.input_ids[i]))
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The rows `rows`, padded to their longest length, with their labels."""
+        width = max(len(self.input_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long) if self.token_type_ids is not None else None
+        for row, i in enumerate(rows):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows]}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
 
 
-def encode(tokenizer, examples: list[Example], max_length: int, regression: bool) -> EncodedSplit:
+@dataclass
+class ImageSplit:
+    paths: list[Path]
+    labels: torch.Tensor
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, rows: list[int]) -> ImageSplit:
+        return ImageSplit([self.paths[i] for i in rows], self.labels[rows], self.image_size, self.mean, self.std)
+
+    def eval_order(self) -> list[int]:
+        return list(range(len(self)))
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """RGB, resized to image_size² (bilinear, no crop or augmentation, as the references), normalised."""
+        from PIL import Image
+
+        pixels = np.empty((len(rows), 3, self.image_size, self.image_size), dtype=np.float32)
+        for row, i in enumerate(rows):
+            with Image.open(self.paths[i]) as image:
+                rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            pixels[row] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return {"pixel_values": torch.from_numpy((pixels - mean) / std), "labels": self.labels[rows]}
+
+
+EncodedSplit = TextSplit | ImageSplit
+
+
+def encode_text(tokenizer, examples: list[Example], max_length: int, regression: bool) -> TextSplit:
     columns = list(zip(*(ex.texts for ex in examples), strict=True))
     enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length, padding=False)
     dtype = torch.float32 if regression else torch.long
-    return EncodedSplit(enc["input_ids"], enc.get("token_type_ids"),
-                        torch.tensor([ex.label for ex in examples], dtype=dtype))
-
-
-def collate(split: EncodedSplit, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad the rows `indices` of a split to their longest length."""
-    width = max(len(split.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    types = torch.zeros((len(indices), width), dtype=torch.long) if split.token_type_ids is not None else None
-    for row, i in enumerate(indices):
-        n = len(split.input_ids[i])
-        ids[row, :n] = torch.tensor(split.input_ids[i])
-        mask[row, :n] = 1
-        if types is not None:
-            types[row, :n] = torch.tensor(split.token_type_ids[i])
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": split.labels[indices]}
-    if types is not None:
-        batch["token_type_ids"] = types
-    return batch
+    return TextSplit(enc["input_ids"], enc.get("token_type_ids"),
+                     torch.tensor([ex.label for ex in examples], dtype=dtype), tokenizer.pad_token_id)
 
 
 def eval_batches(split: EncodedSplit, batch_size: int) -> list[list[int]]:
-    """Evaluation order: sorted by length (less padding), results are put back in row order."""
-    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
+    order = split.eval_order()
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
