@@ -141,7 +141,8 @@ def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, 
 
     trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx)
     outcome = trainer.fit()
-    results = {"task": task.name, "method": method.cfg.name, "model": backbone.name, "seed": spec.trainer.seed,
+    results = {"task": task.name, "family": spec.task.family, "method": method.cfg.name, "model": backbone.name,
+               "seed": spec.trainer.seed,
                **outcome, "budget": method.report().as_dict(), "method_state": method.describe(),
                "base_hash": base_hash,
                "selectune_version": __version__}

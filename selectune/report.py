@@ -51,7 +51,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [m["metrics"][split][name] for m in members if m["metrics"][split][name] is not None]
             if values:
                 metrics[name] = mean_std(values)
+        family = members[0].get("family", "vtab" if task not in GLUE else "glue")
         rows.append({"task": task, "method": method, "stored": stored, "split": split, "metrics": metrics,
+                     "family": family,
                      "primary": GLUE[task].primary if task in GLUE else next(iter(metrics)),
                      "seeds": sorted(m["seed"] for m in members), "backbone": members[0]["budget"]["backbone"],
                      "delta_bytes": statistics.mean(m["delta_bytes"] for m in members),
@@ -73,6 +75,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
     return "\n".join(lines)
+
+
+def vtab_averages(rows: list[dict[str, Any]]) -> str:
+    """Per method, both VTAB averages over its image tasks (always labelled: papers mix the two)."""
+    from selectune.tasks.vtab import averages
+
+    lines = []
+    for method in sorted({r["method"] for r in rows if r.get("family") == "vtab"}):
+        accuracy = {r["task"]: r["metrics"]["accuracy"][0] for r in rows
+                    if r.get("family") == "vtab" and r["method"] == method and "accuracy" in r["metrics"]}
+        a = averages(accuracy)
+        groups = ", ".join(f"{k[:-5]} {v:.2f}" for k, v in a.items() if k.endswith("_mean") and k != "mean_of_tasks")
+        lines.append(f"| {method} | {a['tasks']} | {a['mean_of_tasks']:.2f} | {a['mean_of_group_means']:.2f} | "
+                     f"{groups} |")
+    if not lines:
+        return ""
+    return ("| method | image tasks | mean of tasks | mean of group means | group means |\n|---|---|---|---|---|\n"
+            + "\n".join(lines))
 
 
 def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[str]:
@@ -118,8 +138,13 @@ def report(folders: list[Path], out: Path | None = None) -> Path:
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     images = plots(rows, runs, out)
+    averages = vtab_averages(rows)
+    if averages:
+        averages = "\nVTAB-1k averages (both conventions; over the image tasks present):\n\n" + averages + "\n"
+        print(averages)
     text = (f"# selectune report\n\n{len(runs)} runs from {', '.join(map(str, folders))}; mean ± sample std over "
-            f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n\n"
+            f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n"
+            f"{averages}\n"
             + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     (out / "report.md").write_text(text)
     print(markdown(rows))

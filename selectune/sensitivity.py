@@ -20,9 +20,11 @@ from torch import nn
 
 SCORES = ("grad2", "taylor", "magnitude")
 # (pattern on the parameter name, module type) for the heat map's columns; BERT and ViT names
-MODULE_TYPES = [(r"attention\.(self|attention)\.query\.", "q"), (r"attention\.(self|attention)\.key\.", "k"),
-                (r"attention\.(self|attention)\.value\.", "v"), (r"attention\.output\.dense\.", "o"),
-                (r"intermediate\.dense\.", "ffn-in"), (r"(layer\.\d+\.output\.dense\.|\.output\.dense\.)", "ffn-out")]
+MODULE_TYPES = [(r"(attention\.(self|attention)\.query|\.q_proj)\.", "q"),
+                (r"(attention\.(self|attention)\.key|\.k_proj)\.", "k"),
+                (r"(attention\.(self|attention)\.value|\.v_proj)\.", "v"),
+                (r"(attention\.output\.dense|\.o_proj)\.", "o"),
+                (r"(intermediate\.dense|\.fc1)\.", "ffn-in"), (r"(\.output\.dense|\.fc2)\.", "ffn-out")]
 TYPE_ORDER = [t for _, t in MODULE_TYPES]
 
 
@@ -34,7 +36,7 @@ def module_type(name: str) -> str | None:
 
 
 def layer_index(name: str) -> int | None:
-    found = re.search(r"layer\.(\d+)\.", name)
+    found = re.search(r"layers?\.(\d+)\.", name)
     return int(found.group(1)) if found else None
 
 

@@ -24,7 +24,7 @@ class LoRAConfig(MethodConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    targets: list[str] = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
 
 
 def find_linears(model: nn.Module, targets: list[str], exclude: frozenset[str]) -> dict[str, nn.Linear]:

@@ -31,7 +31,9 @@ from selectune.selection import count, mask_hash, select_below, select_k
 
 log = logging.getLogger(__name__)
 
-ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# The six matrix types of a transformer block, in BERT's names and in transformers 5's ViT names.
+ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+               "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 
 @dataclass

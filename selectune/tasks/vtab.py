@@ -49,7 +49,7 @@ class VtabSpec:
 
 def vtab_spec(name: str, num_classes: int | None = None) -> VtabSpec:
     """A VTAB-1k task; any other folder in the layout works too when its class count is given."""
-    group = next((g for g, tasks in GROUPS.items() if name in tasks), "other")
+    group = group_of(name)
     classes = num_classes or CLASSES.get(name)
     if classes is None:
         raise SelectuneError(f"unknown VTAB-1k task '{name}' (known: {', '.join(CLASSES)}); for another task in "
@@ -105,11 +105,19 @@ def read_local(spec: VtabSpec, data_root: str | None, protocol: str,
             dev.rstrip("0123456789"): read_list(folder / f"{dev}.txt", spec.num_labels, limits.get("dev"))}
 
 
+def group_of(task: str) -> str:
+    return next((g for g, tasks in GROUPS.items() if task in tasks), "other")
+
+
 def averages(accuracy: dict[str, float]) -> dict[str, float | int]:
-    """Both VTAB averages over the tasks present: the plain mean and the mean of the group means."""
-    groups = {g: [accuracy[t] for t in tasks if t in accuracy] for g, tasks in GROUPS.items()}
-    means = {g: sum(v) / len(v) for g, v in groups.items() if v}
-    known = [v for t, v in accuracy.items() if any(t in tasks for tasks in GROUPS.values())]
-    return {"tasks": len(known), "mean_of_tasks": sum(known) / len(known) if known else float("nan"),
+    """Both averages papers use, over the tasks present: the mean of the task accuracies, and the mean
+    of the group means (Natural / Specialized / Structured; tasks outside the 19 form the group "other").
+    With all 19 tasks these are the two VTAB-1k numbers (full FT: 65.6 and 69.0 in the literature)."""
+    groups: dict[str, list[float]] = {}
+    for task, value in accuracy.items():
+        groups.setdefault(group_of(task), []).append(value)
+    means = {g: sum(v) / len(v) for g, v in groups.items()}
+    values = list(accuracy.values())
+    return {"tasks": len(values), "mean_of_tasks": sum(values) / len(values) if values else float("nan"),
             "mean_of_group_means": sum(means.values()) / len(means) if means else float("nan"),
-            **{f"{g}_mean": m for g, m in means.items()}}
+            **{f"{g}_mean": m for g, m in sorted(means.items())}}
