@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from selectune.report import collect, markdown, plots, summarise
+from selectune.report import collect, markdown, plots, summarise, vtab_averages
 
 from docsection import write_section
 
@@ -43,7 +43,8 @@ def main() -> None:
             f"from `{args.root}/*/results.json`.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
             "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
             "no test split is used. Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
-            f"{markdown(rows)}\n\n![{section}]({image})")
+            f"{markdown(rows)}\n\n" + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
+                                        if vtab_averages(rows) else "") + f"![{section}]({image})")
     write_section(DOCS / "results.md", f"results:{section}", body)
     print(body)
 
