@@ -17,11 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from docsection import write_section
 from safetensors.torch import load_file
 
 from selectune.selection import select_k
 from selectune.sensitivity import TYPE_ORDER, module_type
+
+from docsection import write_section
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
