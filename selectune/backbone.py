@@ -54,6 +54,10 @@ class Backbone:
         return {n: self.model.get_parameter(n) for n in sorted(self.base_names)}
 
     @property
+    def num_head_parameters(self) -> int:
+        return sum(self.model.get_parameter(n).numel() for n in self.head_names)
+
+    @property
     def num_base_parameters(self) -> int:
         return sum(p.numel() for p in self.base_parameters().values())
 

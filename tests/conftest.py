@@ -86,6 +86,23 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
                           capture_output=True, timeout=timeout)
 
 
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> None:
+    """Start `selectune <args> out_dir=<run_dir>` and SIGKILL it as soon as its first checkpoint exists."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "selectune", *args, f"out_dir={run_dir}"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "checkpoint" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "results.json").exists()
+
+
 def compose_run(recipe: str, *overrides: str):
     from selectune.config import compose
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from selectune.delta.taskdelta import TaskDelta
 
-from conftest import TINY, run_cli
+from conftest import TINY, kill_after_first_checkpoint, run_cli
 
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
@@ -72,15 +70,7 @@ def test_resume_with_another_number_of_processes(data_env, tmp_path):
             "trainer.checkpoint_every=3"]
     whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "selectune", *args, f"out_dir={tmp_path / 'run'}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "run" / "checkpoint" / "state.pt"
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint(args, tmp_path / "run", tmp_path)
     resumed = torchrun(*args, f"out_dir={tmp_path / 'run'}", "trainer.resume=true", cwd=tmp_path, port=29421)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr

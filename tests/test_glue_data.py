@@ -59,19 +59,15 @@ def test_real_files_have_the_official_sizes():
 
 
 # ------------------------------------------------------------------ bad input
-def test_malformed_row_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("rows,error", [
+    ("0\ta\tb\tentailment\n1\tonly two\n", r"RTE/train.tsv:3: malformed row: expected at least 4"),
+    ("0\ta\tb\tmaybe\n", r"RTE/train.tsv:2: malformed row: label 'maybe'"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, rows, error):
     folder = tmp_path / "glue" / "RTE"
     folder.mkdir(parents=True)
-    (folder / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly two\n")
-    with pytest.raises(SelectuneError, match=r"RTE/train.tsv:3: malformed row: expected at least 4"):
-        read_tsv(GLUE["rte"], folder / "train.tsv")
-
-
-def test_unknown_label_names_file_and_line(tmp_path):
-    folder = tmp_path / "glue" / "RTE"
-    folder.mkdir(parents=True)
-    (folder / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
-    with pytest.raises(SelectuneError, match=r"train.tsv:2: malformed row: label 'maybe'"):
+    (folder / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
+    with pytest.raises(SelectuneError, match=error):
         read_tsv(GLUE["rte"], folder / "train.tsv")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from selectune.commands import evaluate_delta, train
 from selectune.delta.taskdelta import TaskDelta
 
-from conftest import TINY, compose_run, run_cli
+from conftest import TINY, compose_run, kill_after_first_checkpoint, run_cli
 
 
 def test_train_writes_results_delta_and_metrics(data_env, tmp_path):
@@ -72,20 +70,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
             "trainer.eval_every=25", "trainer.checkpoint_every=5"]
     whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "selectune", *args, f"out_dir={tmp_path / 'killed'}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "checkpoint" / "state.pt"
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "killed" / "results.json").exists()
+    kill_after_first_checkpoint(args, tmp_path / "killed", tmp_path)
 
     resumed = run_cli(*args, f"out_dir={tmp_path / 'killed'}", "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -23,11 +23,9 @@ import torch
 
 from selectune.backbone import Backbone
 from selectune.delta.svd import SVDLinear
-from selectune.delta.wrapping import replace_module
+from selectune.delta.wrapping import ALL_LINEARS, find_linears, replace_module
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
-from selectune.methods.lora import find_linears
-from selectune.methods.sara import ALL_LINEARS
 from selectune.selection import select_k
 from selectune.sensitivity import TYPE_ORDER, layer_index, module_type
 
@@ -67,9 +65,7 @@ class AdaLoRA(Method):
         if self.cfg.orth_form not in ("paper", "reference"):
             raise SelectuneError(f"method.orth_form='{self.cfg.orth_form}': use paper or reference")
         linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
-        if not linears:
-            raise SelectuneError(f"method.targets={list(self.cfg.targets)} matches no Linear layer of the model")
-        head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+        head = backbone.num_head_parameters
         per_triplet = sum(m.in_features + m.out_features + 1 for m in linears.values()) / len(linears)
         if self.cfg.target_total is not None:
             self.bT = self.cfg.target_total

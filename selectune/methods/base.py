@@ -146,7 +146,7 @@ class Method(ABC):
 
     def report(self) -> BudgetReport:
         assert self.backbone is not None
-        head = sum(self.model.get_parameter(n).numel() for n in self.backbone.head_names)
+        head = self.backbone.num_head_parameters
         return BudgetReport(backbone=self.backbone.num_base_parameters, head=head,
                             trainable=sum(p.numel() for p in self.trainable().values()),
                             stored=self.stored_count(), asked=self.budget)

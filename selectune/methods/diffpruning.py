@@ -61,7 +61,7 @@ class DiffPruning(Method):
         if not names:
             raise SelectuneError(f"method.targets={self.cfg.targets} matches no parameter of the model")
         self.names = names
-        self.head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+        self.head = backbone.num_head_parameters
         if not 0 < self.budget - self.head <= sum(backbone.model.get_parameter(n).numel() for n in names):
             raise SelectuneError(f"budget of {self.budget:,} must exceed the head ({self.head:,}) and fit the "
                                  f"{len(names)} target tensors")

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from selectune.backbone import Backbone
 from selectune.delta.lowrank import LowRankLinear
-from selectune.delta.wrapping import replace_module
+from selectune.delta.wrapping import find_linears, replace_module
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
 
@@ -27,16 +26,6 @@ class LoRAConfig(MethodConfig):
     targets: list[str] = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
 
 
-def find_linears(model: nn.Module, targets: list[str], exclude: frozenset[str]) -> dict[str, nn.Linear]:
-    """nn.Linear modules whose name ends with one of `targets`, skipping modules of excluded params."""
-    found = {}
-    for name, module in model.named_modules():
-        matches = any(name == t or name.endswith("." + t) for t in targets)
-        if isinstance(module, nn.Linear) and matches and f"{name}.weight" not in exclude:
-            found[name] = module
-    return found
-
-
 class LoRA(Method):
     Config = LoRAConfig
     uses_budget = True
@@ -44,11 +33,9 @@ class LoRA(Method):
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
         linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
-        if not linears:
-            raise SelectuneError(f"method.targets={list(self.cfg.targets)} matches no Linear layer of the model")
         rank = self.cfg.r
         if self.budget is not None:
-            head = sum(backbone.model.get_parameter(n).numel() for n in backbone.head_names)
+            head = backbone.num_head_parameters
             per_rank = sum(m.in_features + m.out_features for m in linears.values())
             rank = (self.budget - head) // per_rank
             if rank < 1:

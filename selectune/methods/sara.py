@@ -24,16 +24,13 @@ import torch
 
 from selectune.backbone import Backbone
 from selectune.delta import sparse
+from selectune.delta.wrapping import ALL_LINEARS, find_linears
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
-from selectune.methods.lora import find_linears
 from selectune.selection import count, mask_hash, select_below, select_k
 
 log = logging.getLogger(__name__)
 
-# The six matrix types of a transformer block, in BERT's names and in transformers 5's ViT names.
-ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
-               "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 
 @dataclass
@@ -51,8 +48,6 @@ class SaRA(Method):
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
         linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
-        if not linears:
-            raise SelectuneError(f"method.targets={list(self.cfg.targets)} matches no Linear layer of the model")
         self.candidates = [f"{name}.weight" for name in sorted(linears)]
         weights = {n: backbone.model.get_parameter(n) for n in self.candidates}
         selection = self._select(weights)
@@ -75,7 +70,7 @@ class SaRA(Method):
         if self.budget is None:
             raise SelectuneError("SaRA needs a budget (budget=0_5pct, budget.count=N) or method.threshold")
         assert self.backbone is not None
-        head = sum(self.backbone.model.get_parameter(n).numel() for n in self.backbone.head_names)
+        head = self.backbone.num_head_parameters
         if self.budget <= head:
             raise SelectuneError(f"budget of {self.budget:,} does not exceed the head's {head:,} parameters")
         return select_k({n: w.abs() for n, w in weights.items()}, self.budget - head, largest=False)

@@ -132,7 +132,7 @@ class SPT(Method):
         linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         scores = probe(model, names, probe_batches.batches(self.cfg.probe_batches), probe_batches.loss,
                        reduce=probe_batches.reduce)["grad2"]
-        head = sum(model.get_parameter(n).numel() for n in backbone.head_names)
+        head = backbone.num_head_parameters
         rank = self.cfg.rank
 
         def module_cost(shape: torch.Size) -> int:
