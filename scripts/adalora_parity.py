@@ -1,0 +1,139 @@
+"""AdaLoRA parity: selectune's AdaLoRA vs the maintained `peft` implementation, same configuration.
+
+    pip install peft   # test-only dependency, with torch pinned by constraints.txt
+    SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
+        [--max-steps N] [--write docs/results.md]
+
+Both runs use the same data order, model (offline MiniLM), head init, AdamW with linear warm-up and
+decay, targets (six matrix types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the
+orthogonality term in peft's form (`method.orth_form=reference`: γ × mean of unsquared Frobenius
+norms). peft's schedule is read from its RankAllocator at every step; selectune's from metrics.jsonl.
+Reported: dev primary metric per seed (mean ± std) and the largest difference between the two budget
+curves (peft counts its warm-up with `step <= tinit` and its final phase with `step > T - tfinal`,
+selectune with `<` and `>=`, so the curves may differ by one step at the two boundaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def selectune_run(task: str, seed: int, args, out: Path) -> tuple[float, list[int]]:
+    cmd = [sys.executable, "-m", "selectune", "train", f"recipe=glue/{task}_adalora", f"trainer.seed={seed}",
+           f"method.target_total={args.target_rank * 36}", f"method.init_ratio={args.init_rank / args.target_rank}",
+           f"method.t_init={args.t_init}", f"method.t_final={args.t_final}", f"method.delta_t={args.delta_t}",
+           "method.orth_form=reference", f"method.orth_weight={args.orth}", f"method.lora_alpha={args.alpha}",
+           f"trainer.lr={args.lr}", f"out_dir={out}", "trainer.log_every=1", "trainer.progress=false"]
+    if args.max_steps:
+        cmd.append(f"trainer.max_steps={args.max_steps}")
+    subprocess.run(cmd, check=True)
+    result = json.loads((out / "results.json").read_text())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["adalora_budget"] for r in records if "adalora_budget" in r]
+    metric = result["metrics"]["dev"]
+    from selectune.tasks.glue import GLUE
+
+    return metric[GLUE[task].primary], curve
+
+
+def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
+    from peft import AdaLoraConfig, get_peft_model
+
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec, encode_splits
+    from selectune.config import compose
+    from selectune.evaluation import evaluate
+    from selectune.tasks import load_task
+    from selectune.tasks.batches import train_batches
+
+    overrides = [f"recipe=glue/{task}_adalora", f"trainer.seed={seed}", f"trainer.lr={args.lr}"]
+    if args.max_steps:
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    spec = RunSpec.from_config(compose("train", overrides))
+    torch.manual_seed(seed)
+    task_obj = load_task(spec.task)
+    backbone = load_backbone(spec.model, task_obj.spec.num_labels, task_obj.spec.is_regression, None, seed)
+    splits = encode_splits(task_obj, backbone, list(task_obj.splits))
+    steps_per_epoch = -(-len(splits["train"]) // spec.trainer.batch_size)
+    total = spec.trainer.max_steps or int(spec.trainer.epochs * steps_per_epoch)
+    fraction = lambda v: int(round(v * total)) if 0 < v < 1 else int(v)  # noqa: E731
+    config = AdaLoraConfig(init_r=args.init_rank, target_r=args.target_rank, tinit=fraction(args.t_init),
+                           tfinal=fraction(args.t_final), deltaT=args.delta_t, beta1=0.85, beta2=0.85,
+                           orth_reg_weight=args.orth, total_step=total, target_modules=TARGETS,
+                           lora_alpha=args.alpha, lora_dropout=0.0, modules_to_save=["classifier"])
+    model = get_peft_model(backbone.model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=spec.trainer.weight_decay)
+    warmup = int(spec.trainer.warmup_ratio * total)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))  # noqa
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    curve = []
+    model.train()
+    for step in range(1, total + 1):
+        epoch, offset = divmod(step - 1, steps_per_epoch)
+        rows = train_batches(len(splits["train"]), spec.trainer.batch_size, seed, epoch)[offset]
+        batch = splits["train"].batch(rows)
+        loss = model(**batch).loss  # peft adds its orthogonality term to `.loss`
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.trainer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        model.base_model.update_and_allocate(step)
+        curve.append(model.base_model.rankallocator.budget_schedule(step)[0])
+        optimizer.zero_grad()
+    metrics, _ = evaluate(model, task_obj, {"dev": splits["dev"]}, 128, torch.device("cpu"))
+    return metrics["dev"][task_obj.spec.primary], curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["mrpc", "rte"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--init-rank", type=int, default=6)
+    parser.add_argument("--target-rank", type=int, default=4)
+    parser.add_argument("--t-init", type=float, default=0.1)
+    parser.add_argument("--t-final", type=float, default=0.2)
+    parser.add_argument("--delta-t", type=int, default=10)
+    parser.add_argument("--orth", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args()
+    rows = ["| task | implementation | seeds | dev primary metric (mean ± std) | max budget-curve gap |",
+            "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            ours, theirs, gaps = [], [], []
+            for seed in args.seeds:
+                score, curve = selectune_run(task, seed, args, Path(tmp) / f"{task}_{seed}")
+                peft_score, peft_curve = peft_run(task, seed, args)
+                ours.append(score)
+                theirs.append(peft_score)
+                gaps.append(max(abs(a - b) for a, b in zip(curve, peft_curve, strict=True)))
+            for name, scores in (("selectune", ours), ("peft", theirs)):
+                std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+                rows.append(f"| {task} | {name} | {len(scores)} | {statistics.mean(scores):.2f} ± {std:.2f} | "
+                            f"{max(gaps)} |")
+    body = ("### AdaLoRA parity with peft\n\n`SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py "
+            + " ".join(sys.argv[1:]) + "`\n\n" + "\n".join(rows))
+    print(body)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from docsection import write_section
+
+        write_section(args.write, "results:adalora_parity", body)
+
+
+if __name__ == "__main__":
+    main()
