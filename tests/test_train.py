@@ -66,8 +66,8 @@ def test_mnli_reports_matched_and_mismatched(data_env, tmp_path):
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
     """SIGKILL a run right after its first checkpoint, resume it, compare with a run never stopped."""
-    args = ["train", "recipe=glue/rte_full", *TINY, "task.max_train_examples=400", "trainer.epochs=2",
-            "trainer.eval_every=25", "trainer.checkpoint_every=5"]
+    args = ["train", "recipe=glue/rte_full", *TINY, "task.max_train_examples=160", "trainer.epochs=2",
+            "trainer.eval_every=15", "trainer.checkpoint_every=5"]
     whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     kill_after_first_checkpoint(args, tmp_path / "killed", tmp_path)
