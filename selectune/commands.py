@@ -142,10 +142,8 @@ def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, 
     trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx)
     outcome = trainer.fit()
     results = {"task": task.name, "family": spec.task.family, "method": method.cfg.name, "model": backbone.name,
-               "seed": spec.trainer.seed,
-               **outcome, "budget": method.report().as_dict(), "method_state": method.describe(),
-               "base_hash": base_hash,
-               "selectune_version": __version__}
+               "seed": spec.trainer.seed, **outcome, "budget": method.report().as_dict(),
+               "method_state": method.describe(), "base_hash": base_hash, "selectune_version": __version__}
     if not ctx.main:
         return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -164,10 +162,12 @@ def _comparable(config: Any) -> Any:
 
 
 def remove_run_dir(run_dir: Path) -> None:
-    """Remove a run dir this invocation created, and its parents up to runs/ once they are empty."""
+    """Remove a run dir this invocation created, and the parents Hydra made for it below the working
+    directory (runs/<name>/) once they are empty; folders outside the working directory are left."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
     parent = run_dir.parent
-    while parent != parent.parent and parent.name and parent.resolve() != Path.cwd().resolve():
+    while parent.resolve() != cwd and parent.resolve().is_relative_to(cwd):
         try:
             parent.rmdir()
         except OSError:
