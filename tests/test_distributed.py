@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,20 +37,38 @@ def torchrun(*args: str, cwd, port: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=300, check=False)
 
 
-@pytest.mark.parametrize("method", list(PER_METHOD))
-def test_two_processes_agree_with_each_other_and_with_one(method, data_env, tmp_path):
-    args = ["train", f"recipe=glue/rte_{method}", *COMMON, *PER_METHOD[method]]
-    port = 29400 + list(PER_METHOD).index(method)
-    two = torchrun(*args, f"out_dir={tmp_path / 'two'}", cwd=tmp_path, port=port)
-    assert two.returncode == 0, two.stderr[-3000:]
+@pytest.fixture(scope="module")
+def runs(glue_root, tmp_path_factory):
+    """Every method once with 2 processes (one torchrun launch) and once in this process."""
+    root = tmp_path_factory.mktemp("ddp")
+    jobs = [[str(root / f"{m}_two"), [f"recipe=glue/rte_{m}", *COMMON, *extra]] for m, extra in PER_METHOD.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELECTUNE_DATA": str(glue_root)}
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29400", str(Path(__file__).parent / "ddp_runs.py"), json.dumps(jobs)],
+                            cwd=root, env=env, text=True, capture_output=True, timeout=600, check=False)
+    assert launch.returncode == 0, launch.stderr[-3000:]
     from selectune.commands import train
     from selectune.config import compose
 
-    train(compose("train", args[1:]), tmp_path / "one")  # the single-process run, in this process
-    result = json.loads((tmp_path / "two" / "results.json").read_text())
+    old = os.environ.get("SELECTUNE_DATA")
+    os.environ["SELECTUNE_DATA"] = str(glue_root)
+    try:
+        for m, extra in PER_METHOD.items():
+            train(compose("train", [f"recipe=glue/rte_{m}", *COMMON, *extra]), root / f"{m}_one")
+    finally:
+        if old is None:
+            os.environ.pop("SELECTUNE_DATA")
+        else:
+            os.environ["SELECTUNE_DATA"] = old
+    return root
+
+
+@pytest.mark.parametrize("method", list(PER_METHOD))
+def test_two_processes_agree_with_each_other_and_with_one(method, runs):
+    result = json.loads((runs / f"{method}_two" / "results.json").read_text())
     assert result["distributed"] == {"world": 2, "in_sync": True}  # parameters and masks equal on both ranks
-    assert result["budget"] == json.loads((tmp_path / "one" / "results.json").read_text())["budget"]
-    a, b = TaskDelta.load(tmp_path / "one").tensors, TaskDelta.load(tmp_path / "two").tensors
+    assert result["budget"] == json.loads((runs / f"{method}_one" / "results.json").read_text())["budget"]
+    a, b = TaskDelta.load(runs / f"{method}_one").tensors, TaskDelta.load(runs / f"{method}_two").tensors
     if method == "sdiff":  # hard-concrete noise is drawn per rank by design: the masks differ, the count not
         assert TaskDelta(a).stored == TaskDelta(b).stored
         return
