@@ -41,8 +41,12 @@ def main() -> None:
                f"torch {torch.__version__}")
     body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/results_table.py` (selectune report) "
             f"from `{args.root}/*/results.json`.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
-            "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
-            "no test split is used. Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
+            + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
+               "training, `trainer.select=last`); nothing is chosen on the test split. "
+               if any(r["split"] == "test" for r in rows) else
+               "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
+               "no test split is used. ")
+            + "Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
             f"{markdown(rows)}\n\n" + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
                                         if vtab_averages(rows) else "") + f"![{section}]({image})")
     write_section(DOCS / "results.md", f"results:{section}", body)

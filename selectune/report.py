@@ -64,12 +64,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | method | primary (dev) | all dev metrics | seeds | stored params | % of backbone | "
+    lines = ["| task | method | primary metric | all metrics (split) | seeds | stored params | % of backbone | "
              "delta on disk | s/step | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         primary = r["metrics"].get(r["primary"])
         shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
-        others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items())
+        others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
