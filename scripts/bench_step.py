@@ -28,20 +28,18 @@ from pathlib import Path
 
 from docsection import write_section
 
-LORA_VALUES = 6 * 2 * 8 * (384 + 384)  # r=8 on query/value of the 6 MiniLM layers
-HEAD = 384 * 2 + 2
-METHODS = {
+METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ head) of the model benchmarked
     "full": ["recipe=glue/sst2_full"],
     "lora": ["recipe=glue/sst2_lora"],
     "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", "budget.fraction=null",
-               f"budget.count={LORA_VALUES + HEAD}"],
-    "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", f"budget.count={LORA_VALUES + HEAD}"],
+               "budget.count={lora_count}"],
+    "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", "budget.count={lora_count}"],
     "sdiff_phase1": ["recipe=glue/sst2_sdiff"],
     "udiff_phase1": ["recipe=glue/sst2_udiff"],
 }
 
 
-def child(method: str, seq: int, steps: int, device_name: str) -> dict:
+def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str) -> dict:
     import resource
 
     import torch
@@ -52,12 +50,17 @@ def child(method: str, seq: int, steps: int, device_name: str) -> dict:
     from selectune.methods import build_method
 
     torch.manual_seed(0)
-    spec = RunSpec.from_config(compose("train", METHODS[method]))
+    shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
+    hidden, layers = shape.get("hidden_size", 384), shape.get("num_hidden_layers", 6)
+    lora_count = layers * 2 * 8 * 2 * hidden + 2 * hidden + 2
+    overrides = [o.format(lora_count=lora_count) for o in METHODS[method]]
+    spec = RunSpec.from_config(compose("train", [*overrides, f"model={model}"]))
     backbone = load_backbone(spec.model, 2, False, None, 0)
     method_obj = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
     method_obj.attach(backbone)
     device = torch.device(device_name)
-    model = backbone.model.to(device).train()
+    net = backbone.model.to(device).train()
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
     g = torch.Generator().manual_seed(1234)
     batches = [(torch.randint(1000, 29000, (32, seq), generator=g), torch.randint(0, 2, (32,), generator=g))
@@ -70,7 +73,8 @@ def child(method: str, seq: int, steps: int, device_name: str) -> dict:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(net(input_ids=ids).logits.float(), labels)
         penalty = method_obj.penalty()
         (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
@@ -97,11 +101,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="minilm", help="model config: minilm, bert_base_random, ...")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.device)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.device, args.model,
+                               args.precision)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -110,7 +117,8 @@ def main() -> None:
         for seq in args.seqs:
             for method in order:
                 out = subprocess.run([sys.executable, __file__, "--child", method, str(seq), "--steps", str(args.steps),
-                                      "--device", args.device], capture_output=True, text=True, env=env, check=True)
+                                      "--device", args.device, "--model", args.model, "--precision", args.precision],
+                                     capture_output=True, text=True, env=env, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.setdefault((method, seq), []).append(result)
                 print(f"round {r + 1}: {method:9s} seq {seq:4d}: {result['step_s']:.3f} s/step, "
@@ -137,7 +145,8 @@ def main() -> None:
                + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     command = "python scripts/bench_step.py " + " ".join(a for a in sys.argv[1:])
     body = (f"### Step time and memory per delta form\n\nGenerated {datetime.date.today()} by "
-            f"`{command.strip()}` on {machine}. MiniLM (offline weights), batch 32, {args.steps} timed steps per "
+            f"`{command.strip()}` on {machine}. Model `{args.model}`, {args.precision}, batch 32, "
+            f"{args.steps} timed steps per "
             f"process after 2 warm-up steps, {args.rounds} rounds; memory = {runs[next(iter(runs))][0]['memory']}.\n\n"
             + "\n".join(lines))
     print(body)
