@@ -74,7 +74,7 @@ class _SparseLinear(torch.autograd.Function):
     """y = x (W0 + S)^T + b with S = scatter(idx, values) (+ frozen entries); grads for x, values, b."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, frozen_indices, frozen_values, in_features):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, indices, values, frozen_indices, frozen_values, in_features):  # type: ignore[override]
         ctx.save_for_backward(x, weight, values, indices, frozen_indices, frozen_values)
         ctx.in_features = in_features
         ctx.has_bias = bias is not None
@@ -87,13 +87,13 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # W_eff recomputed: no dense copy is kept alive between passes
             grad_x = dy @ effective(weight, indices, values, frozen_indices, frozen_values).to(dy.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             acc = torch.promote_types(values.dtype, torch.float32)  # fp32 accumulation under autocast
             grad_values = sampled_weight_grad(dy2.to(acc), x.reshape(-1, x.shape[-1]).to(acc), indices,
                                               (weight.shape[0], ctx.in_features)).to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy2.sum(0)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, None, grad_values, None, None, None
 
 
 class SparseDeltaModule(nn.Module):
@@ -145,15 +145,10 @@ class SparseDeltaModule(nn.Module):
             return base(*args, **kwargs)
         if isinstance(base, nn.Linear) and "weight" in self.delta_names and not kwargs and len(args) == 1:
             bias = _GatherGrad.apply(self.bias, *self.parts("bias")) if "bias" in self.delta_names else self.bias
-            return _SparseLinear.apply(args[0], self.weight, bias, *self._reorder(self.parts("weight")),
+            return _SparseLinear.apply(args[0], self.weight, bias, *self.parts("weight"),
                                        base.in_features)
         tensors = {n: _GatherGrad.apply(getattr(self, n), *self.parts(n)) for n in self.delta_names}
         return functional_call(base, tensors, args, kwargs)
-
-    @staticmethod
-    def _reorder(parts):
-        idx, values, f_idx, f_values = parts
-        return values, idx, f_idx, f_values
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {self.parts(n)[0].numel()} trainable entries" for n in self.delta_names)

@@ -25,7 +25,8 @@ CLASSES = {"cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102,
            "svhn": 10, "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5,
            "clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16,
            "smallnorb_azi": 18, "smallnorb_ele": 9}
-PROTOCOLS = {"select": ("train800", "val200"), "final": ("train800val200", "test")}
+# protocol -> (training list, evaluation list, evaluation split name)
+PROTOCOLS = {"select": ("train800", "val200", "val"), "final": ("train800val200", "test", "test")}
 
 
 class ImageExample(NamedTuple):
@@ -100,9 +101,9 @@ def read_local(spec: VtabSpec, data_root: str | None, protocol: str,
         raise SelectuneError(f"task.protocol='{protocol}': use select (train800 -> val200) or final "
                              f"(train800val200 -> test)")
     folder = task_folder(spec.name, data_root)
-    train, dev = PROTOCOLS[protocol]
+    train, dev, dev_name = PROTOCOLS[protocol]
     return {"train": read_list(folder / f"{train}.txt", spec.num_labels, limits.get("train")),
-            dev.rstrip("0123456789"): read_list(folder / f"{dev}.txt", spec.num_labels, limits.get("dev"))}
+            dev_name: read_list(folder / f"{dev}.txt", spec.num_labels, limits.get("dev"))}
 
 
 def group_of(task: str) -> str:
