@@ -118,8 +118,8 @@ def _precheck(config_name: str, args: list[str]) -> None:
     from selectune.config import check_group_overrides, compose
 
     overrides = _overrides(args)
-    check_group_overrides(overrides)
     if any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in args):
+        check_group_overrides(overrides)  # a sweep is not composed here; its group values still are checked
         return
     RunSpec.from_config(compose(config_name, [o for o in overrides if not o.lstrip("+~").startswith("hydra")]))
 

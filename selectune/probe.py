@@ -4,8 +4,10 @@ Writes to the run directory:
     sensitivity.safetensors   per-parameter scores, keys `<parameter>::<score>` (fp32)
     summary.json              per tensor: size, mean / max score, and for each budget τ its count and
                               share in the global top-τ set (exact, stable ties)
-    heatmap_<score>.png       layers × module types (q, k, v, o, ffn-in, ffn-out); colour = the share of
-                              the top-τ entries that fall in that matrix (first budget)
+    heatmap_<score>.png       layers × (q, k, v, o, ffn-in, ffn-out, vectors); colour = the share of the
+                              top-τ entries that fall in that matrix, or in the layer's biases and
+                              LayerNorms (first budget); the title gives the share outside the layers
+                              (pooler, final norms), which grad² often ranks high
 and prints the same grid as a table.
 """
 
@@ -24,6 +26,8 @@ from selectune.config import typed
 from selectune.errors import SelectuneError
 from selectune.plots import grid_heatmap
 from selectune.sensitivity import SCORES, TYPE_ORDER, Ranking, candidates, layer_index, module_type, probe
+
+GRID_COLUMNS = [*TYPE_ORDER, "vectors"]
 
 
 @dataclass
@@ -74,29 +78,36 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                    "top": {str(tau): {"count": counts[tau][name], "share": counts[tau][name] / min(tau, total)}
                            for tau in taus}}
             for name, t in per.items()}
-        grid = share_grid(summary["scores"][score], str(taus[0]))
-        grid_heatmap([[100 * v for v in row] for row in grid], TYPE_ORDER, run_dir / f"heatmap_{score}.png",
-                     f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})",
-                     "% of the top-τ entries")
-        print_grid(grid, f"{task.name}: share of the global top-{taus[0]:,} ({score}) per matrix")
+        grid, outside = share_grid(summary["scores"][score], str(taus[0]))
+        title = (f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})\n"
+                 f"outside the layers (pooler, final norms): {100 * outside:.1f}%")
+        grid_heatmap([[100 * v for v in row] for row in grid], GRID_COLUMNS, run_dir / f"heatmap_{score}.png",
+                     title, "% of the top-τ entries")
+        print_grid(grid, title.replace("\n", "; "))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
     return summary
 
 
-def share_grid(per_tensor: dict[str, Any], tau: str) -> list[list[float]]:
-    """rows = layers, columns = TYPE_ORDER: the share of the top-τ entries in each weight matrix."""
+def share_grid(per_tensor: dict[str, Any], tau: str) -> tuple[list[list[float]], float]:
+    """rows = layers, columns = GRID_COLUMNS: the share of the top-τ entries in each weight matrix and in
+    each layer's vectors (biases, LayerNorms); and the share outside every layer, so nothing is hidden."""
     cells: dict[tuple[int, str], float] = {}
+    outside = 0.0
     for name, info in per_tensor.items():
+        share = info["top"][tau]["share"]
         layer, kind = layer_index(name), module_type(name)
-        if layer is not None and kind is not None and name.endswith(".weight"):
-            cells[(layer, kind)] = info["top"][tau]["share"]
+        if layer is None:
+            outside += share
+            continue
+        column = kind if kind is not None and name.endswith(".weight") else "vectors"  # norms match no kind
+        cells[(layer, column)] = cells.get((layer, column), 0.0) + share
     layers = 1 + max((layer for layer, _ in cells), default=-1)
-    return [[cells.get((layer, kind), 0.0) for kind in TYPE_ORDER] for layer in range(layers)]
+    return [[cells.get((layer, kind), 0.0) for kind in GRID_COLUMNS] for layer in range(layers)], outside
 
 
 def print_grid(grid: list[list[float]], title: str) -> None:
-    table = Table(*["layer", *TYPE_ORDER], title=title)
+    table = Table(*["layer", *GRID_COLUMNS], title=title)
     for i, row in enumerate(grid):
         table.add_row(str(i), *(f"{100 * v:.1f}%" for v in row))
     Console().print(table)

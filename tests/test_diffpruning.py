@@ -91,6 +91,26 @@ def test_gradients_reach_w_and_alpha_through_the_sample():
     assert module.weight_group_alpha.grad.abs().sum() > 0 and emb.weight.grad is None
 
 
+@pytest.mark.parametrize("structured,group_rows", [(False, None), (True, None), (True, 3)])
+def test_embedding_gates_only_looked_up_rows_with_the_full_tables_values_and_gradients(structured, group_rows):
+    torch.manual_seed(3)
+    emb = torch.nn.Embedding(9, 4, padding_idx=2).double().requires_grad_(False)
+    module = HardConcreteModule(emb, ["weight"], 1.0, -1.5, 1.5, group_rows, structured=structured)
+    with torch.no_grad():
+        for p in (module.weight_w, module.weight_alpha, getattr(module, "weight_group_alpha", module.weight_w)):
+            p.normal_()
+    module.eval()  # deterministic gates, so both paths see the same z
+    ids = torch.tensor([[5, 2, 2, 7], [0, 5, 8, 2]])
+    out = module(ids)
+    full = torch.nn.functional.embedding(ids, emb.weight + module.delta("weight", False), padding_idx=2)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [module.weight_w, module.weight_alpha])
+    expected = torch.autograd.grad((full * weights).sum(), [module.weight_w, module.weight_alpha])
+    assert torch.allclose(out, full)
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.allclose(got, want) and (got[2] == 0).all() and (got[[1, 3, 4, 6]] == 0).all()
+
+
 # ------------------------------------------------------------------ both phases in one run
 @pytest.mark.parametrize("method", ["udiff", "sdiff"])
 def test_two_phases_project_exactly_and_keep_the_rest_bit_identical(method, data_env, tmp_path):

@@ -122,6 +122,21 @@ def test_probe_command_writes_files_that_load_back(data_env, tmp_path):
     assert bad.returncode != 0 and "probe.scores" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_heat_map_grid_accounts_for_every_top_entry():
+    from selectune.probe import GRID_COLUMNS, share_grid
+
+    shares = {"bert.encoder.layer.0.attention.self.query.weight": 0.25,
+              "bert.encoder.layer.0.attention.self.query.bias": 0.05,
+              "bert.encoder.layer.0.attention.output.LayerNorm.weight": 0.05,
+              "bert.encoder.layer.1.output.dense.weight": 0.15,
+              "bert.pooler.dense.weight": 0.5}
+    grid, outside = share_grid({n: {"numel": 4, "top": {"7": {"share": v}}} for n, v in shares.items()}, "7")
+    assert len(grid) == 2 and outside == pytest.approx(0.5)
+    assert grid[0][GRID_COLUMNS.index("q")] == 0.25 and grid[0][GRID_COLUMNS.index("vectors")] == pytest.approx(0.1)
+    assert grid[1][GRID_COLUMNS.index("ffn-out")] == 0.15
+    assert sum(map(sum, grid)) + outside == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("method", ["spt_lora", "spt_adapter"])
 def test_spt_trains_within_the_budget_and_exports(method, data_env, tmp_path):
     from selectune.commands import evaluate_delta, train
