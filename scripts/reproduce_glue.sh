@@ -3,32 +3,37 @@
 # offline MiniLM, 3 seeds, Hydra multirun, then `selectune report` and the docs table.
 #
 #   SELECTUNE_DATA=../shared/data bash scripts/reproduce_glue.sh [runs/reproduce] ["mrpc rte cola stsb"] \
-#       ["42,43,44"] ["full linear bitfit lora lora_0.5pct sara udiff sdiff spt_lora adalora"]
+#       ["42,43,44"] ["full linear bitfit lora lora_0.5pct sara udiff sdiff spt_lora adalora"] ["overrides"]
 #
+# The fifth argument is passed to every run, e.g. "model=tiny_random trainer.max_steps=4" for a smoke run.
 # Budgets: the selective methods at 0.5% of the backbone (head counted); LoRA both at its own r=8 and at
 # 0.5% (`lora_0.5pct`: rank derived from the budget, the count SaRA and diff pruning store); SPT at LoRA
 # r=8's count (its recipes); AdaLoRA at b(T)=144. Selection rule: last evaluation on the dev split.
-# Run time on the 2-core CPU machine: about 1 hour per (method, seed) over MRPC + RTE + CoLA + STS-B,
-# i.e. ~30 hours for the whole sweep; SST-2 adds ~40 min per (method, seed) and epoch. Resumable:
-# finished (method, task, seed) runs are skipped. Two calls with disjoint method lists may share a root
-# (e.g. one per core with OMP_NUM_THREADS=1); the table is rebuilt from every finished run each time.
+# Run time on the 2-core CPU machine: 15-20 minutes per MRPC run of a one-phase method on one core
+# (two queues side by side, OMP_NUM_THREADS=1), 45 for diff pruning's 8 epochs; about 1 hour per
+# (method, seed) over MRPC + RTE + CoLA + STS-B, i.e. ~30 hours for the whole sweep.
+# Resumable: one multirun per (method, seed) over the tasks not finished yet; a killed run continues
+# from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
+# OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root each time.
 set -euo pipefail
 root="${1:-runs/reproduce}"; tasks="${2:-mrpc rte cola stsb}"; seeds="${3:-42,43,44}"
 methods="${4:-full linear bitfit lora lora_0.5pct sara udiff sdiff spt_lora adalora}"
+read -ra overrides <<< "${5:-}"
 : "${SELECTUNE_DATA:?set SELECTUNE_DATA to the folder holding glue/<TASK>/train.tsv}"
 for method in $methods; do
   recipe="${method%_0.5pct}"; extra=()
   [[ "$method" == *_0.5pct ]] && extra=(budget=0_5pct)
   for seed in ${seeds//,/ }; do
+    pending=""
     for task in $tasks; do
-      out="$root/$method/${task}_s${seed}"
-      [[ -f "$out/results.json" ]] && { echo "skip $method $task seed $seed (done)"; continue; }
-      selectune train "recipe=glue/${task}_${recipe}" "trainer.seed=$seed" "${extra[@]}" \
-        trainer.progress=false trainer.resume=true "out_dir=$out"
+      [[ -f "$root/$method/${task}_s${seed}/results.json" ]] || pending+="${pending:+,}glue/${task}_${recipe}"
     done
+    [[ -z "$pending" ]] && { echo "skip $method seed $seed (done)"; continue; }
+    selectune train -m "recipe=$pending" "trainer.seed=$seed" "${extra[@]}" "${overrides[@]}" trainer.progress=false \
+      trainer.resume=true "hydra.sweep.dir=$root/$method" 'hydra.sweep.subdir=${task.name}_s${trainer.seed}'
   done
 done
 selectune report "$root" "out=$root"
 python scripts/results_table.py "$root" --section reproduce \
-  --title "GLUE reproduction sweep: every method, offline MiniLM, seeds $seeds" \
-  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduce_glue.sh $root \"$tasks\" \"$seeds\""
+  --title "GLUE reproduction sweep: offline MiniLM, seeds $seeds" \
+  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduce_glue.sh $root \"$tasks\" \"$seeds\" \"$methods\"${5:+ \"$5\"}"

@@ -40,7 +40,7 @@ def main() -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                f"torch {torch.__version__}")
     body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/results_table.py` (selectune report) "
-            f"from `{args.root}/*/results.json`.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
+            f"from `{args.root}/**/results.json`.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
             + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
                "training, `trainer.select=last`); nothing is chosen on the test split. "
                if any(r["split"] == "test" for r in rows) else
