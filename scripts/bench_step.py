@@ -10,7 +10,9 @@ On CPU: wall time and the process's peak RSS. On CUDA: CUDA events and max_memor
 Methods are compared at the same trainable count: LoRA r=8 on query/value (73,728 values + head);
 SparseDelta = SaRA restricted to the same query/value matrices with the same count; SaRA-all = the
 same count spread over all six matrix types. sdiff_phase1 / udiff_phase1 = diff pruning's L0 phase
-(hard-concrete gates on every pretrained tensor), compared with full fine-tuning.
+(hard-concrete gates on every pretrained tensor), compared with full fine-tuning. spt_lora (at LoRA
+r=8's count; its probe runs before timing) and adalora (importance EMAs after every step) are the
+other rows; the loop calls method.after_step as the trainer does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ he
     "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", "budget.count={lora_count}"],
     "sdiff_phase1": ["recipe=glue/sst2_sdiff"],
     "udiff_phase1": ["recipe=glue/sst2_udiff"],
+    "spt_lora": ["recipe=glue/sst2_spt_lora"],  # its budget: LoRA r=8's count, as above
+    "adalora": ["recipe=glue/sst2_adalora"],  # b(0) = 1.5 b(T); importance EMAs every step
 }
 
 
@@ -48,6 +52,7 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
     from selectune.commands import RunSpec
     from selectune.config import compose
     from selectune.methods import build_method
+    from selectune.methods.base import ProbeBatches
 
     torch.manual_seed(0)
     shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
@@ -57,14 +62,18 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
     spec = RunSpec.from_config(compose("train", [*overrides, f"model={model}"]))
     backbone = load_backbone(spec.model, 2, False, None, 0)
     method_obj = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
-    method_obj.attach(backbone)
     device = torch.device(device_name)
-    net = backbone.model.to(device).train()
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
+    net = backbone.model.to(device)
     g = torch.Generator().manual_seed(1234)
     batches = [(torch.randint(1000, 29000, (32, seq), generator=g), torch.randint(0, 2, (32,), generator=g))
                for _ in range(steps + 2)]
+    probe = ProbeBatches(lambda n: ({"input_ids": ids.to(device), "labels": y.to(device)} for ids, y in batches[:n]),
+                         lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels))
+    method_obj.attach(backbone, probe)  # SPT probes here (not timed: a one-off before training)
+    method_obj.plan(1000, 100)  # a run long enough for AdaLoRA's schedule; the timed steps are its warm-up
+    net.train()
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
     cuda = device.type == "cuda"
     times = []
     for i, (ids, labels) in enumerate(batches):
@@ -78,6 +87,7 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
         penalty = method_obj.penalty()
         (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
+        method_obj.after_step(i + 1)
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             end.record()
