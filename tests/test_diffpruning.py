@@ -58,6 +58,11 @@ def test_structured_penalty_equals_the_formula(group_rows):
         expected = sum(torch.sigmoid(alpha[r] - c).sum() * torch.sigmoid(group_alpha[groups[r]] - c)
                        for r in range(rows))
         assert torch.allclose(module.expected_l0(name), expected)
+    module.group_penalty = "reference"  # the released code's form: entry terms plus one term per group
+    for name in ("weight", "bias"):
+        expected = (torch.sigmoid(getattr(module, f"{name}_alpha") - c).sum()
+                    + torch.sigmoid(getattr(module, f"{name}_group_alpha") - c).sum())
+        assert torch.allclose(module.expected_l0(name), expected)
     unstructured = HardConcreteModule(torch.nn.Linear(3, 5), ["weight"], 5.0, -1.5, 1.5, None, structured=False)
     with torch.no_grad():
         unstructured.weight_alpha.normal_()
@@ -180,3 +185,6 @@ def test_phase_schedule_is_validated_before_training(data_env, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(SelectuneError, match="exact budget"):
         train(compose_run("glue/rte_sdiff", "budget=none"), tmp_path / "run")
+    with pytest.raises(SelectuneError, match="group_penalty"):
+        train(compose_run("glue/rte_sdiff", "method.group_penalty=product"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -53,12 +53,13 @@ class HardConcreteModule(nn.Module):
     when structured, `t_group_alpha` (one logit per group). Parameter names of the base stay as they are."""
 
     def __init__(self, base: nn.Module, names: list[str], alpha_init: float, l: float, r: float,  # noqa: E741
-                 group_rows: int | None, structured: bool) -> None:
+                 group_rows: int | None, structured: bool, group_penalty: str = "paper") -> None:
         super().__init__()
         object.__setattr__(self, "wrapped", base)
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
         self.delta_names, self.l, self.r, self.structured = sorted(names), l, r, structured
+        self.group_penalty = group_penalty
         for name in self.delta_names:
             base_param = getattr(base, name)
             self.register_parameter(f"{name}_w", nn.Parameter(torch.zeros_like(base_param)))
@@ -90,11 +91,15 @@ class HardConcreteModule(nn.Module):
         return self.mask(name, training) * getattr(self, f"{name}_w")
 
     def expected_l0(self, name: str) -> torch.Tensor:
-        """Σ_i P(z_i > 0) (· P(z_g(i) > 0) when structured): methods.md §1 and §2."""
+        """Σ_i P(z_i > 0) (· P(z_g(i) > 0) when structured): methods.md §1 and §2. With
+        group_penalty="reference", the released code's form instead: Σ_i P(z_i > 0) + Σ_j P(z^j > 0),
+        where a group logit's penalty gradient no longer scales with its group's size."""
         p = p_nonzero(getattr(self, f"{name}_alpha"), self.l, self.r)
         if not self.structured:
             return p.sum()
         pg = p_nonzero(getattr(self, f"{name}_group_alpha"), self.l, self.r)
+        if self.group_penalty == "reference":
+            return p.sum() + pg.sum()
         ids = self.group_ids(name)
         if ids is None:
             return p.sum() * pg[0]

@@ -5,7 +5,10 @@ One run holds both phases of the paper, so the stored delta is sparse from the s
 Phase 1 (L0 training, the first `phase1_epochs`): θ = θ0 + z ⊙ w on the hard-concrete form, loss =
 task + λ · E‖δ‖₀; w and α in separate groups (w: method lr, linear schedule; α: `alpha_lr`, constant,
 as the reference's never-stepped α schedule), gradients clipped separately. S-Diff adds one gate per
-group and the penalty Σ_j Σ_{i∈g(j)} σ(α_i − c) σ(α^j − c).
+group and the penalty Σ_j Σ_{i∈g(j)} σ(α_i − c) σ(α^j − c) (the paper's). Under Adam that penalty's
+gradient on a group logit is the sum over its whole group, so group gates close within ~100 steps
+at α-lr 0.1 before w has grown; `group_penalty=reference` is the released code's Σ_i σ(α_i − c) +
+Σ_j σ(α^j − c), one penalty unit per group.
 Projection (paper §4.3): δ = z_eval ⊙ w, keep the top-k |δ| with k = budget − head (0.5% of the
 backbone with the head counted, by default; exact, stable tie-break).
 Phase 2: only those k entries train, on the SparseDelta form with the mask fixed, at `phase2_lr`
@@ -41,6 +44,7 @@ class DiffPruningConfig(MethodConfig):
     stretch_left: float = -1.5  # l
     stretch_right: float = 1.5  # r
     group_rows: Optional[int] = None  # S-Diff groups: None = one per tensor; N = blocks of N rows (a head)
+    group_penalty: str = "paper"  # S-Diff: "paper" Σ_j Σ_i σ(α_i−c)σ(α^j−c); "reference" Σ_i σ(α_i−c) + Σ_j σ(α^j−c)
     phase1_epochs: float = 3.0  # the rest of trainer.epochs is phase 2
     phase1_share: Optional[float] = None  # instead of phase1_epochs: this share of all steps (any schedule length)
     phase2_lr: float = 5.0e-5
@@ -56,6 +60,8 @@ class DiffPruning(Method):
         if self.budget is None:
             raise SelectuneError(f"{self.cfg.name} projects onto an exact budget: give budget=0_5pct or budget.count")
         self.structured = self.cfg.name == "sdiff"
+        if self.cfg.group_penalty not in ("paper", "reference"):
+            raise SelectuneError(f"method.group_penalty={self.cfg.group_penalty}: use paper or reference")
         names = [n for n in backbone.base_parameters()
                  if self.cfg.targets is None or any(n == t or n.endswith("." + t) for t in self.cfg.targets)]
         if not names:
@@ -71,7 +77,7 @@ class DiffPruning(Method):
         for module_name, tensors in by_module(names).items():
             module = HardConcreteModule(backbone.model.get_submodule(module_name), tensors, self.cfg.alpha_init,
                                         self.cfg.stretch_left, self.cfg.stretch_right, self.cfg.group_rows,
-                                        self.structured)
+                                        self.structured, self.cfg.group_penalty)
             replace_module(backbone.model, module_name, module)
             self.hardconcrete[module_name] = module
         self.wrappers: dict[str, sparse.SparseDeltaModule] = {}
