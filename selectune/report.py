@@ -1,6 +1,8 @@
 """`selectune report <run dirs or a multirun dir> [out=<dir>]`: one table and the papers' plots.
 
-Collects every results.json below the given folders, groups runs by (task, method, stored count) and
+Collects every results.json below the given folders, groups runs by (task, method, stored count, and
+the settings in which such runs differ — read from each run's config.yaml, so `sdiff` with two penalty
+forms or two learning rates are two rows named by the difference, never one row with a false ±), and
 averages over seeds (mean ± sample std), then writes to `out` (default: the first folder):
     report.md            task × method: primary dev metric, other metrics, seeds, stored params,
                          % of the backbone, delta bytes, s/step, peak memory
@@ -16,8 +18,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from selectune.errors import SelectuneError
 from selectune.tasks.glue import GLUE
+
+
+# Settings that differ between runs of one experiment without making them different experiments.
+NOT_A_VARIANT = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
+                 "trainer.log_every", "trainer.checkpoint_every", "out_dir", "run_name", "task.data_root", "debug",
+                 "online")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -28,10 +38,34 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         for path in sorted(folder.rglob("results.json")):
             result = json.loads(path.read_text())
             result["run_dir"] = str(path.parent)
+            config = path.parent / "config.yaml"
+            result["settings"] = _flat(OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
             runs.append(result)
     if not runs:
         raise SelectuneError(f"report: no results.json below {', '.join(map(str, folders))}")
     return runs
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(node)}
+
+
+def variants(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run, the settings (`key=value`) in which it differs from other runs of the same task, method
+    and stored count — seeds and bookkeeping aside; "" when there is no such difference."""
+    keys: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    for run in runs:
+        for other in runs:
+            if (run["task"], run["method"], run["budget"]["stored"]) == \
+                    (other["task"], other["method"], other["budget"]["stored"]):
+                keys[(run["task"], run["method"], run["budget"]["stored"])] |= {
+                    k for k in run["settings"].keys() | other["settings"].keys()
+                    if run["settings"].get(k) != other["settings"].get(k) and not k.startswith(NOT_A_VARIANT)}
+    return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={json.loads(run['settings'][k])}"
+                      for k in sorted(keys[(run["task"], run["method"], run["budget"]["stored"])])
+                      if k in run["settings"]) for run in runs]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -39,12 +73,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method, stored count): metrics as mean and std over the runs' seeds."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        groups[(run["task"], run["method"], run["budget"]["stored"])].append(run)
+    """One row per (task, method, stored count, variant): metrics as mean and std over the runs' seeds."""
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for run, variant in zip(runs, variants(runs), strict=True):
+        groups[(run["task"], run["method"], run["budget"]["stored"], variant)].append(run)
     rows = []
-    for (task, method, stored), members in sorted(groups.items()):
+    for (task, method, stored, variant), members in sorted(groups.items()):
+        method = f"{method} ({variant})" if variant else method
         split = next(iter(members[0]["metrics"]))
         metrics = {}
         for name in members[0]["metrics"][split]:

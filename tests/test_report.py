@@ -7,8 +7,11 @@ import json
 from conftest import run_cli
 
 
-def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000):
+def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None):
     folder.mkdir(parents=True)
+    if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
+        (folder / "config.yaml").write_text(json.dumps({**config, "trainer": {**config.get("trainer", {}), "seed": seed},
+                                                        "out_dir": str(folder)}))
     result = {"task": task, "method": method, "seed": seed, "metrics": {"dev": metrics}, "selection": "last",
               "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10}
@@ -32,6 +35,19 @@ def test_report_of_two_fake_runs_has_the_right_numbers(tmp_path):
     assert "f1 83.00 ± 0.00" in lora and "7.450%" in lora
     assert (tmp_path / "rep" / "metric_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rep" / "training_curves.png").exists()
+
+
+def test_runs_that_differ_in_a_setting_are_separate_rows_named_by_it(tmp_path):
+    paper = {"method": {"name": "sdiff", "group_penalty": "paper", "alpha_lr": 0.1}, "trainer": {"lr": 5e-5}}
+    reference = {**paper, "method": {**paper["method"], "group_penalty": "reference"}}
+    fake_run(tmp_path / "runs" / "a", "mrpc", "sdiff", 1, {"f1": 80.0, "accuracy": 70.0}, 5000, config=paper)
+    fake_run(tmp_path / "runs" / "b", "mrpc", "sdiff", 2, {"f1": 82.0, "accuracy": 72.0}, 5000, config=paper)
+    fake_run(tmp_path / "runs" / "c", "mrpc", "sdiff", 1, {"f1": 90.0, "accuracy": 80.0}, 5000, config=reference)
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "f1 81.00 ± 1.41" in next(line for line in lines if "| sdiff (group_penalty=paper) |" in line)
+    assert "f1 90.00 ± 0.00" in next(line for line in lines if "| sdiff (group_penalty=reference) |" in line)
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path):
