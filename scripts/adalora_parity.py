@@ -2,7 +2,10 @@
 
     pip install peft   # test-only dependency, with torch pinned by constraints.txt
     SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
-        [--max-steps N] [--write docs/results.md]
+        [--max-steps N] [--out runs/parity] [--write docs/results.md]
+
+With `--out`, each (task, seed, implementation) result is kept there and not recomputed, so seeds can
+run in separate processes (one per core) and a last call with every seed only builds the table.
 
 Both runs use the same data order, model (offline MiniLM), head init, AdamW with linear warm-up and
 decay, targets (six matrix types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the
@@ -95,6 +98,16 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
     return metrics["dev"][task_obj.spec.primary], curve
 
 
+def kept(path: Path, run) -> tuple[float, list[int]]:
+    """A result stored at `path` (score and budget curve), computed by `run` only when absent."""
+    if not path.exists():
+        score, curve = run()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"score": score, "curve": curve}))
+    record = json.loads(path.read_text())
+    return record["score"], record["curve"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["mrpc", "rte"])
@@ -108,16 +121,19 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="keep each result here (default: a temporary folder)")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     rows = ["| task | implementation | seeds | dev primary metric (mean ± std) | max budget-curve gap |",
             "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or Path(tmp)
         for task in args.tasks:
             ours, theirs, gaps = [], [], []
             for seed in args.seeds:
-                score, curve = selectune_run(task, seed, args, Path(tmp) / f"{task}_{seed}")
-                peft_score, peft_curve = peft_run(task, seed, args)
+                score, curve = kept(root / f"{task}_s{seed}" / "selectune.json",
+                                    lambda: selectune_run(task, seed, args, root / f"{task}_s{seed}" / "selectune"))
+                peft_score, peft_curve = kept(root / f"{task}_s{seed}" / "peft.json", lambda: peft_run(task, seed, args))
                 ours.append(score)
                 theirs.append(peft_score)
                 gaps.append(max(abs(a - b) for a, b in zip(curve, peft_curve, strict=True)))
