@@ -1,6 +1,12 @@
 """AdaLoRA (Zhang et al., ICLR 2023), methods.md §5, with the rank schedule owned by the loop.
 
 ΔW = P diag(λ) Q on every target matrix (SVDLinear), loss = task + γ Σ_k R_k (orthogonality).
+R comes in two forms: the paper's Σ_k (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) (`orth_form=paper`) and the
+official code's and peft's mean of the unsquared norms (`reference`, the default). The paper's form
+starts at γ·2·r per matrix (43 on MiniLM at r = 6, against a task loss of 0.69); its gradients fill
+Adam's second moments for P and Q in the first ~50 steps, after which P and Q barely move: on MRPC
+(seed 42) the paper's form stayed at the majority class (F1 81.22 / acc 68.38) where the reference
+form learned (82.30 / 72.06), everything else equal (docs/results.md).
 After every optimiser step (gradients still in place):
     I = |w · g|,  Ī ← β1 Ī + (1−β1) I,  U = |I − Ī|,  Ū ← β2 Ū + (1−β2) U,  s = Ī · Ū
     triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
@@ -42,7 +48,7 @@ class AdaLoRAConfig(MethodConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     orth_weight: float = 0.1  # γ (paper: 0.1; 0.3 for RTE and STS-B)
-    orth_form: str = "paper"  # paper: Σ_k squared Frobenius; reference: mean of unsquared norms (as peft)
+    orth_form: str = "reference"  # reference: mean of unsquared norms (official code, peft); paper: Σ_k squared
     trim: bool = False  # store only the kept triplets (physically trimmed delta)
 
 
