@@ -3,8 +3,9 @@
 ΔW = P diag(λ) Q on every target matrix (SVDLinear), loss = task + γ Σ_k R_k (orthogonality).
 R comes in two forms: the paper's Σ_k (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) (`orth_form=paper`) and the
 official code's and peft's mean of the unsquared norms (`reference`, the default). The paper's form
-starts at γ·2·r per matrix (43 on MiniLM at r = 6, against a task loss of 0.69); its gradients fill
-Adam's second moments for P and Q in the first ~50 steps, after which P and Q barely move: on MRPC
+is large at the start (γ Σ_k R_k = 24.5 logged at step 10 on MiniLM with r = 6, against a task loss
+of 0.69); its gradients fill Adam's second moments for P and Q in the first ~50 steps, after which
+P and Q barely move: on MRPC
 (seed 42) the paper's form stayed at the majority class (F1 81.22 / acc 68.38) where the reference
 form learned (82.30 / 72.06), everything else equal (docs/results.md).
 After every optimiser step (gradients still in place):
