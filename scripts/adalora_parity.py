@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -131,9 +132,10 @@ def main() -> None:
         for task in args.tasks:
             ours, theirs, gaps = [], [], []
             for seed in args.seeds:
-                score, curve = kept(root / f"{task}_s{seed}" / "selectune.json",
-                                    lambda: selectune_run(task, seed, args, root / f"{task}_s{seed}" / "selectune"))
-                peft_score, peft_curve = kept(root / f"{task}_s{seed}" / "peft.json", lambda: peft_run(task, seed, args))
+                folder = root / f"{task}_s{seed}"
+                score, curve = kept(folder / "selectune.json", partial(selectune_run, task, seed, args,
+                                                                       folder / "selectune"))
+                peft_score, peft_curve = kept(folder / "peft.json", partial(peft_run, task, seed, args))
                 ours.append(score)
                 theirs.append(peft_score)
                 gaps.append(max(abs(a - b) for a, b in zip(curve, peft_curve, strict=True)))

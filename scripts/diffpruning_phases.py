@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from docsection import write_section  # noqa: E402
+from docsection import write_section
 
 
 def row(run: Path) -> str:

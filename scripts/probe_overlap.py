@@ -62,7 +62,8 @@ def main() -> None:
             f"candidates = encoder matrices and vectors (no embeddings, no head), τ = 0.5% of the backbone.\n\n"
             f"Overlap of the two top-τ sets: {common:,} of {taus[a]:,} entries ({100 * common / taus[a]:.1f}%), "
             f"Jaccard {jaccard:.3f}. Inside the encoder layers (the pooler left out): {inside_common:,} of "
-            f"{len(inside[a]):,} / {len(inside[b]):,} entries, Jaccard {inside_common / len(inside[a] | inside[b]):.3f}."
+            f"{len(inside[a]):,} / {len(inside[b]):,} entries, "
+            f"Jaccard {inside_common / len(inside[a] | inside[b]):.3f}."
             f"\n\nShare of each set per module type (matrix weights q … ffn-out; `vectors` = the "
             f"layers' biases and LayerNorms; outside the layers = the pooler):\n\n" + "\n".join(rows)
             + f"\n\n![{a}](probe_{a}_grad2.png) ![{b}](probe_{b}_grad2.png)")

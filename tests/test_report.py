@@ -10,8 +10,8 @@ from conftest import run_cli
 def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
-        (folder / "config.yaml").write_text(json.dumps({**config, "trainer": {**config.get("trainer", {}), "seed": seed},
-                                                        "out_dir": str(folder)}))
+        trainer = {**config.get("trainer", {}), "seed": seed}
+        (folder / "config.yaml").write_text(json.dumps({**config, "trainer": trainer, "out_dir": str(folder)}))
     result = {"task": task, "method": method, "seed": seed, "metrics": {"dev": metrics}, "selection": "last",
               "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10}

@@ -25,10 +25,8 @@ EPS = 1e-6
 
 def gate(alpha: torch.Tensor, l: float, r: float, training: bool) -> torch.Tensor:  # noqa: E741
     """The hard-concrete gate z for logits α: a sample in training, the deterministic value in eval."""
-    if training:
-        s = torch.sigmoid(torch.logit(torch.rand_like(alpha), EPS) + alpha)  # logit(u) = log u − log(1 − u)
-    else:
-        s = torch.sigmoid(alpha)
+    noise = torch.logit(torch.rand_like(alpha), EPS) if training else 0.0  # logit(u) = log u − log(1 − u)
+    s = torch.sigmoid(alpha + noise)
     return (s * (r - l) + l).clamp(0.0, 1.0)
 
 
