@@ -75,10 +75,13 @@ def _train(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from selectune.commands import train
+    from selectune.distributed import finish
 
     hydra_cfg = HydraConfig.get()
     explicit = any(o.split("=", 1)[0].lstrip("+") == "out_dir" for o in hydra_cfg.overrides.task)
     train(cfg, Path(hydra_cfg.runtime.output_dir), explicit_out_dir=explicit or hydra_cfg.mode.name == "MULTIRUN")
+    if hydra_cfg.mode.name != "MULTIRUN":  # a torchrun sweep keeps its process group for the next job
+        finish()
 
 
 def _eval(cfg) -> None:

@@ -90,6 +90,15 @@ def setup(device_name: str) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def finish() -> None:
+    """Leave the process group together: without the barrier a rank that is done first tears gloo down
+    while another still writes, and the launch can end in SIGABRT ("terminate called without an active
+    exception") after every run succeeded."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(ctx: Context, device: torch.device) -> torch.device:
     if ctx.active and device.type == "cuda":
         return torch.device("cuda", ctx.local_rank)

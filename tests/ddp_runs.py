@@ -7,12 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from selectune.commands import train
 from selectune.config import compose
+from selectune.distributed import finish
 
 for out_dir, overrides in json.loads(sys.argv[1]):
     train(compose("train", overrides), Path(out_dir), explicit_out_dir=True)
-if dist.is_initialized():
-    dist.destroy_process_group()
+finish()
