@@ -52,18 +52,17 @@ def _flat(node: Any, prefix: str = "") -> dict[str, str]:
 
 
 def variants(runs: list[dict[str, Any]]) -> list[str]:
-    """Per run, the settings (`key=value`) in which it differs from other runs of the same task, method
-    and stored count — seeds and bookkeeping aside; "" when there is no such difference."""
-    keys: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    """Per run, the settings (`key=value`) in which the runs of its task, method and stored count differ
+    — seeds and bookkeeping aside; "" when they differ in nothing else."""
+    experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        for other in runs:
-            if (run["task"], run["method"], run["budget"]["stored"]) == \
-                    (other["task"], other["method"], other["budget"]["stored"]):
-                keys[(run["task"], run["method"], run["budget"]["stored"])] |= {
-                    k for k in run["settings"].keys() | other["settings"].keys()
-                    if run["settings"].get(k) != other["settings"].get(k) and not k.startswith(NOT_A_VARIANT)}
+        experiments[(run["task"], run["method"], run["budget"]["stored"])].append(run)
+    differing = {key: sorted(k for k in set().union(*(m["settings"].keys() for m in members))
+                             if not k.startswith(NOT_A_VARIANT)
+                             and len({m["settings"].get(k) for m in members}) > 1)
+                 for key, members in experiments.items()}
     return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={json.loads(run['settings'][k])}"
-                      for k in sorted(keys[(run["task"], run["method"], run["budget"]["stored"])])
+                      for k in differing[(run["task"], run["method"], run["budget"]["stored"])]
                       if k in run["settings"]) for run in runs]
 
 
