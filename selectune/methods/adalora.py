@@ -5,9 +5,8 @@ R comes in two forms: the paper's Σ_k (‖PᵀP − I‖²_F + ‖QQᵀ − I�
 official code's and peft's mean of the unsquared norms (`reference`, the default). The paper's form
 is large at the start (γ Σ_k R_k = 24.5 logged at step 10 on MiniLM with r = 6, against a task loss
 of 0.69); its gradients fill Adam's second moments for P and Q in the first ~50 steps, after which
-P and Q barely move: on MRPC
-(seed 42) the paper's form stayed at the majority class (F1 81.22 / acc 68.38) where the reference
-form learned (82.30 / 72.06), everything else equal (docs/results.md).
+P and Q barely move: on MRPC (seed 42) the paper's form stayed at the majority class (F1 81.22 /
+acc 68.38) where the reference form learned (82.30 / 72.06), everything else equal (docs/results.md).
 After every optimiser step (gradients still in place):
     I = |w · g|,  Ī ← β1 Ī + (1−β1) I,  U = |I − Ī|,  Ū ← β2 Ū + (1−β2) U,  s = Ī · Ū
     triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
