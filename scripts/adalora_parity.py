@@ -1,6 +1,6 @@
 """AdaLoRA parity: selectune's AdaLoRA vs the maintained `peft` implementation, same configuration.
 
-    pip install peft   # test-only dependency, with torch pinned by constraints.txt
+    pip install -c constraints.txt -e ".[dev]"   # peft is a test-only dependency (dev extra)
     SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
         [--max-steps N] [--out runs/parity] [--write docs/results.md]
 
@@ -8,9 +8,12 @@ With `--out`, each (task, seed, implementation) result is kept there and not rec
 run in separate processes (one per core) and a last call with every seed only builds the table.
 
 Both runs use the same data order, model (offline MiniLM), head init, AdamW with linear warm-up and
-decay, targets (six matrix types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the
+decay (weight decay on matrices only, as selectune: none on λ and biases), targets (six matrix types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the
 orthogonality term in peft's form (`method.orth_form=reference`: γ × mean of unsquared Frobenius
-norms). peft's schedule is read from its RankAllocator at every step; selectune's from metrics.jsonl.
+norms). peft adds that term only inside AdaLoraModel.forward, which a PeftModel without a task type
+bypasses: the peft model here is made with task_type="SEQ_CLS", and the script stops if the first
+loss carries no orthogonality term. peft's schedule is read from its RankAllocator at every step;
+selectune's from metrics.jsonl.
 Reported: dev primary metric per seed (mean ± std) and the largest difference between the two budget
 curves (peft counts its warm-up with `step <= tinit` and its final phase with `step > T - tfinal`,
 selectune with `<` and `>=`, so the curves may differ by one step at the two boundaries).
@@ -59,6 +62,7 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
     from selectune.evaluation import evaluate
     from selectune.tasks import load_task
     from selectune.tasks.batches import train_batches
+    from selectune.trainer import task_loss
 
     overrides = [f"recipe=glue/{task}_adalora", f"trainer.seed={seed}", f"trainer.lr={args.lr}"]
     if args.max_steps:
@@ -74,10 +78,14 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
     config = AdaLoraConfig(init_r=args.init_rank, target_r=args.target_rank, tinit=fraction(args.t_init),
                            tfinal=fraction(args.t_final), deltaT=args.delta_t, beta1=0.85, beta2=0.85,
                            orth_reg_weight=args.orth, total_step=total, target_modules=TARGETS,
-                           lora_alpha=args.alpha, lora_dropout=0.0, modules_to_save=["classifier"])
+                           lora_alpha=args.alpha, lora_dropout=0.0, modules_to_save=["classifier"],
+                           task_type="SEQ_CLS")  # without a task type peft skips its orthogonality term
     model = get_peft_model(backbone.model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=spec.trainer.weight_decay)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = lambda n, p: p.ndim >= 2 and "lora_E" not in n  # noqa: E731  (selectune: no decay on λ, biases)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": spec.trainer.weight_decay},
+         {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}], lr=args.lr)
     warmup = int(spec.trainer.warmup_ratio * total)
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))  # noqa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -87,7 +95,11 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
         epoch, offset = divmod(step - 1, steps_per_epoch)
         rows = train_batches(len(splits["train"]), spec.trainer.batch_size, seed, epoch)[offset]
         batch = splits["train"].batch(rows)
-        loss = model(**batch).loss  # peft adds its orthogonality term to `.loss`
+        output = model(**batch)  # peft adds its orthogonality term to `.loss`
+        loss = output.loss
+        if args.orth and step == 1 and torch.isclose(loss, task_loss(output.logits, batch["labels"],
+                                                                     task_obj.spec.is_regression)):
+            raise SystemExit("peft did not add its orthogonality term to the loss: not the same configuration")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.trainer.max_grad_norm)
         optimizer.step()

@@ -125,3 +125,65 @@ def test_svd_delta_merges_and_trims(data_env, tmp_path):
     assert evaluate_delta(str(tmp_path / "trim"), None, 16, "cpu")["metrics"] == full["metrics"]
     assert evaluate_delta(str(tmp_path / "full"), None, 16, "cpu")["metrics"] == full["metrics"]
     assert a.meta["method_state"]["final_rank_pattern"] is not None
+
+
+def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
+    """The whole loop (importance, masking, schedule, orthogonality term, clipping, AdamW) against the
+    maintained implementation: same init, same batches, dropout off; 30 steps with 4 maskings and the
+    final phase. peft only adds its orthogonality term when it knows the task type (SEQ_CLS)."""
+    peft = pytest.importorskip("peft")
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec, encode_splits, train
+    from selectune.tasks import load_task
+    from selectune.tasks.batches import train_batches
+
+    steps, lr, batch, seed = 30, 1e-3, 8, 3
+    overrides = [f"trainer.max_steps={steps}", "trainer.warmup_ratio=0", f"trainer.lr={lr}", f"trainer.seed={seed}",
+                 "+model.config_overrides.hidden_dropout_prob=0.0",
+                 "+model.config_overrides.attention_probs_dropout_prob=0.0", "method.target_total=12",
+                 "method.t_init=4", "method.t_final=6", "method.delta_t=5", "method.orth_weight=0.3"]
+    _, method = build(*overrides)  # r0 = 2 on 12 matrices, b(T) = 12; the P, Q init train() draws too
+    init = {name: (m.lora_P.detach().clone(), m.lora_Q.detach().clone()) for name, m in method.modules.items()}
+    train(compose_run("glue/rte_adalora", *overrides), tmp_path / "run")
+    ours = TaskDelta.load(tmp_path / "run").tensors
+
+    spec = RunSpec.from_config(compose_run("glue/rte_adalora", *overrides))
+    task = load_task(spec.task)
+    plain = load_backbone(spec.model, task.spec.num_labels, False, task.spec.labels, seed)  # same head init
+    config = peft.AdaLoraConfig(init_r=method.r0, target_r=method.bT // len(method.modules), tinit=4, tfinal=6,
+                                deltaT=5, beta1=0.85, beta2=0.85, orth_reg_weight=0.3, total_step=steps,
+                                lora_alpha=32.0, lora_dropout=0.0, task_type="SEQ_CLS",
+                                target_modules=["query", "key", "value", "attention.output.dense",
+                                                "intermediate.dense", "output.dense"])
+    model = peft.get_peft_model(plain.model, config)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (p, q) in init.items():
+            named[f"base_model.model.{name}.lora_B.default"].copy_(p)
+            named[f"base_model.model.{name}.lora_A.default"].copy_(q)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [n for n, p in params if p.ndim >= 2 and "lora_E" not in n]  # as selectune: none on λ, biases
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if n in decayed], "weight_decay": 0.01},
+                                   {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
+    split = encode_splits(task, plain, ["train"])["train"]
+    per_epoch = -(-len(split) // batch)
+    model.train()
+    for step in range(1, steps + 1):
+        epoch, offset = divmod(step - 1, per_epoch)
+        model(**split.batch(train_batches(len(split), batch, seed, epoch)[offset])).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        optimizer.step()
+        scheduler.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+
+    for name in init:
+        for key, theirs in (("svd_P", "lora_B"), ("svd_Q", "lora_A"), ("svd_E", "lora_E")):
+            value = named[f"base_model.model.{name}.{theirs}.default"].detach()
+            mine = ours[f"{name}.weight::{key}"]
+            torch.testing.assert_close(mine, value.reshape(mine.shape), atol=2e-5, rtol=1e-4)
+        kept = named[f"base_model.model.{name}.lora_E.default"].view(-1) != 0
+        assert torch.equal(ours[f"{name}.weight::svd_E"] != 0, kept)  # the same rank pattern
+    torch.testing.assert_close(ours["classifier.weight::set"], named[
+        "base_model.model.classifier.modules_to_save.default.weight"], atol=2e-5, rtol=1e-4)
