@@ -10,7 +10,7 @@
 # 0.5% (`lora_0.5pct`: rank derived from the budget, the count SaRA and diff pruning store); SPT at LoRA
 # r=8's count (its recipes); AdaLoRA at b(T)=144. Selection rule: last evaluation on the dev split.
 # Run time on the 2-core CPU machine: 15-20 minutes per MRPC run of a one-phase method on one core
-# (two queues side by side, OMP_NUM_THREADS=1), 45 for diff pruning's 8 epochs; about 1 hour per
+# (two queues side by side, OMP_NUM_THREADS=1), ~60 for diff pruning's 8 epochs at batch 8; about 1 hour per
 # (method, seed) over MRPC + RTE + CoLA + STS-B, i.e. ~30 hours for the whole sweep.
 # Resumable: one multirun per (method, seed) over the tasks not finished yet; a killed run continues
 # from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
