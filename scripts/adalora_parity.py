@@ -8,12 +8,13 @@ With `--out`, each (task, seed, implementation) result is kept there and not rec
 run in separate processes (one per core) and a last call with every seed only builds the table.
 
 Both runs use the same data order, model (offline MiniLM), head init, AdamW with linear warm-up and
-decay (weight decay on matrices only, as selectune: none on λ and biases), targets (six matrix types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the
-orthogonality term in peft's form (`method.orth_form=reference`: γ × mean of unsquared Frobenius
-norms). peft adds that term only inside AdaLoraModel.forward, which a PeftModel without a task type
-bypasses: the peft model here is made with task_type="SEQ_CLS", and the script stops if the first
-loss carries no orthogonality term. peft's schedule is read from its RankAllocator at every step;
-selectune's from metrics.jsonl.
+decay (weight decay on matrices only, as selectune: none on λ and biases), targets (six matrix
+types), initial rank, b(T), t_init / t_final / ΔT, β1 = β2 = 0.85 and the orthogonality term in
+peft's form (`method.orth_form=reference`: γ × mean of unsquared Frobenius norms). peft adds that
+term only inside AdaLoraModel.forward, which a PeftModel without a task type bypasses: the peft
+model here is made with task_type="SEQ_CLS", and the script stops if the first loss carries no
+orthogonality term. peft's schedule is read from its RankAllocator at every step; selectune's
+from metrics.jsonl.
 Reported: dev primary metric per seed (mean ± std) and the largest difference between the two budget
 curves (peft counts its warm-up with `step <= tinit` and its final phase with `step > T - tfinal`,
 selectune with `<` and `>=`, so the curves may differ by one step at the two boundaries).

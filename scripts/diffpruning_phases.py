@@ -34,10 +34,12 @@ def row(run: Path) -> str:
     switch = min(step for step, _ in evals if step > switch)  # first evaluation after the last phase-1 log
     before = [m for step, m in evals if step < switch]
     after = dict(evals)[switch]
-    penalty = OmegaConf.load(run / "config.yaml").method.get("group_penalty", "paper")  # older runs: the paper's
+    config = OmegaConf.load(run / "config.yaml")
+    penalty = config.method.get("group_penalty", "paper")  # older runs: the paper's
     variant = f"group_penalty={penalty}" if result["method"] == "sdiff" else ""
     state = result["method_state"]
     return (f"| {result['task']} | {result['method']}{f' ({variant})' if variant else ''} | {result['seed']} | "
+            f"{config.trainer.batch_size} | "
             f"{100 * stats[-1]['z_nonzero_eval']:.2f}% | {100 * stats[-1]['groups_off_fraction']:.1f}% | "
             f"{state['projected_from_nonzero']:,} → {state['kept']:,} | {before[-1]:.2f} | {after:.2f} | "
             f"{result['metrics']['dev'][primary]:.2f} | {100 * state['tensors_untouched_fraction']:.1f}% |")
@@ -48,9 +50,9 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    lines = ["| task | method | seed | phase-1 density at its last log (eval mask) | groups fully off then | "
+    lines = ["| task | method | seed | batch | phase-1 density at its last log (eval mask) | groups fully off then | "
              "nonzero → kept at the projection | dev before projection | dev just after | dev at the end | "
-             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(run) for run in args.runs]
     body = ("### Diff pruning, phase by phase\n\n`python scripts/diffpruning_phases.py "
             + " ".join(str(r) for r in args.runs) + "` (primary dev metric: F1 for MRPC)\n\n" + "\n".join(lines))

@@ -48,7 +48,7 @@ class DiffPruningConfig(MethodConfig):
     stretch_left: float = -1.5  # l
     stretch_right: float = 1.5  # r
     group_rows: Optional[int] = None  # S-Diff groups: None = one per tensor; N = blocks of N rows (a head)
-    group_penalty: str = "reference"  # S-Diff: "reference" Σ_i σ(α_i−c) + Σ_j σ(α^j−c); "paper" Σ_j Σ_i σ(α_i−c)σ(α^j−c)
+    group_penalty: str = "reference"  # S-Diff: Σ_i σ(α_i−c) + Σ_j σ(α^j−c); "paper": Σ_j Σ_i σ(α_i−c)σ(α^j−c)
     phase1_epochs: float = 3.0  # the rest of trainer.epochs is phase 2
     phase1_share: Optional[float] = None  # instead of phase1_epochs: this share of all steps (any schedule length)
     phase2_lr: float = 5.0e-5
