@@ -2,7 +2,7 @@
 
     pip install -c constraints.txt -e ".[dev]"   # peft is a test-only dependency (dev extra)
     SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
-        [--max-steps N] [--out runs/parity] [--write docs/results.md]
+        [--max-steps N] [--out runs/parity] [--kept-only] [--write docs/results.md]
 
 With `--out`, each (task, seed, implementation) result is kept there and not recomputed, so seeds can
 run in separate processes (one per core) and a last call with every seed only builds the table.
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+NO_TASK_TYPE = "peft without a task type (no orthogonality term)"
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
@@ -136,26 +137,36 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="keep each result here (default: a temporary folder)")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="build the table from the results already kept in --out; run nothing")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    rows = ["| task | implementation | seeds | dev primary metric (mean ± std) | max budget-curve gap |",
-            "|---|---|---|---|---|"]
+    rows = ["| task | implementation | seeds | dev primary metric (mean ± std) | per seed | max budget-curve gap |",
+            "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         for task in args.tasks:
-            ours, theirs, gaps = [], [], []
+            runs: dict[str, list[float]] = {"selectune": [], "peft": [], NO_TASK_TYPE: []}
+            seeds, gaps = [], []
             for seed in args.seeds:
                 folder = root / f"{task}_s{seed}"
+                if args.kept_only and not all((folder / f).exists() for f in ("selectune.json", "peft.json")):
+                    continue
                 score, curve = kept(folder / "selectune.json", partial(selectune_run, task, seed, args,
                                                                        folder / "selectune"))
                 peft_score, peft_curve = kept(folder / "peft.json", partial(peft_run, task, seed, args))
-                ours.append(score)
-                theirs.append(peft_score)
+                seeds.append(seed)
+                runs["selectune"].append(score)
+                runs["peft"].append(peft_score)
                 gaps.append(max(abs(a - b) for a, b in zip(curve, peft_curve, strict=True)))
-            for name, scores in (("selectune", ours), ("peft", theirs)):
+                if (folder / "peft_without_task_type.json").exists():  # kept from an earlier, flawed comparison
+                    runs[NO_TASK_TYPE].append(json.loads((folder / "peft_without_task_type.json").read_text())["score"])
+            for name, scores in runs.items():
+                if not scores:
+                    continue
                 std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-                rows.append(f"| {task} | {name} | {len(scores)} | {statistics.mean(scores):.2f} ± {std:.2f} | "
-                            f"{max(gaps)} |")
+                rows.append(f"| {task} | {name} | {','.join(map(str, seeds))} | {statistics.mean(scores):.2f} ± "
+                            f"{std:.2f} | {' / '.join(f'{x:.2f}' for x in scores)} | {max(gaps)} |")
     body = ("### AdaLoRA parity with peft\n\n`SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py "
             + " ".join(sys.argv[1:]) + "`\n\n" + "\n".join(rows))
     print(body)
