@@ -61,9 +61,11 @@ def variants(runs: list[dict[str, Any]]) -> list[str]:
                              if not k.startswith(NOT_A_VARIANT)
                              and len({m["settings"].get(k) for m in members}) > 1)
                  for key, members in experiments.items()}
-    return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={json.loads(run['settings'][k])}"
-                      for k in differing[(run["task"], run["method"], run["budget"]["stored"])]
-                      if k in run["settings"]) for run in runs]
+    def value(run: dict[str, Any], key: str) -> str:  # "unset": a run older than the setting
+        return json.loads(run["settings"][key]) if key in run["settings"] else "unset"
+
+    return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={value(run, k)}"
+                      for k in differing[(run["task"], run["method"], run["budget"]["stored"])]) for run in runs]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

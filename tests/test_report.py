@@ -43,11 +43,14 @@ def test_runs_that_differ_in_a_setting_are_separate_rows_named_by_it(tmp_path):
     fake_run(tmp_path / "runs" / "a", "mrpc", "sdiff", 1, {"f1": 80.0, "accuracy": 70.0}, 5000, config=paper)
     fake_run(tmp_path / "runs" / "b", "mrpc", "sdiff", 2, {"f1": 82.0, "accuracy": 72.0}, 5000, config=paper)
     fake_run(tmp_path / "runs" / "c", "mrpc", "sdiff", 1, {"f1": 90.0, "accuracy": 80.0}, 5000, config=reference)
+    older = {**paper, "method": {k: v for k, v in paper["method"].items() if k != "group_penalty"}}
+    fake_run(tmp_path / "runs" / "d", "mrpc", "sdiff", 3, {"f1": 70.0, "accuracy": 60.0}, 5000, config=older)
     result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
     assert "f1 81.00 ± 1.41" in next(line for line in lines if "| sdiff (group_penalty=paper) |" in line)
     assert "f1 90.00 ± 0.00" in next(line for line in lines if "| sdiff (group_penalty=reference) |" in line)
+    assert "f1 70.00 ± 0.00" in next(line for line in lines if "| sdiff (group_penalty=unset) |" in line)  # older run
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path):
