@@ -1,6 +1,6 @@
 """Put `selectune report`'s table for a runs folder into docs/results.md (and its plot into docs/).
 
-    python scripts/results_table.py runs/baselines --title "..." --command "..." [--section name]
+    python scripts/results_table.py runs/baselines [more runs folders] --title "..." --command "..." [--section name]
 
 The table replaces the text between `<!-- results:<section> -->` and `<!-- /results:<section> -->`
 in docs/results.md (appended if absent): the document is generated from results.json files, not typed.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from selectune.report import collect, markdown, plots, summarise, vtab_averages
+from selectune.report import collect, glue_matrix, markdown, plots, summarise, vtab_averages
 
 from docsection import write_section
 
@@ -26,28 +26,33 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("roots", type=Path, nargs="+")
     parser.add_argument("--title", required=True)
     parser.add_argument("--command", required=True)
     parser.add_argument("--section", default=None, help="marker name (default: the runs folder's name)")
     args = parser.parse_args()
-    section = args.section or args.root.name
-    runs = collect([args.root])
+    section = args.section or args.roots[0].name
+    runs = collect(args.roots)
     rows = summarise(runs)
-    plots(rows, runs, args.root)
+    plots(rows, runs, args.roots[0])
     image = f"{section}_metric_vs_budget.png"
-    shutil.copy(args.root / "metric_vs_budget.png", DOCS / image)
+    shutil.copy(args.roots[0] / "metric_vs_budget.png", DOCS / image)
+    matrix = glue_matrix(runs)
+    sources = ", ".join(f"`{root}/**/results.json`" for root in args.roots)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                f"torch {torch.__version__}")
     body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/results_table.py` (selectune report) "
-            f"from `{args.root}/**/results.json`.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
+            f"from {sources}.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
             + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
                "training, `trainer.select=last`); nothing is chosen on the test split. "
                if any(r["split"] == "test" for r in rows) else
                "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
                "no test split is used. ")
             + "Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
-            f"{markdown(rows)}\n\n" + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
+            f"{markdown(rows)}\n\n"
+            + (f"Per method, the primary dev metric of each task (seeds in brackets) and the average over the "
+               f"tasks (only where a method has them all):\n\n{matrix}\n\n" if matrix else "")
+            + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
                                         if vtab_averages(rows) else "") + f"![{section}]({image})")
     write_section(DOCS / "results.md", f"results:{section}", body)
     print(body)

@@ -5,7 +5,8 @@ the settings in which such runs differ — read from each run's config.yaml, so 
 forms or two learning rates are two rows named by the difference, never one row with a false ±), and
 averages over seeds (mean ± sample std), then writes to `out` (default: the first folder):
     report.md            task × method: primary dev metric, other metrics, seeds, stored params,
-                         % of the backbone, delta bytes, s/step, peak memory
+                         % of the backbone, delta bytes, s/step, peak memory; with two GLUE tasks or
+                         more, also method × task (primary metric) and the average over the tasks
     metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
     training_curves.png  training loss against step, one line per run
 """
@@ -51,21 +52,38 @@ def _flat(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(node)}
 
 
-def variants(runs: list[dict[str, Any]]) -> list[str]:
+def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str]:
     """Per run, the settings (`key=value`) in which the runs of its task, method and stored count differ
-    — seeds and bookkeeping aside; "" when they differ in nothing else."""
+    — seeds and bookkeeping aside; "" when they differ in nothing else.
+
+    across_tasks: name a run by every setting in which its method's runs differ within *some* task, so
+    that one variant carries one label on every task (the per-task table alone would call MRPC's
+    `sara (trainer.lr=0.002)` plain `sara` on a task where only that learning rate was run). Settings
+    of the task itself (`task.*`) never name a variant."""
     experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         experiments[(run["task"], run["method"], run["budget"]["stored"])].append(run)
-    differing = {key: sorted(k for k in set().union(*(m["settings"].keys() for m in members))
-                             if not k.startswith(NOT_A_VARIANT)
-                             and len({m["settings"].get(k) for m in members}) > 1)
-                 for key, members in experiments.items()}
+    differing = {key: sorted(_differing(members, NOT_A_VARIANT)) for key, members in experiments.items()}
+    if across_tasks:
+        per_task: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for run in runs:
+            per_task[(run["task"], run["method"])].append(run)
+        by_method: dict[str, set[str]] = defaultdict(set)
+        for (_, method), members in per_task.items():
+            by_method[method] |= _differing(members, NOT_A_VARIANT + ("task.",))
+        differing = {key: sorted(by_method[key[1]]) for key in experiments}
+
     def value(run: dict[str, Any], key: str) -> str:  # "unset": a run older than the setting
         return json.loads(run["settings"][key]) if key in run["settings"] else "unset"
 
     return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={value(run, k)}"
                       for k in differing[(run["task"], run["method"], run["budget"]["stored"])]) for run in runs]
+
+
+def _differing(members: list[dict[str, Any]], skip: tuple[str, ...]) -> set[str]:
+    """The settings, outside `skip`, that do not hold one value over `members` (missing counts as a value)."""
+    return {k for k in set().union(*(m["settings"].keys() for m in members))
+            if not k.startswith(skip) and len({m["settings"].get(k) for m in members}) > 1}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -109,6 +127,32 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def glue_matrix(runs: list[dict[str, Any]]) -> str:
+    """Methods × GLUE tasks, as the papers print it: each task's primary dev metric (mean ± std over
+    seeds, with the seed count), and the average over the tasks — only for a method that has every task
+    of the table, so an average is never taken over a different set of tasks. "" for under two tasks."""
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run, variant in zip(runs, variants(runs, across_tasks=True), strict=True):
+        if run["task"] in GLUE:
+            split = next(iter(run["metrics"]))
+            label = f"{run['method']} ({variant})" if variant else run["method"]
+            cells[(label, run["task"])].append(run["metrics"][split][GLUE[run["task"]].primary])
+    tasks = [t for t in GLUE if any(task == t for _, task in cells)]
+    if len(tasks) < 2:
+        return ""
+    lines = ["| method | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for label in sorted({label for label, _ in cells}):
+        shown = []
+        for task in tasks:
+            values = cells.get((label, task))
+            shown.append(f"{mean_std(values)[0]:.2f} ± {mean_std(values)[1]:.2f} ({len(values)})" if values else "—")
+        complete = all((label, t) in cells for t in tasks)
+        average = statistics.mean(mean_std(cells[(label, t)])[0] for t in tasks) if complete else None
+        lines.append(f"| {label} | " + " | ".join(shown) + f" | {'—' if average is None else f'{average:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -177,9 +221,13 @@ def report(folders: list[Path], out: Path | None = None) -> Path:
     if averages:
         averages = "\nVTAB-1k averages (both conventions; over the image tasks present):\n\n" + averages + "\n"
         print(averages)
+    matrix = glue_matrix(runs)
+    if matrix:
+        matrix = "\nGLUE, primary dev metric per task (seeds in brackets) and its average:\n\n" + matrix + "\n"
+        print(matrix)
     text = (f"# selectune report\n\n{len(runs)} runs from {', '.join(map(str, folders))}; mean ± sample std over "
             f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n"
-            f"{averages}\n"
+            f"{averages}{matrix}\n"
             + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     (out / "report.md").write_text(text)
     print(markdown(rows))

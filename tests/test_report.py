@@ -56,3 +56,22 @@ def test_runs_that_differ_in_a_setting_are_separate_rows_named_by_it(tmp_path):
 def test_report_without_runs_is_a_clear_error(tmp_path):
     result = run_cli("report", str(tmp_path), cwd=tmp_path)
     assert result.returncode != 0 and "no results.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_glue_matrix_names_a_variant_alike_on_every_task_and_averages_only_complete_rows(tmp_path):
+    runs = tmp_path / "runs"
+    old = {"method": {"name": "sara"}, "trainer": {"lr": 5e-4}}
+    new = {"method": {"name": "sara"}, "trainer": {"lr": 2e-3}}
+    fake_run(runs / "m1", "mrpc", "sara", 1, {"f1": 81.0, "accuracy": 68.0}, 5000, config=old)
+    fake_run(runs / "m2", "mrpc", "sara", 1, {"f1": 84.0, "accuracy": 76.0}, 5000, config=new)
+    fake_run(runs / "m3", "mrpc", "sara", 2, {"f1": 86.0, "accuracy": 78.0}, 5000, config=new)
+    fake_run(runs / "r1", "rte", "sara", 1, {"accuracy": 60.0}, 5000, config=new)  # only the new lr on RTE
+    fake_run(runs / "f1", "mrpc", "full", 1, {"f1": 85.0, "accuracy": 77.0}, 10**6)  # no RTE run: no average
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| method | mrpc (f1) | rte (accuracy) | average |" in lines
+    # MRPC (84 + 86) / 2 = 85, std sqrt(2) = 1.41; RTE 60; average (85 + 60) / 2 = 72.5
+    assert "| sara (trainer.lr=0.002) | 85.00 ± 1.41 (2) | 60.00 ± 0.00 (1) | 72.50 |" in lines
+    assert "| sara (trainer.lr=0.0005) | 81.00 ± 0.00 (1) | — | — |" in lines
+    assert "| full | 85.00 ± 0.00 (1) | — | — |" in lines
