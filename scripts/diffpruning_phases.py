@@ -35,7 +35,7 @@ def row(run: Path) -> str:
     before = [m for step, m in evals if step < switch]
     after = dict(evals)[switch]
     config = OmegaConf.load(run / "config.yaml")
-    penalty = config.method.get("group_penalty", "paper")  # older runs: the paper's
+    penalty = config.method.get("group_penalty", "paper (unset in its config: the only form then)")
     variant = f"group_penalty={penalty}" if result["method"] == "sdiff" else ""
     state = result["method_state"]
     return (f"| {result['task']} | {result['method']}{f' ({variant})' if variant else ''} | {result['seed']} | "
