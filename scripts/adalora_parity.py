@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 NO_TASK_TYPE = "peft without a task type (no orthogonality term)"
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 def selectune_run(task: str, seed: int, args, out: Path) -> tuple[float, list[int]]:
@@ -56,15 +55,12 @@ def selectune_run(task: str, seed: int, args, out: Path) -> tuple[float, list[in
 
 
 def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
-    from peft import AdaLoraConfig, get_peft_model
-
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits
     from selectune.config import compose
     from selectune.evaluation import evaluate
+    from selectune.methods import adalora_peft
     from selectune.tasks import load_task
-    from selectune.tasks.batches import train_batches
-    from selectune.trainer import task_loss
 
     overrides = [f"recipe=glue/{task}_adalora", f"trainer.seed={seed}", f"trainer.lr={args.lr}"]
     if args.max_steps:
@@ -77,38 +73,13 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
     steps_per_epoch = -(-len(splits["train"]) // spec.trainer.batch_size)
     total = spec.trainer.max_steps or int(spec.trainer.epochs * steps_per_epoch)
     fraction = lambda v: int(round(v * total)) if 0 < v < 1 else int(v)  # noqa: E731
-    config = AdaLoraConfig(init_r=args.init_rank, target_r=args.target_rank, tinit=fraction(args.t_init),
-                           tfinal=fraction(args.t_final), deltaT=args.delta_t, beta1=0.85, beta2=0.85,
-                           orth_reg_weight=args.orth, total_step=total, target_modules=TARGETS,
-                           lora_alpha=args.alpha, lora_dropout=0.0, modules_to_save=["classifier"],
-                           task_type="SEQ_CLS")  # without a task type peft skips its orthogonality term
-    model = get_peft_model(backbone.model, config)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = lambda n, p: p.ndim >= 2 and "lora_E" not in n  # noqa: E731  (selectune: no decay on λ, biases)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": spec.trainer.weight_decay},
-         {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}], lr=args.lr)
-    warmup = int(spec.trainer.warmup_ratio * total)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))  # noqa
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    curve = []
-    model.train()
-    for step in range(1, total + 1):
-        epoch, offset = divmod(step - 1, steps_per_epoch)
-        rows = train_batches(len(splits["train"]), spec.trainer.batch_size, seed, epoch)[offset]
-        batch = splits["train"].batch(rows)
-        output = model(**batch)  # peft adds its orthogonality term to `.loss`
-        loss = output.loss
-        if args.orth and step == 1 and torch.isclose(loss, task_loss(output.logits, batch["labels"],
-                                                                     task_obj.spec.is_regression)):
-            raise SystemExit("peft did not add its orthogonality term to the loss: not the same configuration")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.trainer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        model.base_model.update_and_allocate(step)
-        curve.append(model.base_model.rankallocator.budget_schedule(step)[0])
-        optimizer.zero_grad()
+    model = adalora_peft.build(backbone.model, init_r=args.init_rank, target_r=args.target_rank,
+                               tinit=fraction(args.t_init), tfinal=fraction(args.t_final), delta_t=args.delta_t,
+                               orth_weight=args.orth, total_step=total, alpha=args.alpha)
+    curve = adalora_peft.train(model, splits["train"], steps=total, batch_size=spec.trainer.batch_size, seed=seed,
+                               lr=args.lr, weight_decay=spec.trainer.weight_decay,
+                               warmup=int(spec.trainer.warmup_ratio * total),
+                               max_grad_norm=spec.trainer.max_grad_norm, regression=task_obj.spec.is_regression)
     metrics, _ = evaluate(model, task_obj, {"dev": splits["dev"]}, 128, torch.device("cpu"))
     return metrics["dev"][task_obj.spec.primary], curve
 

@@ -131,11 +131,11 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
     """The whole loop (importance, masking, schedule, orthogonality term, clipping, AdamW) against the
     maintained implementation: same init, same batches, dropout off; 30 steps with 4 maskings and the
     final phase. peft only adds its orthogonality term when it knows the task type (SEQ_CLS)."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits, train
+    from selectune.methods import adalora_peft
     from selectune.tasks import load_task
-    from selectune.tasks.batches import train_batches
 
     steps, lr, batch, seed = 30, 1e-3, 8, 3
     overrides = [f"trainer.max_steps={steps}", "trainer.warmup_ratio=0", f"trainer.lr={lr}", f"trainer.seed={seed}",
@@ -150,33 +150,15 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
     spec = RunSpec.from_config(compose_run("glue/rte_adalora", *overrides))
     task = load_task(spec.task)
     plain = load_backbone(spec.model, task.spec.num_labels, False, task.spec.labels, seed)  # same head init
-    config = peft.AdaLoraConfig(init_r=method.r0, target_r=method.bT // len(method.modules), tinit=4, tfinal=6,
-                                deltaT=5, beta1=0.85, beta2=0.85, orth_reg_weight=0.3, total_step=steps,
-                                lora_alpha=32.0, lora_dropout=0.0, task_type="SEQ_CLS",
-                                target_modules=["query", "key", "value", "attention.output.dense",
-                                                "intermediate.dense", "output.dense"])
-    model = peft.get_peft_model(plain.model, config)
+    model = adalora_peft.build(plain.model, init_r=method.r0, target_r=method.bT // len(method.modules), tinit=4,
+                               tfinal=6, delta_t=5, orth_weight=0.3, total_step=steps, alpha=32.0)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, (p, q) in init.items():
             named[f"base_model.model.{name}.lora_B.default"].copy_(p)
             named[f"base_model.model.{name}.lora_A.default"].copy_(q)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = [n for n, p in params if p.ndim >= 2 and "lora_E" not in n]  # as selectune: none on λ, biases
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if n in decayed], "weight_decay": 0.01},
-                                   {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}], lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
-    split = encode_splits(task, plain, ["train"])["train"]
-    per_epoch = -(-len(split) // batch)
-    model.train()
-    for step in range(1, steps + 1):
-        epoch, offset = divmod(step - 1, per_epoch)
-        model(**split.batch(train_batches(len(split), batch, seed, epoch)[offset])).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        optimizer.step()
-        scheduler.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
+    adalora_peft.train(model, encode_splits(task, plain, ["train"])["train"], steps=steps, batch_size=batch,
+                       seed=seed, lr=lr, weight_decay=0.01, warmup=0, max_grad_norm=1.0, regression=False)
 
     for name in init:
         for key, theirs in (("svd_P", "lora_B"), ("svd_Q", "lora_A"), ("svd_E", "lora_E")):
