@@ -14,7 +14,9 @@ every parameter and buffer matches rank 0's.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +93,22 @@ def setup(device_name: str) -> Context:
 
 
 def finish() -> None:
-    """Leave the process group together: without the barrier a rank that is done first tears gloo down
-    while another still writes, and the launch can end in SIGABRT ("terminate called without an active
-    exception") after every run succeeded."""
+    """End a torchrun worker: leave the process group together, then exit without the interpreter's
+    teardown (a single process returns; nothing to do).
+
+    Without the barrier a rank that is done first tears gloo down while another still writes. Even
+    after destroy_process_group, gloo's transport threads can still be joinable when C++ static objects
+    are destroyed at exit: under load the launch then ended in SIGABRT ("terminate called without an
+    active exception") after every run had succeeded (seen in the test suite beside two training runs,
+    with the barrier in place). os._exit skips that teardown; logs and streams are flushed first, and
+    every file a run writes is closed before its `train` returns."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def device_for(ctx: Context, device: torch.device) -> torch.device:
