@@ -78,7 +78,7 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
                                orth_weight=args.orth, total_step=total, alpha=args.alpha)
     curve = adalora_peft.train(model, splits["train"], steps=total, batch_size=spec.trainer.batch_size, seed=seed,
                                lr=args.lr, weight_decay=spec.trainer.weight_decay,
-                               warmup=int(spec.trainer.warmup_ratio * total),
+                               warmup_ratio=spec.trainer.warmup_ratio,
                                max_grad_norm=spec.trainer.max_grad_norm, regression=task_obj.spec.is_regression)
     metrics, _ = evaluate(model, task_obj, {"dev": splits["dev"]}, 128, torch.device("cpu"))
     return metrics["dev"][task_obj.spec.primary], curve

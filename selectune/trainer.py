@@ -91,6 +91,17 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
     return F.cross_entropy(logits.float(), labels)
 
 
+def lr_multiplier(step: int, start: int, end: int, warmup_ratio: float) -> float:
+    """Linear warm-up over `warmup_ratio` of the window [start, end), then linear decay to 0 at `end`;
+    0 before the window. Shared with the peft parity harness so both sides follow one schedule."""
+    if step < start:
+        return 0.0
+    warmup = int(warmup_ratio * (end - start))
+    if step < start + warmup:
+        return (step - start + 1) / warmup
+    return max(0.0, (end - step) / max(1, end - start - warmup))
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA peak allocation on a GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -128,13 +139,7 @@ class Trainer:
         over the group's window (default: the whole run), or 1 for groups marked `constant`."""
         if group.get("constant"):
             return 1.0
-        start, end = group.get("window", (0, self.total_steps))
-        if step < start:
-            return 0.0
-        warmup = int(self.cfg.warmup_ratio * (end - start))
-        if step < start + warmup:
-            return (step - start + 1) / warmup
-        return max(0.0, (end - step) / max(1, end - start - warmup))
+        return lr_multiplier(step, *group.get("window", (0, self.total_steps)), self.cfg.warmup_ratio)
 
     def _optimizer(self, step: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW over the method's parameter groups, each group's schedule positioned at `step`."""

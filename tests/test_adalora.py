@@ -158,7 +158,7 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
             named[f"base_model.model.{name}.lora_B.default"].copy_(p)
             named[f"base_model.model.{name}.lora_A.default"].copy_(q)
     adalora_peft.train(model, encode_splits(task, plain, ["train"])["train"], steps=steps, batch_size=batch,
-                       seed=seed, lr=lr, weight_decay=0.01, warmup=0, max_grad_norm=1.0, regression=False)
+                       seed=seed, lr=lr, weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0, regression=False)
 
     for name in init:
         for key, theirs in (("svd_P", "lora_B"), ("svd_Q", "lora_A"), ("svd_E", "lora_E")):

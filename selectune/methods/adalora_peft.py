@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from selectune.tasks.batches import TextSplit, train_batches
-from selectune.trainer import task_loss
+from selectune.trainer import lr_multiplier, task_loss
 
 # The six matrix types of a BERT layer: q, k, v, attention output, FFN in, FFN out.
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -32,7 +32,7 @@ def build(model: torch.nn.Module, *, init_r: int, target_r: int, tinit: int, tfi
 
 
 def train(model: torch.nn.Module, split: TextSplit, *, steps: int, batch_size: int, seed: int, lr: float,
-          weight_decay: float, warmup: int, max_grad_norm: float, regression: bool) -> list[int]:
+          weight_decay: float, warmup_ratio: float, max_grad_norm: float, regression: bool) -> list[int]:
     """Train `steps` steps on selectune's batches; returns peft's budget b(t) after every step.
 
     Stops with an error if the first loss is the bare task loss while an orthogonality weight is set:
@@ -41,8 +41,7 @@ def train(model: torch.nn.Module, split: TextSplit, *, steps: int, batch_size: i
     decayed = {n for n, p in params if p.ndim >= 2 and "lora_E" not in n}
     optimizer = torch.optim.AdamW([{"params": [p for n, p in params if n in decayed], "weight_decay": weight_decay},
                                    {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}], lr=lr)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, 0, steps, warmup_ratio))
     per_epoch = -(-len(split) // batch_size)
     allocator = model.base_model
     curve = []
