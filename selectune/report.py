@@ -63,7 +63,6 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         experiments[(run["task"], run["method"], run["budget"]["stored"])].append(run)
-    differing = {key: sorted(_differing(members, NOT_A_VARIANT)) for key, members in experiments.items()}
     if across_tasks:
         per_task: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for run in runs:
@@ -72,6 +71,8 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
         for (_, method), members in per_task.items():
             by_method[method] |= _differing(members, NOT_A_VARIANT + ("task.",))
         differing = {key: sorted(by_method[key[1]]) for key in experiments}
+    else:
+        differing = {key: sorted(_differing(members, NOT_A_VARIANT)) for key, members in experiments.items()}
 
     def value(run: dict[str, Any], key: str) -> str:  # "unset": a run older than the setting
         return json.loads(run["settings"][key]) if key in run["settings"] else "unset"
@@ -145,13 +146,14 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
         return ""
     lines = ["| method | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
              "|---|" + "---|" * (len(tasks) + 1)]
+    stats = {key: mean_std(values) for key, values in cells.items()}
     for label in sorted({label for label, _ in cells}):
         shown = []
         for task in tasks:
-            values = cells.get((label, task))
-            shown.append(f"{mean_std(values)[0]:.2f} ± {mean_std(values)[1]:.2f} ({len(values)})" if values else "—")
-        complete = all((label, t) in cells for t in tasks)
-        average = statistics.mean(mean_std(cells[(label, t)])[0] for t in tasks) if complete else None
+            key = (label, task)
+            shown.append(f"{stats[key][0]:.2f} ± {stats[key][1]:.2f} ({len(cells[key])})" if key in stats else "—")
+        complete = all((label, t) in stats for t in tasks)
+        average = statistics.mean(stats[(label, t)][0] for t in tasks) if complete else None
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {'—' if average is None else f'{average:.2f}'} |")
     return "\n".join(lines)
 
