@@ -1,9 +1,9 @@
 """`selectune report <run dirs or a multirun dir> [out=<dir>]`: one table and the papers' plots.
 
 Collects every results.json below the given folders, groups runs by (task, method, stored count, and
-the settings in which such runs differ — read from each run's config.yaml, so `sdiff` with two penalty
-forms or two learning rates are two rows named by the difference, never one row with a false ±), and
-averages over seeds (mean ± sample std), then writes to `out` (default: the first folder):
+a variant label read from each run's config.yaml — so `sdiff` with two penalty forms or two learning
+rates are two rows named by the difference, never one row with a false ±), and averages over seeds
+(mean ± sample std), then writes to `out` (default: the first folder):
     report.md            task × method: primary dev metric, other metrics, seeds, stored params,
                          % of the backbone, delta bytes, s/step, peak memory; with two GLUE tasks or
                          more, also method × task (primary metric) and the average over the tasks
@@ -53,13 +53,17 @@ def _flat(node: Any, prefix: str = "") -> dict[str, str]:
 
 
 def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str]:
-    """Per run, the settings (`key=value`) in which the runs of its task, method and stored count differ
-    — seeds and bookkeeping aside; "" when they differ in nothing else.
+    """Per run, the label of its variant: "" for a run of a recipe as the recipe stands today.
 
-    across_tasks: name a run by every setting in which its method's runs differ within *some* task, so
-    that one variant carries one label on every task (the per-task table alone would call MRPC's
-    `sara (trainer.lr=0.002)` plain `sara` on a task where only that learning rate was run). Settings
-    of the task itself (`task.*`) never name a variant."""
+    A run made from a recipe (its config.yaml is a whole selectune config and `<family>/<task>_<method>`
+    is a recipe) is named by the settings in which it departs from that recipe — seeds and bookkeeping
+    aside — so one label means one variant on every task, even where the recipes set a per-task value
+    (AdaLoRA's γ is 0.1 on MRPC and 0.3 on RTE), and a run older than a recipe change is named by the
+    old value (`sara (trainer.lr=0.0005)`). Other runs are named by the settings in which the runs of
+    their task, method and stored count differ; with across_tasks, by every setting in which the
+    method's runs differ within *some* task (the per-task table alone would call a variant plain on a
+    task where only it was run). Settings of the task itself (`task.*`) never name those variants."""
+    recipes: dict[str, dict[str, str] | None] = {}
     experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         experiments[(run["task"], run["method"], run["budget"]["stored"])].append(run)
@@ -74,11 +78,40 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     else:
         differing = {key: sorted(_differing(members, NOT_A_VARIANT)) for key, members in experiments.items()}
 
-    def value(run: dict[str, Any], key: str) -> str:  # "unset": a run older than the setting
-        return json.loads(run["settings"][key]) if key in run["settings"] else "unset"
+    labels = []
+    for run in runs:
+        recipe = _recipe_settings(run, recipes)
+        if recipe is None:
+            keys = differing[(run["task"], run["method"], run["budget"]["stored"])]
+        else:
+            keys = sorted(k for k in set(run["settings"]) | set(recipe)
+                          if not k.startswith(NOT_A_VARIANT) and run["settings"].get(k) != recipe.get(k))
+        labels.append(", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={_shown(run, k)}"
+                                for k in keys))
+    return labels
 
-    return [", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={value(run, k)}"
-                      for k in differing[(run["task"], run["method"], run["budget"]["stored"])]) for run in runs]
+
+def _shown(run: dict[str, Any], key: str) -> str:
+    """A setting's value as an override would write it; "unset" for a run older than the setting."""
+    if key not in run["settings"]:
+        return "unset"
+    value = json.loads(run["settings"][key])
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+
+def _recipe_settings(run: dict[str, Any], cache: dict[str, dict[str, str] | None]) -> dict[str, str] | None:
+    """The flattened config of the recipe `run` was made from, as composed today; None for a run whose
+    config is not a whole selectune config or whose task and method name no recipe."""
+    if not {"model", "task", "method", "trainer"} <= {k.partition(".")[0] for k in run["settings"]}:
+        return None
+    name = f"{run.get('family', 'glue')}/{run['task']}_{run['method']}"
+    if name not in cache:
+        from selectune.config import compose, list_recipes
+
+        cache[name] = None
+        if name in list_recipes():
+            cache[name] = _flat(OmegaConf.to_container(compose("train", [f"recipe={name}"]), resolve=True))
+    return cache[name]
 
 
 def _differing(members: list[dict[str, Any]], skip: tuple[str, ...]) -> set[str]:

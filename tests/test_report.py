@@ -75,3 +75,27 @@ def test_glue_matrix_names_a_variant_alike_on_every_task_and_averages_only_compl
     assert "| sara (trainer.lr=0.002) | 85.00 ± 1.41 (2) | 60.00 ± 0.00 (1) | 72.50 |" in lines
     assert "| sara (trainer.lr=0.0005) | 81.00 ± 0.00 (1) | — | — |" in lines
     assert "| full | 85.00 ± 0.00 (1) | — | — |" in lines
+
+
+def test_a_recipe_run_is_named_by_what_it_changes_in_its_recipe_so_per_task_values_share_a_row(tmp_path):
+    from omegaconf import OmegaConf
+
+    from selectune.config import compose
+
+    def recipe(name, *overrides):
+        return OmegaConf.to_container(compose("train", [f"recipe={name}", *overrides]), resolve=True)
+
+    runs = tmp_path / "runs"
+    mrpc, rte = recipe("glue/mrpc_adalora"), recipe("glue/rte_adalora")
+    assert (mrpc["method"]["orth_weight"], rte["method"]["orth_weight"]) == (0.1, 0.3)  # the recipes' own γ
+    fake_run(runs / "m1", "mrpc", "adalora", 1, {"f1": 82.0, "accuracy": 72.0}, 5000, config=mrpc)
+    fake_run(runs / "m2", "mrpc", "adalora", 2, {"f1": 84.0, "accuracy": 74.0}, 5000, config=mrpc)
+    fake_run(runs / "r1", "rte", "adalora", 1, {"accuracy": 55.0}, 5000, config=rte)
+    no_orth = recipe("glue/mrpc_adalora", "method.orth_weight=0", "trainer.log_every=1")  # bookkeeping: no name
+    fake_run(runs / "m3", "mrpc", "adalora", 1, {"f1": 86.0, "accuracy": 77.0}, 5000, config=no_orth)
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| adalora | 83.00 ± 1.41 (2) | 55.00 ± 0.00 (1) | 69.00 |" in lines  # γ 0.1 and 0.3: one row
+    assert "| adalora (orth_weight=0) | 86.00 ± 0.00 (1) | — | — |" in lines
+    assert any(line.startswith("| rte | adalora | accuracy 55.00") for line in lines)
