@@ -8,7 +8,10 @@
 # The fifth argument is passed to every run, e.g. "model=tiny_random trainer.max_steps=4" for a smoke run.
 # Budgets: the selective methods at 0.5% of the backbone (head counted); LoRA both at its own r=8 and at
 # 0.5% (`lora_0.5pct`: rank derived from the budget, the count SaRA and diff pruning store); SPT at LoRA
-# r=8's count (its recipes); AdaLoRA at b(T)=144. Selection rule: last evaluation on the dev split.
+# r=8's count (its recipes); AdaLoRA at b(T)=144. `lora_adalora_count` (not in the default list): LoRA on
+# AdaLoRA's 36 matrices at rank b(T)/36 = 4, with AdaLoRA's lr and scale (lora_alpha 32 / initial rank 6
+# = 21.33 / 4) — the same final count, only the rank schedule differs. Selection rule: last evaluation on
+# the dev split.
 # Run time on the 2-core CPU machine: 15-20 minutes per MRPC run of a one-phase method on one core
 # (two queues side by side, OMP_NUM_THREADS=1), ~60 for diff pruning's 8 epochs at batch 8; about 1 hour per
 # (method, seed) over MRPC + RTE + CoLA + STS-B, i.e. ~30 hours for the whole sweep.
@@ -23,6 +26,10 @@ read -ra overrides <<< "${5:-}"
 for method in $methods; do
   recipe="${method%_0.5pct}"; extra=()
   [[ "$method" == *_0.5pct ]] && extra=(budget=0_5pct)
+  if [[ "$method" == lora_adalora_count ]]; then  # LoRA as AdaLoRA's recipes run it, at its final count
+    recipe=lora; extra=(method.r=4 method.alpha=21.333333 trainer.lr=1e-3
+                        'method.targets=[query,key,value,attention.output.dense,intermediate.dense,output.dense]')
+  fi
   for seed in ${seeds//,/ }; do
     pending=""
     for task in $tasks; do

@@ -125,6 +125,8 @@ def test_svd_delta_merges_and_trims(data_env, tmp_path):
     assert evaluate_delta(str(tmp_path / "trim"), None, 16, "cpu")["metrics"] == full["metrics"]
     assert evaluate_delta(str(tmp_path / "full"), None, 16, "cpu")["metrics"] == full["metrics"]
     assert a.meta["method_state"]["final_rank_pattern"] is not None
+    # the final count a same-count LoRA baseline matches: what the trimmed delta stores besides the head
+    assert trimmed["budget"]["stored"] == trimmed["budget"]["head"] + b.meta["method_state"]["final_kept_params"]
 
 
 def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):

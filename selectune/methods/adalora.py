@@ -198,8 +198,13 @@ class AdaLoRA(Method):
         self.history = [tuple(h) for h in state["history"]]
 
     def describe(self) -> dict[str, Any]:
+        """`final_kept_params`: what the kept triplets hold (P column + λ + Q row each, head not counted) —
+        the count a trimmed delta stores and a LoRA baseline "at the same final count" must match."""
+        final = self.ranks() if self.fixed is not None else None
+        kept = None if final is None else sum(r * (self.modules[n].in_features + self.modules[n].out_features + 1)
+                                              for n, r in final.items())
         return {"b0": self.b0, "bT": self.bT, "initial_rank": self.r0, "matrices": len(self.modules),
-                "final_rank_pattern": self.ranks() if self.fixed is not None else None, "trimmed": self.cfg.trim}
+                "final_rank_pattern": final, "final_kept_params": kept, "trimmed": self.cfg.trim}
 
     def method_delta(self) -> dict[str, torch.Tensor]:
         out = {}
