@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy the small record of every finished run below a runs folder into the repository (results.json,
-# config.yaml, metrics.jsonl; no deltas, no checkpoints), so the docs tables can be regenerated from
-# committed files and later sessions add seeds to the same table.
+# config.yaml, metrics.jsonl, AdaLoRA's final ranks; no deltas, no checkpoints), so the docs tables can
+# be regenerated from committed files and later sessions add seeds to the same table.
 #
 #   bash scripts/keep_runs.sh /work/runs/mrpc42 results/glue_minilm
 #   python scripts/results_table.py results/glue_minilm --section reproduce --title ... --command ...
@@ -10,7 +10,7 @@ src="${1:?runs folder}"; dest="${2:?destination folder}"
 find "$src" -name results.json | while read -r result; do
   run="$(dirname "$result")"; rel="${run#"$src"/}"
   mkdir -p "$dest/$rel"
-  for f in results.json config.yaml metrics.jsonl; do
+  for f in results.json config.yaml metrics.jsonl adalora_ranks.json; do
     [[ -f "$run/$f" ]] && cp "$run/$f" "$dest/$rel/$f"
   done
   echo "kept $rel"
