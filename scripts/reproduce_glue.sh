@@ -12,9 +12,10 @@
 # AdaLoRA's 36 matrices at rank b(T)/36 = 4, with AdaLoRA's lr and scale (lora_alpha 32 / initial rank 6
 # = 21.33 / 4) — the same final count, only the rank schedule differs. Selection rule: last evaluation on
 # the dev split.
-# Run time on the 2-core CPU machine: 15-20 minutes per MRPC run of a one-phase method on one core
-# (two queues side by side, OMP_NUM_THREADS=1), ~60 for diff pruning's 8 epochs at batch 8; about 1 hour per
-# (method, seed) over MRPC + RTE + CoLA + STS-B, i.e. ~30 hours for the whole sweep.
+# Run time on the 2-core CPU machine, one core per run with another beside it (OMP_NUM_THREADS=1), one-phase
+# methods: MRPC 9-20 minutes, RTE 11-16, STS-B 12-14, CoLA 6-8 (the range over sessions), i.e. 40-60
+# minutes per (method, seed) over the four tasks; ~60 per MRPC run for diff pruning's 8 epochs at batch 8;
+# ~30 hours for the whole sweep.
 # Resumable: one multirun per (method, seed) over the tasks not finished yet; a killed run continues
 # from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
 # OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root each time.
