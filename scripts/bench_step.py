@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--model", default="minilm", help="model config: minilm, bert_base_random, ...")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
+    parser.add_argument("--section", default=None,
+                        help="section marker in --write (default: bench:step on CPU, bench:step_cuda on a GPU)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -154,14 +156,16 @@ def main() -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
                + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     command = "python scripts/bench_step.py " + " ".join(a for a in sys.argv[1:])
-    body = (f"### Step time and memory per delta form\n\nGenerated {datetime.date.today()} by "
+    on_gpu = args.device.startswith("cuda")
+    body = (f"### Step time and memory per delta form{', on a GPU' if on_gpu else ''}\n\n"
+            f"Generated {datetime.date.today()} by "
             f"`{command.strip()}` on {machine}. Model `{args.model}`, {args.precision}, batch 32, "
             f"{args.steps} timed steps per "
             f"process after 2 warm-up steps, {args.rounds} rounds; memory = {runs[next(iter(runs))][0]['memory']}.\n\n"
             + "\n".join(lines))
     print(body)
     if args.write:
-        write_section(args.write, "bench:step", body)
+        write_section(args.write, args.section or ("bench:step_cuda" if on_gpu else "bench:step"), body)
 
 
 if __name__ == "__main__":

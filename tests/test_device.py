@@ -16,6 +16,8 @@ from selectune.errors import SelectuneError
 from conftest import compose_run
 
 METHODS = ["full", "bitfit", "linear", "lora", "sara", "udiff", "sdiff"]
+NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
+              "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -85,8 +87,12 @@ def test_every_method_on_cuda_in_bf16(method, data_env, tmp_path):
 def test_cuda_results_match_cpu_in_fp32(data_env, tmp_path):
     from selectune.commands import train
 
-    a = train(compose_run("glue/rte_sara", "trainer.device=cpu", "trainer.max_steps=3"), tmp_path / "cpu")
-    b = train(compose_run("glue/rte_sara", "trainer.device=cuda", "trainer.max_steps=3"), tmp_path / "gpu")
+    # Dropout off: CPU and CUDA draw dropout masks from different generators, so with it on the two runs
+    # train on different noise (seen on an H200: deltas 1e-2 apart after 3 steps); without it only float
+    # rounding is left.
+    same = ["trainer.max_steps=3", *NO_DROPOUT]
+    a = train(compose_run("glue/rte_sara", "trainer.device=cpu", *same), tmp_path / "cpu")
+    b = train(compose_run("glue/rte_sara", "trainer.device=cuda", *same), tmp_path / "gpu")
     da, db = TaskDelta.load(tmp_path / "cpu").tensors, TaskDelta.load(tmp_path / "gpu").tensors
     assert all(torch.allclose(da[k].float(), db[k].float(), atol=1e-4) for k in da)
     assert a["steps"] == b["steps"]
