@@ -177,6 +177,43 @@ def test_projection_keeps_exactly_k_by_magnitude(data_env):
     assert {n: p.shape for n, p in again.trainable().items()} == {n: p.shape for n, p in method.trainable().items()}
 
 
+def test_projection_below_the_budget_fills_by_gate_probability(data_env):
+    """Phase 1 sparser than k: every nonzero δ is kept, the rest of k goes to the largest log P(z > 0)."""
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(compose_run("glue/rte_sdiff"))
+    backbone, method = build(spec, load_task(spec.task))
+    method.attach(backbone)
+    method.plan(total_steps=20, steps_per_epoch=4)
+    k = method.budget - method.head
+    gen = torch.Generator().manual_seed(0)
+    expected = {}
+    with torch.no_grad():
+        for m, module in method.hardconcrete.items():
+            module_alpha_g = [getattr(module, f"{n}_group_alpha") for n in module.delta_names]
+            for g in module_alpha_g:
+                g.copy_(torch.rand(g.shape, generator=gen) * 2 + 1)  # groups open: z_g > 0 in eval
+            for n in module.delta_names:
+                alpha, w = getattr(module, f"{n}_alpha"), getattr(module, f"{n}_w")
+                alpha.copy_(torch.randn(alpha.shape, generator=gen) * 3 - 4)
+                w.zero_()
+                on = torch.rand(w.shape, generator=gen) < 0.002  # a few entries with a real diff
+                alpha[on], w[on] = 5.0, 1.0
+                expected[f"{m}.{n}"] = torch.where(on, torch.inf, module.log_keep(n)).reshape(-1)
+    nonzero = sum(int(torch.isinf(e).sum()) for e in expected.values())
+    assert 0 < nonzero < k
+    flat = torch.cat([expected[key] for key in sorted(expected)])
+    want = torch.zeros_like(flat, dtype=torch.bool)
+    want[flat.topk(k).indices] = True
+    method.project()
+    got = torch.cat([torch.zeros(expected[key].numel(), dtype=torch.bool).index_fill_(
+        0, method.wrappers[key.rsplit(".", 1)[0]].parts(key.rsplit(".", 1)[1])[0].long(), True)
+        for key in sorted(expected)])
+    assert int(got.sum()) == k and torch.equal(got, want)
+    assert method.projection["filled_by_gate_probability"] == k - nonzero
+
+
 def test_phase_schedule_is_validated_before_training(data_env, tmp_path):
     from selectune.commands import train
 

@@ -103,6 +103,18 @@ class HardConcreteModule(nn.Module):
             return p.sum() * pg[0]
         return (p.reshape(-1) * pg[ids]).sum()
 
+    def log_keep(self, name: str) -> torch.Tensor:
+        """log P(entry on) per entry of tensor `name`, in its shape: log σ(α − log(−l/r)), plus the group's
+        term when structured. Phase 1's own ranking of entries; log-space so very negative α still order."""
+        c = math.log(-self.l / self.r)
+        alpha = getattr(self, f"{name}_alpha")
+        out = F.logsigmoid(alpha - c)
+        if self.structured:
+            group = F.logsigmoid(getattr(self, f"{name}_group_alpha") - c)
+            ids = self.group_ids(name)
+            out = out + (group[0] if ids is None else group[ids].view_as(alpha))
+        return out
+
     def forward(self, *args, **kwargs):
         base = self.wrapped
         if isinstance(base, nn.Embedding) and self.delta_names == ["weight"] and len(args) == 1 and not kwargs \
