@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,26 +24,39 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).parent))
 from docsection import write_section
 
+PROJECTION = re.compile(r"projection: (\d+) nonzero -> (\d+) kept")
+
 
 def row(run: Path) -> str:
-    result = json.loads((run / "results.json").read_text())
+    """One table row. A run cut before its end (no results.json) still has phase 1 and the projection
+    in metrics.jsonl / train.log: its row says how far phase 2 got instead of the final metric."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    primary = next(iter(result["metrics"]["dev"]))
+    config = OmegaConf.load(run / "config.yaml")
+    finished = (run / "results.json").is_file()
+    result = json.loads((run / "results.json").read_text()) if finished else None
+    evals = [(r["step"], r["eval"]["dev"]) for r in records if "eval" in r]
+    primary = next(iter(evals[0][1]))
+    evals = [(step, dev[primary]) for step, dev in evals]
     stats = [r for r in records if "expected_density" in r]
-    evals = [(r["step"], r["eval"]["dev"][primary]) for r in records if "eval" in r]
     switch = max(r["step"] for r in stats) if stats else 0
     switch = min(step for step, _ in evals if step > switch)  # first evaluation after the last phase-1 log
     before = [m for step, m in evals if step < switch]
     after = dict(evals)[switch]
-    config = OmegaConf.load(run / "config.yaml")
+    method = config.method.name
     penalty = config.method.get("group_penalty", "paper (unset in its config: the only form then)")
-    variant = f"group_penalty={penalty}" if result["method"] == "sdiff" else ""
-    state = result["method_state"]
-    return (f"| {result['task']} | {result['method']}{f' ({variant})' if variant else ''} | {result['seed']} | "
-            f"{config.trainer.batch_size} | "
+    variant = f"group_penalty={penalty}" if method == "sdiff" else ""
+    if finished:
+        state = result["method_state"]
+        nonzero, kept = state["projected_from_nonzero"], state["kept"]
+        end, untouched = f"{result['metrics']['dev'][primary]:.2f}", f"{100 * state['tensors_untouched_fraction']:.1f}%"
+    else:
+        nonzero, kept = map(int, PROJECTION.search((run / "train.log").read_text()).groups())
+        last = max((r for r in records if "epoch" in r), key=lambda r: r["step"])
+        end, untouched = f"cut at epoch {last['epoch']:.1f} of {config.trainer.epochs} (last: {evals[-1][1]:.2f})", "–"
+    return (f"| {config.task.name} | {method}{f' ({variant})' if variant else ''} | {config.trainer.seed} | "
+            f"{config.trainer.batch_size} | {primary} | "
             f"{100 * stats[-1]['z_nonzero_eval']:.2f}% | {100 * stats[-1]['groups_off_fraction']:.1f}% | "
-            f"{state['projected_from_nonzero']:,} → {state['kept']:,} | {before[-1]:.2f} | {after:.2f} | "
-            f"{result['metrics']['dev'][primary]:.2f} | {100 * state['tensors_untouched_fraction']:.1f}% |")
+            f"{nonzero:,} → {kept:,} | {before[-1]:.2f} | {after:.2f} | {end} | {untouched} |")
 
 
 def main() -> None:
@@ -50,12 +64,13 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    lines = ["| task | method | seed | batch | phase-1 density at its last log (eval mask) | groups fully off then | "
+    lines = ["| task | method | seed | batch | dev metric | phase-1 density at its last log (eval mask) | "
+             "groups fully off then | "
              "nonzero → kept at the projection | dev before projection | dev just after | dev at the end | "
-             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(run) for run in args.runs]
     body = ("### Diff pruning, phase by phase\n\n`python scripts/diffpruning_phases.py "
-            + " ".join(str(r) for r in args.runs) + "` (primary dev metric: F1 for MRPC)\n\n" + "\n".join(lines))
+            + " ".join(str(r) for r in args.runs) + "`\n\n" + "\n".join(lines))
     print(body)
     if args.write:
         write_section(args.write, "results:diffpruning_phases", body)
