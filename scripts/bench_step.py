@@ -43,7 +43,25 @@ METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ he
 }
 
 
-def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str) -> dict:
+def count_ops(step) -> int:
+    """Tensor operations dispatched by one call of `step` (forward, penalty, backward, optimiser): on a GPU
+    each is at least one kernel launch, so this, not FLOPs, is what small elementwise-heavy steps cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return Counter.n
+
+
+def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str,
+          ops_only: bool = False) -> dict:
     import resource
 
     import torch
@@ -75,13 +93,8 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
     cuda = device.type == "cuda"
-    times = []
-    for i, (ids, labels) in enumerate(batches):
-        ids, labels = ids.to(device), labels.to(device)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
+
+    def train_step(ids: torch.Tensor, labels: torch.Tensor, i: int) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = torch.nn.functional.cross_entropy(net(input_ids=ids).logits.float(), labels)
         penalty = method_obj.penalty()
@@ -89,6 +102,20 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
         optimizer.step()
         method_obj.after_step(i + 1)
         optimizer.zero_grad(set_to_none=True)
+
+    if ops_only:  # the second step (the first builds the optimiser state)
+        (ids, labels), (ids2, labels2) = batches[0], batches[1]
+        train_step(ids.to(device), labels.to(device), 0)
+        ops = count_ops(lambda: train_step(ids2.to(device), labels2.to(device), 1))
+        return {"method": method, "seq": seq, "ops": ops, "trainable": method_obj.report().trainable}
+    times = []
+    for i, (ids, labels) in enumerate(batches):
+        ids, labels = ids.to(device), labels.to(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        train_step(ids, labels, i)
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -116,13 +143,18 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
     parser.add_argument("--section", default=None,
                         help="section marker in --write (default: bench:step on CPU, bench:step_cuda on a GPU)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the tensor operations of one step per method instead of timing (section bench:ops)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.device, args.model,
-                               args.precision)))
+                               args.precision, args.count_ops)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.count_ops:
+        write_ops_table(args, env)
+        return
     runs: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.rounds):
         order = args.methods if r % 2 == 0 else list(reversed(args.methods))
@@ -166,6 +198,28 @@ def main() -> None:
     print(body)
     if args.write:
         write_section(args.write, args.section or ("bench:step_cuda" if on_gpu else "bench:step"), body)
+
+
+def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
+    lines = ["| method | trainable | operations per step | x full FT |", "|---|---|---|---|"]
+    counts = {}
+    for method in args.methods:
+        out = subprocess.run([sys.executable, __file__, "--child", method, str(args.seqs[0]), "--device", args.device,
+                              "--model", args.model, "--precision", args.precision, "--count-ops"],
+                             capture_output=True, text=True, env=env, check=True)
+        counts[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    full = counts.get("full", {}).get("ops")
+    for method, c in counts.items():
+        lines.append(f"| {method} | {c['trainable']:,} | {c['ops']:,} | {c['ops'] / full:.1f} |" if full else
+                     f"| {method} | {c['trainable']:,} | {c['ops']:,} | n/a |")
+    command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
+    body = (f"### Tensor operations per training step\n\n`{command.strip()}`: model `{args.model}`, "
+            f"{args.precision}, device {args.device}, batch 32 x {args.seqs[0]} tokens; every operation "
+            "dispatched by one step (forward, penalty, backward, AdamW) is counted. On a GPU each is at least "
+            "one kernel launch.\n\n" + "\n".join(lines))
+    print(body)
+    if args.write:
+        write_section(args.write, args.section or "bench:ops", body)
 
 
 if __name__ == "__main__":
