@@ -88,8 +88,8 @@ def test_cuda_results_match_cpu_in_fp32(data_env, tmp_path):
     from selectune.commands import train
 
     # Dropout off: CPU and CUDA draw dropout masks from different generators, so with it on the two runs
-    # train on different noise (seen on an H200: deltas 1e-2 apart after 3 steps); without it only float
-    # rounding is left.
+    # train on different noise (with it on, this test failed on an H200); without it only float rounding
+    # is left.
     same = ["trainer.max_steps=3", *NO_DROPOUT]
     a = train(compose_run("glue/rte_sara", "trainer.device=cpu", *same), tmp_path / "cpu")
     b = train(compose_run("glue/rte_sara", "trainer.device=cuda", *same), tmp_path / "gpu")

@@ -191,10 +191,9 @@ def test_projection_below_the_budget_fills_by_gate_probability(data_env):
     expected = {}
     with torch.no_grad():
         for m, module in method.hardconcrete.items():
-            module_alpha_g = [getattr(module, f"{n}_group_alpha") for n in module.delta_names]
-            for g in module_alpha_g:
-                g.copy_(torch.rand(g.shape, generator=gen) * 2 + 1)  # groups open: z_g > 0 in eval
             for n in module.delta_names:
+                group = getattr(module, f"{n}_group_alpha")
+                group.copy_(torch.rand(group.shape, generator=gen) * 2 + 1)  # groups open: z_g > 0 in eval
                 alpha, w = getattr(module, f"{n}_alpha"), getattr(module, f"{n}_w")
                 alpha.copy_(torch.randn(alpha.shape, generator=gen) * 3 - 4)
                 w.zero_()

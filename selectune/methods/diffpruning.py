@@ -166,7 +166,7 @@ class DiffPruning(Method):
         When phase 1 ends sparser than the budget (fewer than k nonzero δ), every nonzero entry is kept and
         the rest of the exact budget goes to the zero-δ entries phase 1 came closest to switching on (the
         largest log P(z > 0)), not to whichever tensor sorts first: a tie-break by position would spend
-        the filler on the first rows of the alphabetically first tensors (position embeddings)."""
+        the filler on the embedding LayerNorm and the first rows of the position embeddings."""
         modules = {f"{m}.{n}": (module, n) for m, module in self.hardconcrete.items() for n in module.delta_names}
         deltas = {key: module.delta(n, training=False) for key, (module, n) in modules.items()}
         k = self.budget - self.head
