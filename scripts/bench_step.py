@@ -52,12 +52,13 @@ def count_ops(step) -> int:
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.n += 1
+            self.n += 1
             return func(*args, **(kwargs or {}))
 
-    with Counter():
+    counter = Counter()
+    with counter:
         step()
-    return Counter.n
+    return counter.n
 
 
 def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str,
@@ -131,6 +132,14 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
             "trainable": report.trainable, "memory": "cuda max_memory_allocated" if cuda else "peak RSS"}
 
 
+def run_child(args: argparse.Namespace, env: dict[str, str], method: str, seq: int, *extra: str) -> dict:
+    """One (method, sequence length) in its own process, so peak memory is that method's alone."""
+    out = subprocess.run([sys.executable, __file__, "--child", method, str(seq), "--steps", str(args.steps),
+                          "--device", args.device, "--model", args.model, "--precision", args.precision, *extra],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[64, 128])
@@ -160,10 +169,7 @@ def main() -> None:
         order = args.methods if r % 2 == 0 else list(reversed(args.methods))
         for seq in args.seqs:
             for method in order:
-                out = subprocess.run([sys.executable, __file__, "--child", method, str(seq), "--steps", str(args.steps),
-                                      "--device", args.device, "--model", args.model, "--precision", args.precision],
-                                     capture_output=True, text=True, env=env, check=True)
-                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result = run_child(args, env, method, seq)
                 runs.setdefault((method, seq), []).append(result)
                 print(f"round {r + 1}: {method:9s} seq {seq:4d}: {result['step_s']:.3f} s/step, "
                       f"{result['peak_mb']:.0f} MiB", flush=True)
@@ -185,10 +191,10 @@ def main() -> None:
                          f"{m:.0f} | {rm} | {fm} |")
     import torch
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
-               + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    command = "python scripts/bench_step.py " + " ".join(a for a in sys.argv[1:])
     on_gpu = args.device.startswith("cuda")
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
+               + (f" ({torch.cuda.get_device_name()})" if on_gpu else ""))
+    command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
     body = (f"### Step time and memory per delta form{', on a GPU' if on_gpu else ''}\n\n"
             f"Generated {datetime.date.today()} by "
             f"`{command.strip()}` on {machine}. Model `{args.model}`, {args.precision}, batch 32, "
@@ -204,10 +210,7 @@ def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
     lines = ["| method | trainable | operations per step | x full FT |", "|---|---|---|---|"]
     counts = {}
     for method in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--child", method, str(args.seqs[0]), "--device", args.device,
-                              "--model", args.model, "--precision", args.precision, "--count-ops"],
-                             capture_output=True, text=True, env=env, check=True)
-        counts[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        counts[method] = run_child(args, env, method, args.seqs[0], "--count-ops")
     full = counts.get("full", {}).get("ops")
     for method, c in counts.items():
         lines.append(f"| {method} | {c['trainable']:,} | {c['ops']:,} | {c['ops'] / full:.1f} |" if full else

@@ -35,6 +35,11 @@ def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa:
     return torch.sigmoid(alpha - math.log(-l / r))
 
 
+def log_p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
+    """log P(z > 0), computed in log space so that very negative α still order."""
+    return F.logsigmoid(alpha - math.log(-l / r))
+
+
 def group_index(shape: torch.Size, rows: int | None) -> tuple[torch.Tensor | None, int]:
     """Group id of every entry of a tensor (None: the whole tensor is one group) and the group count."""
     if rows is None:
@@ -105,12 +110,11 @@ class HardConcreteModule(nn.Module):
 
     def log_keep(self, name: str) -> torch.Tensor:
         """log P(entry on) per entry of tensor `name`, in its shape: log σ(α − log(−l/r)), plus the group's
-        term when structured. Phase 1's own ranking of entries; log-space so very negative α still order."""
-        c = math.log(-self.l / self.r)
+        term when structured. Phase 1's own ranking of entries."""
         alpha = getattr(self, f"{name}_alpha")
-        out = F.logsigmoid(alpha - c)
+        out = log_p_nonzero(alpha, self.l, self.r)
         if self.structured:
-            group = F.logsigmoid(getattr(self, f"{name}_group_alpha") - c)
+            group = log_p_nonzero(getattr(self, f"{name}_group_alpha"), self.l, self.r)
             ids = self.group_ids(name)
             out = out + (group[0] if ids is None else group[ids].view_as(alpha))
         return out
