@@ -54,7 +54,7 @@ def row(run: Path) -> str:
         last = max((r for r in records if "epoch" in r), key=lambda r: r["step"])
         end, untouched = f"cut at epoch {last['epoch']:.1f} of {config.trainer.epochs} (last: {evals[-1][1]:.2f})", "–"
     return (f"| {config.task.name} | {method}{f' ({variant})' if variant else ''} | {config.trainer.seed} | "
-            f"{config.trainer.batch_size} | {primary} | "
+            f"{config.trainer.batch_size} | {config.method.get('l0_weight', 1.25e-7):.3g} | {primary} | "
             f"{100 * stats[-1]['z_nonzero_eval']:.2f}% | {100 * stats[-1]['groups_off_fraction']:.1f}% | "
             f"{nonzero:,} → {kept:,} | {before[-1]:.2f} | {after:.2f} | {end} | {untouched} |")
 
@@ -64,10 +64,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    lines = ["| task | method | seed | batch | dev metric | phase-1 density at its last log (eval mask) | "
+    lines = ["| task | method | seed | batch | λ | dev metric | phase-1 density at its last log (eval mask) | "
              "groups fully off then | "
              "nonzero → kept at the projection | dev before projection | dev just after | dev at the end | "
-             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(run) for run in args.runs]
     body = ("### Diff pruning, phase by phase\n\n`python scripts/diffpruning_phases.py "
             + " ".join(str(r) for r in args.runs) + "`\n\n" + "\n".join(lines))
