@@ -54,7 +54,7 @@ def row(run: Path) -> str:
         last = max((r for r in records if "epoch" in r), key=lambda r: r["step"])
         end, untouched = f"cut at epoch {last['epoch']:.1f} of {config.trainer.epochs} (last: {evals[-1][1]:.2f})", "–"
     return (f"| {config.task.name} | {method}{f' ({variant})' if variant else ''} | {config.trainer.seed} | "
-            f"{config.trainer.batch_size} | {config.method.get('l0_weight', 1.25e-7):.3g} | {primary} | "
+            f"{config.trainer.batch_size} | {config.method.l0_weight:.3g} | {primary} | "
             f"{100 * stats[-1]['z_nonzero_eval']:.2f}% | {100 * stats[-1]['groups_off_fraction']:.1f}% | "
             f"{nonzero:,} → {kept:,} | {before[-1]:.2f} | {after:.2f} | {end} | {untouched} |")
 
