@@ -1,6 +1,7 @@
 """Put `selectune report`'s table for a runs folder into docs/results.md (and its plot into docs/).
 
     python scripts/results_table.py runs/baselines [more runs folders] --title "..." --command "..." [--section name]
+                                    [--pair sdiff:full --pair sdiff:udiff]   (A − B per task on common seeds)
 
 The table replaces the text between `<!-- results:<section> -->` and `<!-- /results:<section> -->`
 in docs/results.md (appended if absent): the document is generated from results.json files, not typed.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from selectune.report import collect, glue_matrix, markdown, plots, summarise, vtab_averages
+from selectune.report import collect, glue_matrix, markdown, paired, plots, summarise, vtab_averages
 
 from docsection import write_section
 
@@ -30,10 +31,13 @@ def main() -> None:
     parser.add_argument("--title", required=True)
     parser.add_argument("--command", required=True)
     parser.add_argument("--section", default=None, help="marker name (default: the runs folder's name)")
+    parser.add_argument("--pair", action="append", default=[], metavar="A:B",
+                        help="two method labels as the tables name them; adds A − B per task on common seeds")
     args = parser.parse_args()
     section = args.section or args.roots[0].name
     runs = collect(args.roots)
     rows = summarise(runs)
+    differences = paired(runs, [tuple(pair.split(":", 1)) for pair in args.pair]) if args.pair else ""
     plots(rows, runs, args.roots[0])
     image = f"{section}_metric_vs_budget.png"
     shutil.copy(args.roots[0] / "metric_vs_budget.png", DOCS / image)
@@ -52,6 +56,9 @@ def main() -> None:
             f"{markdown(rows)}\n\n"
             + (f"Per method, the primary dev metric of each task (seeds in brackets) and the average over the "
                f"tasks (only where a method has them all):\n\n{matrix}\n\n" if matrix else "")
+            + (f"Paired on the seeds both methods have (A − B of the primary dev metric: mean ± sample std "
+               f"of the per-seed differences; the average over the tasks only where every task has a pair):"
+               f"\n\n{differences}\n\n" if differences else "")
             + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
                                         if vtab_averages(rows) else "") + f"![{section}]({image})")
     write_section(DOCS / "results.md", f"results:{section}", body)

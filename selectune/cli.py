@@ -4,7 +4,7 @@
     selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]         sensitivity maps, no training
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
     selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
-    selectune report <run dirs or a multirun dir> [out=<dir>]            table + plots over runs
+    selectune report <run dirs or a multirun dir> [out=<dir>] [pair=A:B] table + plots; A − B on common seeds
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
     selectune validate <recipe> [overrides]                              build everything, train nothing
@@ -31,7 +31,7 @@ commands:
   eval      score a stored delta:    selectune eval run=<run dir or delta file> [task=glue/rte]
   export    merge into the base:     selectune export run=<run dir or delta file> out=<dir> [dtype=bfloat16]
   probe     sensitivity maps:        selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]
-  report    compare runs:            selectune report runs/multirun/<time> [more dirs] [out=<dir>]
+  report    compare runs:            selectune report runs/multirun/<time> [more dirs] [out=<dir>] [pair=sdiff:full]
   ls        list the recipes
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
@@ -183,11 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "report":
             from selectune.report import report
 
-            folders = [Path(a) for a in rest if not a.startswith("out=")]
+            folders = [Path(a) for a in rest if not a.startswith(("out=", "pair="))]
             out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
+            pairs = [tuple(a[5:].split(":", 1)) for a in rest if a.startswith("pair=")]
+            if any(len(pair) != 2 or not all(pair) for pair in pairs):
+                raise SelectuneError("pair= takes two method labels as the report names them: pair=sdiff:full")
             if not folders:
                 raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
-            report(folders, out)
+            report(folders, out, pairs)
         elif command in ("cat", "validate"):
             from omegaconf import OmegaConf
 

@@ -1,4 +1,4 @@
-"""`selectune report <run dirs or a multirun dir> [out=<dir>]`: one table and the papers' plots.
+"""`selectune report <run dirs or a multirun dir> [out=<dir>] [pair=A:B ...]`: one table and the papers' plots.
 
 Collects every results.json below the given folders, groups runs by (task, method, stored count, and
 a variant label read from each run's config.yaml — so `sdiff` with two penalty forms or two learning
@@ -6,7 +6,8 @@ rates are two rows named by the difference, never one row with a false ±), and 
 (mean ± sample std), then writes to `out` (default: the first folder):
     report.md            task × method: primary dev metric, other metrics, seeds, stored params,
                          % of the backbone, delta bytes, s/step, peak memory; with two GLUE tasks or
-                         more, also method × task (primary metric) and the average over the tasks
+                         more, also method × task (primary metric) and the average over the tasks; with
+                         pair=A:B, A − B per task on the seeds both have (noise of seed choice removed)
     metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
     training_curves.png  training loss against step, one line per run
 """
@@ -164,16 +165,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def glue_matrix(runs: list[dict[str, Any]]) -> str:
-    """Methods × GLUE tasks, as the papers print it: each task's primary dev metric (mean ± std over
-    seeds, with the seed count), and the average over the tasks — only for a method that has every task
-    of the table, so an average is never taken over a different set of tasks. "" for under two tasks."""
-    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+def _glue_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(method label, GLUE task) -> [(seed, primary dev metric)], labels as in `variants(across_tasks=True)`."""
+    cells: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for run, variant in zip(runs, variants(runs, across_tasks=True), strict=True):
         if run["task"] in GLUE:
             split = next(iter(run["metrics"]))
             label = f"{run['method']} ({variant})" if variant else run["method"]
-            cells[(label, run["task"])].append(run["metrics"][split][GLUE[run["task"]].primary])
+            cells[(label, run["task"])].append((run["seed"], run["metrics"][split][GLUE[run["task"]].primary]))
+    return cells
+
+
+def glue_matrix(runs: list[dict[str, Any]]) -> str:
+    """Methods × GLUE tasks, as the papers print it: each task's primary dev metric (mean ± std over
+    seeds, with the seed count), and the average over the tasks — only for a method that has every task
+    of the table, so an average is never taken over a different set of tasks. "" for under two tasks."""
+    cells = {key: [value for _, value in members] for key, members in _glue_cells(runs).items()}
     tasks = [t for t in GLUE if any(task == t for _, task in cells)]
     if len(tasks) < 2:
         return ""
@@ -189,6 +196,43 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
         average = statistics.mean(stats[(label, t)][0] for t in tasks) if complete else None
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {'—' if average is None else f'{average:.2f}'} |")
     return "\n".join(lines)
+
+
+def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
+    """Method A − method B per GLUE task on the seeds both have, so a difference is never one of seed
+    luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
+    over the tasks only where every task of the table has a common seed. Labels as in `glue_matrix`."""
+    cells = _glue_cells(runs)
+    tasks = [t for t in GLUE if any(task == t for _, task in cells)]
+    lines = ["| A − B | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for a, b in pairs:
+        missing = [label for label in (a, b) if not any(label == known for known, _ in cells)]
+        if missing:
+            raise SelectuneError(f"report: no GLUE run is labelled {missing[0]!r} "
+                                 f"(labels: {', '.join(sorted({label for label, _ in cells}))})")
+        shown, means = [], []
+        for task in tasks:
+            first, second = (_by_seed(cells.get((label, task), []), label, task) for label in (a, b))
+            seeds = sorted(set(first) & set(second))
+            if not seeds:
+                shown.append("—")
+                continue
+            diffs = [first[s] - second[s] for s in seeds]
+            mean, std = mean_std(diffs)
+            means.append(mean)
+            wins = sum(d >= 0 for d in diffs)
+            shown.append(f"{mean:+.2f} ± {std:.2f} (seeds {','.join(map(str, seeds))}; A ≥ B on {wins}/{len(seeds)})")
+        average = f"{statistics.mean(means):+.2f}" if len(means) == len(tasks) else "—"
+        lines.append(f"| {a} − {b} | " + " | ".join(shown) + f" | {average} |")
+    return "\n".join(lines)
+
+
+def _by_seed(members: list[tuple[int, float]], label: str, task: str) -> dict[int, float]:
+    seeds = [seed for seed, _ in members]
+    if len(set(seeds)) < len(seeds):
+        raise SelectuneError(f"report: {label} has two {task} runs of one seed; a paired difference needs one per seed")
+    return dict(members)
 
 
 def vtab_averages(rows: list[dict[str, Any]]) -> str:
@@ -246,9 +290,10 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     return ["metric_vs_budget.png", "training_curves.png"]
 
 
-def report(folders: list[Path], out: Path | None = None) -> Path:
+def report(folders: list[Path], out: Path | None = None, pairs: list[tuple[str, str]] | None = None) -> Path:
     runs = collect(folders)
     rows = summarise(runs)
+    differences = paired(runs, pairs) if pairs else ""  # a wrong label fails here, before anything is written
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     images = plots(rows, runs, out)
@@ -260,9 +305,12 @@ def report(folders: list[Path], out: Path | None = None) -> Path:
     if matrix:
         matrix = "\nGLUE, primary dev metric per task (seeds in brackets) and its average:\n\n" + matrix + "\n"
         print(matrix)
+    if differences:
+        differences = f"\nPaired on the seeds both methods have (A − B, primary dev metric):\n\n{differences}\n"
+        print(differences)
     text = (f"# selectune report\n\n{len(runs)} runs from {', '.join(map(str, folders))}; mean ± sample std over "
             f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n"
-            f"{averages}{matrix}\n"
+            f"{averages}{matrix}{differences}\n"
             + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     (out / "report.md").write_text(text)
     print(markdown(rows))

@@ -99,3 +99,30 @@ def test_a_recipe_run_is_named_by_what_it_changes_in_its_recipe_so_per_task_valu
     assert "| adalora | 83.00 ± 1.41 (2) | 55.00 ± 0.00 (1) | 69.00 |" in lines  # γ 0.1 and 0.3: one row
     assert "| adalora (orth_weight=0) | 86.00 ± 0.00 (1) | — | — |" in lines
     assert any(line.startswith("| rte | adalora | accuracy 55.00") for line in lines)
+
+
+def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fails_before_writing(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, s, f in ((1, 84.0, 85.0), (2, 86.0, 85.0), (3, 90.0, 85.0)):
+        fake_run(runs / f"s{seed}", "mrpc", "sdiff", seed, {"f1": s, "accuracy": 70.0}, 5000)
+        if seed < 3:  # full FT has no seed 3: the sdiff run of seed 3 must not enter the difference
+            fake_run(runs / f"f{seed}", "mrpc", "full", seed, {"f1": f, "accuracy": 70.0}, 10**6)
+    fake_run(runs / "r1", "rte", "sdiff", 1, {"accuracy": 60.0}, 5000)
+    fake_run(runs / "r2", "rte", "full", 2, {"accuracy": 58.0}, 10**6)  # no common seed on RTE
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", "pair=sdiff:full", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    # MRPC differences -1 and +1 (seed 3 unpaired): mean 0, std sqrt(2) = 1.41; no average without RTE
+    assert "| sdiff − full | +0.00 ± 1.41 (seeds 1,2; A ≥ B on 1/2) | — | — |" in lines
+
+    fake_run(runs / "r3", "rte", "full", 1, {"accuracy": 57.5}, 10**6)  # now RTE pairs on seed 1: +2.5
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", "pair=sdiff:full", cwd=tmp_path)
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| sdiff − full | +0.00 ± 1.41 (seeds 1,2; A ≥ B on 1/2) | +2.50 ± 0.00 (seeds 1; A ≥ B on 1/1) | +1.25 |" \
+        in lines
+
+    result = run_cli("report", str(runs), f"out={tmp_path / 'bad'}", "pair=sdiff:lora", cwd=tmp_path)
+    assert result.returncode != 0 and "no GLUE run is labelled 'lora'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
+    result = run_cli("report", str(runs), "pair=sdiff", cwd=tmp_path)
+    assert result.returncode != 0 and "pair= takes two method labels" in result.stderr
