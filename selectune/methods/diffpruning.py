@@ -14,8 +14,9 @@ Phase-1 length matters: α moves from α_init = 5 at Adam's pace, so the recipes
 batch of 8 (4× the steps of batch 32 per epoch); at batch 32, phase 1 ended at 18% density, not
 the paper's 0.6–3.3%, and the projection to 0.5% cost 8 F1 that phase 2 did not win back.
 λ matters as much: the paper's 1.25e-7 (the default) leaves MiniLM's phase 1 at ~15% density on STS-B
-(MSE on 0-5 labels outweighs the penalty) and closes RTE's gates before w has learnt (0.2-0.4%), so
-those two recipes set their own λ (1.25e-6, 6.25e-8; docs/results.md, "Diff pruning: lambda per task").
+(MSE on 0-5 labels outweighs the penalty) and closes RTE's and CoLA's gates before w has learnt
+(0.2-0.4%), so those three recipes set their own λ (1.25e-6; 6.25e-8; docs/results.md, "Diff pruning:
+lambda per task").
 Projection (paper §4.3): δ = z_eval ⊙ w, keep the top-k |δ| with k = budget − head (0.5% of the
 backbone with the head counted, by default; exact, stable tie-break). When phase 1 ends sparser than
 the budget (RTE on MiniLM at the paper's λ ends it at ~0.4% expected density), all nonzero δ are kept
