@@ -25,19 +25,26 @@ from docsection import write_section
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+def method_pair(text: str) -> tuple[str, str]:
+    first, _, second = text.partition(":")
+    if not first or not second:
+        raise argparse.ArgumentTypeError("two method labels as the tables name them: sdiff:full")
+    return first, second
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", type=Path, nargs="+")
     parser.add_argument("--title", required=True)
     parser.add_argument("--command", required=True)
     parser.add_argument("--section", default=None, help="marker name (default: the runs folder's name)")
-    parser.add_argument("--pair", action="append", default=[], metavar="A:B",
+    parser.add_argument("--pair", action="append", default=[], metavar="A:B", type=method_pair,
                         help="two method labels as the tables name them; adds A − B per task on common seeds")
     args = parser.parse_args()
     section = args.section or args.roots[0].name
     runs = collect(args.roots)
     rows = summarise(runs)
-    differences = paired(runs, [tuple(pair.split(":", 1)) for pair in args.pair]) if args.pair else ""
+    differences = paired(runs, args.pair) if args.pair else ""
     plots(rows, runs, args.roots[0])
     image = f"{section}_metric_vs_budget.png"
     shutil.copy(args.roots[0] / "metric_vs_budget.png", DOCS / image)
