@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from selectune.report import collect, glue_matrix, markdown, paired, plots, summarise, vtab_averages
+from selectune.errors import SelectuneError
+from selectune.report import collect, glue_matrix, markdown, paired, parse_pair, plots, summarise, vtab_averages
 
 from docsection import write_section
 
@@ -26,10 +27,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def method_pair(text: str) -> tuple[str, str]:
-    first, _, second = text.partition(":")
-    if not first or not second:
-        raise argparse.ArgumentTypeError("two method labels as the tables name them: sdiff:full")
-    return first, second
+    try:
+        return parse_pair(text)
+    except SelectuneError as error:  # argparse turns only its own error types into a usage message
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main() -> None:

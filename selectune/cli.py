@@ -181,13 +181,11 @@ def main(argv: list[str] | None = None) -> None:
 
             print_recipes()
         elif command == "report":
-            from selectune.report import report
+            from selectune.report import parse_pair, report
 
             folders = [Path(a) for a in rest if not a.startswith(("out=", "pair="))]
             out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
-            pairs = [tuple(a[5:].split(":", 1)) for a in rest if a.startswith("pair=")]
-            if any(len(pair) != 2 or not all(pair) for pair in pairs):
-                raise SelectuneError("pair= takes two method labels as the report names them: pair=sdiff:full")
+            pairs = [parse_pair(a[5:]) for a in rest if a.startswith("pair=")]
             if not folders:
                 raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
             report(folders, out, pairs)

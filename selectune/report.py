@@ -198,6 +198,14 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_pair(text: str) -> tuple[str, str]:
+    """`sdiff:full` -> ("sdiff", "full"): the form of `pair=` (CLI) and `--pair` (scripts/results_table.py)."""
+    first, _, second = text.partition(":")
+    if not first or not second:
+        raise SelectuneError("pair= takes two method labels as the report names them: pair=sdiff:full")
+    return first, second
+
+
 def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     """Method A − method B per GLUE task on the seeds both have, so a difference is never one of seed
     luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
@@ -206,11 +214,12 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     tasks = [t for t in GLUE if any(task == t for _, task in cells)]
     lines = ["| A − B | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
              "|---|" + "---|" * (len(tasks) + 1)]
+    labels = {label for label, _ in cells}
     for a, b in pairs:
-        missing = [label for label in (a, b) if not any(label == known for known, _ in cells)]
+        missing = [label for label in (a, b) if label not in labels]
         if missing:
             raise SelectuneError(f"report: no GLUE run is labelled {missing[0]!r} "
-                                 f"(labels: {', '.join(sorted({label for label, _ in cells}))})")
+                                 f"(labels: {', '.join(sorted(labels))})")
         shown, means = [], []
         for task in tasks:
             first, second = (_by_seed(cells.get((label, task), []), label, task) for label in (a, b))
