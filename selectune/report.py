@@ -176,16 +176,25 @@ def _glue_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[
     return cells
 
 
+def _glue_tasks(cells: dict[tuple[str, str], Any]) -> list[str]:
+    """The GLUE tasks the cells hold, in GLUE's order (the papers' column order)."""
+    return [t for t in GLUE if any(task == t for _, task in cells)]
+
+
+def _glue_header(first: str, tasks: list[str]) -> list[str]:
+    return ["| " + first + " | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
+            "|---|" + "---|" * (len(tasks) + 1)]
+
+
 def glue_matrix(runs: list[dict[str, Any]]) -> str:
     """Methods × GLUE tasks, as the papers print it: each task's primary dev metric (mean ± std over
     seeds, with the seed count), and the average over the tasks — only for a method that has every task
     of the table, so an average is never taken over a different set of tasks. "" for under two tasks."""
     cells = {key: [value for _, value in members] for key, members in _glue_cells(runs).items()}
-    tasks = [t for t in GLUE if any(task == t for _, task in cells)]
+    tasks = _glue_tasks(cells)
     if len(tasks) < 2:
         return ""
-    lines = ["| method | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
-             "|---|" + "---|" * (len(tasks) + 1)]
+    lines = _glue_header("method", tasks)
     stats = {key: mean_std(values) for key, values in cells.items()}
     for label in sorted({label for label, _ in cells}):
         shown = []
@@ -211,9 +220,8 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
     over the tasks only where every task of the table has a common seed. Labels as in `glue_matrix`."""
     cells = _glue_cells(runs)
-    tasks = [t for t in GLUE if any(task == t for _, task in cells)]
-    lines = ["| A − B | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
-             "|---|" + "---|" * (len(tasks) + 1)]
+    tasks = _glue_tasks(cells)
+    lines = _glue_header("A − B", tasks)
     labels = {label for label, _ in cells}
     for a, b in pairs:
         missing = [label for label in (a, b) if label not in labels]
