@@ -8,6 +8,7 @@ runs' masks can be compared at a glance (design.md, "Budget").
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
@@ -54,6 +55,21 @@ def split_mask(mask: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Ten
 
 def count(indices: dict[str, torch.Tensor]) -> int:
     return sum(i.numel() for i in indices.values())
+
+
+def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """How alike two selections (sorted flat indices per tensor) are: the entries both hold, and the
+    tensors only one of them touches with the entries it spends there. Two runs of one method that
+    differ by a seed, or two methods on one seed, can then be told apart from chance (k_a·k_b / N
+    shared entries for two uniform random masks of N entries)."""
+    a = {n: i for n, i in a.items() if i.numel()}
+    b = {n: i for n, i in b.items() if i.numel()}
+    shared = sum(int(torch.isin(a[n], b[n]).sum()) for n in a.keys() & b.keys())
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    return {"a": count(a), "b": count(b), "shared": shared, "tensors_a": len(a), "tensors_b": len(b),
+            "tensors_only_a": only_a, "tensors_only_b": only_b,
+            "entries_only_a_tensors": sum(a[n].numel() for n in only_a),
+            "entries_only_b_tensors": sum(b[n].numel() for n in only_b)}
 
 
 def mask_hash(indices: dict[str, torch.Tensor]) -> str:

@@ -10,7 +10,7 @@ import torch
 from selectune.delta.sparse import SparseDeltaModule, delta_entries, wrap
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
-from selectune.selection import mask_hash, select_below, select_k
+from selectune.selection import mask_hash, overlap, select_below, select_k
 
 from conftest import compose_run, run_cli
 
@@ -103,6 +103,23 @@ def test_select_k_on_random_scores_matches_a_sort():
     for i, name in enumerate(sorted(scores)):
         got |= {350 * i + j for j in chosen.get(name, torch.zeros(0)).tolist()}
     assert got == expected and sum(v.numel() for v in chosen.values()) == 123
+
+
+def test_overlap_counts_shared_entries_and_tensors_only_one_selection_touches(tmp_path):
+    a = {"q": torch.tensor([1, 4, 9], dtype=torch.int32), "ln": torch.tensor([0, 2], dtype=torch.int32),
+         "empty": torch.zeros(0, dtype=torch.int32)}
+    b = {"q": torch.tensor([4, 5, 9, 11], dtype=torch.int32), "v": torch.tensor([7], dtype=torch.int32)}
+    assert overlap(a, b) == {"a": 5, "b": 5, "shared": 2, "tensors_a": 2, "tensors_b": 2,
+                             "tensors_only_a": ["ln"], "tensors_only_b": ["v"],
+                             "entries_only_a_tensors": 2, "entries_only_b_tensors": 1}
+    assert overlap(a, a)["shared"] == 5 and overlap(a, {})["shared"] == 0
+    # read back from a stored delta, plain and compact: the mask is the one that was saved
+    tensors = {f"{n}::indices": i for n, i in b.items()} | {f"{n}::values": torch.ones(len(i)) for n, i in b.items()}
+    tensors["head.weight::set"] = torch.zeros(2, 3)
+    for compact in (None, "float16"):
+        TaskDelta(tensors, {}).save(tmp_path / "d.safetensors", compact=compact)
+        loaded = TaskDelta.load(tmp_path / "d.safetensors").sparse_indices()
+        assert {n: i.tolist() for n, i in loaded.items()} == {n: i.tolist() for n, i in b.items()}
 
 
 def test_select_below_threshold():

@@ -63,6 +63,10 @@ class TaskDelta:
     def stored(self) -> int:
         return sum(t.numel() for k, t in self.tensors.items() if k.rpartition("::")[2] in VALUE_KINDS)
 
+    def sparse_indices(self) -> dict[str, torch.Tensor]:
+        """The mask of the sparse entries: flat indices per weight (only weights with ::indices)."""
+        return {name: parts["indices"] for name, parts in self.by_parameter().items() if "indices" in parts}
+
     # ----------------------------------------------------------------------------- apply
     @torch.no_grad()
     def apply_to(self, model: nn.Module) -> None:
