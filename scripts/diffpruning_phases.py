@@ -44,7 +44,8 @@ def row(run: Path) -> str:
     after = dict(evals)[switch]
     method = config.method.name
     penalty = config.method.get("group_penalty", "paper (unset in its config: the only form then)")
-    variant = f"group_penalty={penalty}" if method == "sdiff" else ""
+    rows = config.method.get("group_rows")  # None: one group per tensor (the paper's)
+    variant = f"group_penalty={penalty}{f', group_rows={rows}' if rows else ''}" if method == "sdiff" else ""
     if finished:
         state = result["method_state"]
         nonzero, kept = state["projected_from_nonzero"], state["kept"]
