@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 from selectune.selection import overlap
@@ -20,8 +22,11 @@ from docsection import write_section
 
 
 def label(delta: TaskDelta) -> str:
+    """method task seed, and the S-Diff grouping when it is not the paper's one group per tensor."""
     meta = delta.meta
-    return f"{meta.get('method', '?')} {meta.get('task', '?')} {meta.get('seed', '?')}"
+    rows = OmegaConf.create(meta["config"]).method.get("group_rows") if "config" in meta else None
+    grouping = f" (group_rows={rows})" if rows else ""
+    return f"{meta.get('method', '?')}{grouping} {meta.get('task', '?')} {meta.get('seed', '?')}"
 
 
 def row(a: TaskDelta, b: TaskDelta) -> str:
