@@ -24,7 +24,7 @@ from docsection import write_section
 def label(delta: TaskDelta) -> str:
     """method task seed, and the S-Diff grouping when it is not the paper's one group per tensor."""
     meta = delta.meta
-    rows = OmegaConf.create(meta["config"]).method.get("group_rows") if "config" in meta else None
+    rows = OmegaConf.select(OmegaConf.create(meta["config"]), "method.group_rows") if "config" in meta else None
     grouping = f" (group_rows={rows})" if rows else ""
     return f"{meta.get('method', '?')}{grouping} {meta.get('task', '?')} {meta.get('seed', '?')}"
 
