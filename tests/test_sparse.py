@@ -117,7 +117,8 @@ def test_overlap_counts_shared_entries_and_tensors_only_one_selection_touches(tm
     tensors = {f"{n}::indices": i for n, i in b.items()} | {f"{n}::values": torch.ones(len(i)) for n, i in b.items()}
     tensors["head.weight::set"] = torch.zeros(2, 3)
     for compact in (None, "float16"):
-        TaskDelta(tensors, {}).save(tmp_path / "d.safetensors", compact=compact)
+        TaskDelta(tensors, {"base_hash": "h", "method": "sara", "config": {}}).save(tmp_path / "d.safetensors",
+                                                                                   compact=compact)
         loaded = TaskDelta.load(tmp_path / "d.safetensors").sparse_indices()
         assert {n: i.tolist() for n, i in loaded.items()} == {n: i.tolist() for n, i in b.items()}
 

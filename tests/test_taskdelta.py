@@ -14,7 +14,7 @@ from selectune.errors import SelectuneError
 def sample() -> TaskDelta:
     return TaskDelta({"classifier.weight::set": torch.randn(2, 4), "enc.q.weight::lora_A": torch.randn(2, 4),
                       "enc.q.weight::lora_B": torch.randn(4, 2), "enc.q.weight::lora_scale": torch.tensor(2.0)},
-                     {"base_model": "m", "base_hash": "abc", "method": "lora"})
+                     {"base_model": "m", "base_hash": "abc", "method": "lora", "config": {}})
 
 
 def test_round_trip(tmp_path):
@@ -80,8 +80,9 @@ def test_corrupted_metadata(tmp_path):
 def test_unknown_entry_kind(tmp_path):
     from safetensors.torch import save_file
 
+    meta = {"base_hash": "abc", "method": "lora", "config": {}}
     save_file({"w::weird": torch.zeros(2)}, str(tmp_path / "k.safetensors"),
-              metadata={"format": "selectune.taskdelta/1", "selectune": json.dumps({})})
+              metadata={"format": "selectune.taskdelta/1", "selectune": json.dumps(meta)})
     with pytest.raises(SelectuneError, match="unknown entry 'w::weird'"):
         TaskDelta.load(tmp_path / "k.safetensors")
 

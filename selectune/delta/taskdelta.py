@@ -12,6 +12,13 @@ stored number instead of 8. Loading turns it back into the plain form.
 The JSON metadata (safetensors' string header) names the base model and a hash of the base weights it
 was trained on, the method, the budget line and the resolved config. Loading reads tensors and JSON
 only: no pickle, no code.
+
+A delta file is never trusted: loading checks every tensor (dtype, rank, matching lengths and factor
+shapes, finite numbers, sorted unique non-negative indices) and the metadata, and applying checks that
+every entry fits the model (names, shapes, indices below the tensor's size) before any weight changes.
+Each check is one pass of vectorised torch ops per tensor, so a delta of millions of entries loads in
+milliseconds, and a damaged or hostile file fails with one line naming the tensor and the problem
+instead of wrapping a negative index around or writing NaN into the model.
 """
 
 from __future__ import annotations
@@ -37,6 +44,19 @@ KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values", "svd_P", 
 # kinds whose numbers count as stored
 VALUE_KINDS = ("set", "lora_A", "lora_B", "values", "svd_P", "svd_E", "svd_Q", *ADAPTER_KINDS)
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# The forms a parameter's entries take: the kinds that must come together, with each one's number of
+# dimensions (None: any; `set` has the parameter's own shape).
+FORMS: dict[str, dict[str, int | None]] = {
+    "set": {"set": None},
+    "sparse": {"indices": 1, "values": 1},
+    "lora": {"lora_A": 2, "lora_B": 2, "lora_scale": 0},
+    "svd": {"svd_P": 2, "svd_E": 1, "svd_Q": 2, "svd_scale": 0},
+    "adapter": {"adapter_down_weight": 2, "adapter_down_bias": 1, "adapter_up_weight": 2, "adapter_up_bias": 1},
+}
+INDEX_DTYPES = (torch.int32, torch.int64)  # ::indices (int32 as written; int64 accepted)
+GAP_DTYPES = (torch.uint16, torch.int32, torch.int64)  # ::index_gaps of the compact form
+MAX_INDEX = 2**31 - 1  # indices are stored as int32
+REQUIRED_META = {"config": dict, "base_hash": str, "method": str}  # what eval and export read
 
 
 @dataclass
@@ -87,13 +107,10 @@ class TaskDelta:
         if self.adapters and not allow_adapters:
             raise SelectuneError(f"the delta holds Adapter modules on {len(self.adapters)} weights, which cannot "
                                  f"be merged into weights; they are exported as modules (adapters.safetensors)")
+        self.check_fits(model)
         for name, parts in self.by_parameter().items():
-            if name not in params:
-                raise SelectuneError(f"task delta changes '{name}', which this model does not have "
-                                     f"(trained on base '{self.meta.get('base_model')}')")
             param = params[name]
             if "set" in parts:
-                _check_shape(name, parts["set"].shape, param.shape)
                 param.copy_(parts["set"].to(param.device, param.dtype))
             if "indices" in parts:
                 flat = param.data.view(-1)
@@ -102,12 +119,10 @@ class TaskDelta:
             if "svd_P" in parts:
                 p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
                 delta = (p * e) @ q * parts["svd_scale"].float()
-                _check_shape(name, delta.shape, param.shape)
                 param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
             if "lora_A" in parts:
                 a, b = parts["lora_A"].float(), parts["lora_B"].float()
                 delta = (b @ a) * parts["lora_scale"].float()
-                _check_shape(name, delta.shape, param.shape)
                 param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
 
     # ----------------------------------------------------------------------------- file
@@ -148,15 +163,146 @@ class TaskDelta:
             meta = json.loads(header["selectune"])
         except (KeyError, json.JSONDecodeError):
             raise SelectuneError(f"{path}: task delta metadata is missing or corrupted") from None
-        delta = cls(_expand(tensors), meta)
-        delta.by_parameter()  # validates the key layout
+        return cls.checked(tensors, meta, f"delta {path} is damaged")
+
+    @classmethod
+    def checked(cls, tensors: dict[str, torch.Tensor], meta: Any, where: str = "task delta") -> TaskDelta:
+        """A TaskDelta from untrusted stored tensors (plain or compact form) and metadata: every tensor
+        and the metadata are checked first; a problem raises one line starting with `where`."""
+        _check_meta(meta, where)
+        _check_dtypes(tensors, where)
+        delta = cls(_expand(tensors, where), meta)
+        delta.check(where)
+        for key, tensor in delta.tensors.items():
+            if key.endswith("::indices"):
+                delta.tensors[key] = tensor.to(torch.int32)
         return delta
 
+    def check(self, where: str = "task delta") -> None:
+        """Every parameter's entries are complete and consistent: the kinds of its forms come together,
+        with the right ranks, matching lengths and factor shapes, finite values and sorted unique
+        non-negative int32 indices."""
+        _check_dtypes(self.tensors, where)
+        for name, parts in self.by_parameter().items():
+            _check_parameter(name, parts, where)
 
-def _check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
-    if tuple(got) != tuple(want):
-        raise SelectuneError(f"task delta: '{name}' has shape {tuple(got)} but the model's is {tuple(want)} "
-                             f"(a delta for another base model?)")
+    def check_fits(self, model: nn.Module, where: str = "task delta") -> None:
+        """Every entry fits `model` (names, shapes, indices below the tensor's size), checked for all
+        parameters before any weight is written, so a refused delta leaves the model untouched."""
+        self.check(where)
+        params = dict(model.named_parameters())
+        for name, parts in self.by_parameter().items():
+            if name not in params:
+                raise SelectuneError(f"{where}: it changes '{name}', which this model does not have "
+                                     f"(trained on base '{self.meta.get('base_model')}')")
+            _check_fit(name, parts, params[name], model, where)
+
+
+def _check_meta(meta: Any, where: str) -> None:
+    if not isinstance(meta, dict):
+        raise SelectuneError(f"{where}: its metadata is a JSON {type(meta).__name__}, not an object")
+    for key, kind in REQUIRED_META.items():
+        if not isinstance(meta.get(key), kind):
+            found = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
+            raise SelectuneError(f"{where}: metadata '{key}' is {found} (a {kind.__name__} is required)")
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Known kinds only; indices are integers and everything else floats (checked before `_expand`
+    converts anything, so integer `values` are refused rather than silently cast)."""
+    for key, tensor in tensors.items():
+        kind = key.rpartition("::")[2]
+        if kind not in (*KINDS, "index_gaps"):
+            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(KINDS)})")
+        allowed = {"indices": INDEX_DTYPES, "index_gaps": GAP_DTYPES}.get(kind)
+        if allowed is None and not tensor.is_floating_point():
+            raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype}, not a floating-point type")
+        if allowed is not None and tensor.dtype not in allowed:
+            raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype} (expected "
+                                 f"{' or '.join(str(d) for d in allowed)})")
+        if kind == "index_gaps" and f"{key.rpartition('::')[0]}::indices" in tensors:
+            raise SelectuneError(f"{where}: '{key}' and '::indices' both given for one tensor")
+
+
+def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> None:
+    """One parameter's entries, on their own (without the model): see `TaskDelta.check`."""
+    for form, ranks in FORMS.items():
+        present = [kind for kind in ranks if kind in parts]
+        if not present:
+            continue
+        missing = [kind for kind in ranks if kind not in parts]
+        if missing:
+            raise SelectuneError(f"{where}: '{name}::{present[0]}' comes without '::{missing[0]}'")
+        for kind, rank in ranks.items():
+            tensor = parts[kind]
+            if rank is not None and tensor.dim() != rank:
+                raise SelectuneError(f"{where}: '{name}::{kind}' has shape {tuple(tensor.shape)} "
+                                     f"({tensor.dim()} dimensions, expected {rank})")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SelectuneError(f"{where}: '{name}::{kind}' holds {bad} NaN or infinite values")
+        _check_form(name, form, parts, where)
+
+
+def _check_form(name: str, form: str, parts: dict[str, torch.Tensor], where: str) -> None:
+    """The lengths and inner dimensions that must agree within one form."""
+    def mismatch(a: str, b: str) -> SelectuneError:
+        return SelectuneError(f"{where}: '{name}::{a}' {tuple(parts[a].shape)} does not match "
+                              f"'::{b}' {tuple(parts[b].shape)}")
+
+    if form == "sparse":
+        idx = parts["indices"]
+        if idx.numel() != parts["values"].numel():
+            raise mismatch("indices", "values")
+        if idx.numel():
+            if int(idx.min()) < 0:
+                raise SelectuneError(f"{where}: '{name}::indices' holds a negative index ({int(idx.min())})")
+            if int(idx.max()) > MAX_INDEX:
+                raise SelectuneError(f"{where}: '{name}::indices' holds {int(idx.max())}, beyond int32")
+            steps = idx[1:] > idx[:-1]
+            if not bool(steps.all()):
+                at = int((~steps).nonzero()[0])
+                problem = "duplicated" if int(idx[at]) == int(idx[at + 1]) else "not sorted"
+                raise SelectuneError(f"{where}: '{name}::indices' are {problem} (position {at + 1}: "
+                                     f"{int(idx[at])} then {int(idx[at + 1])})")
+    elif form == "lora" and parts["lora_B"].shape[1] != parts["lora_A"].shape[0]:
+        raise mismatch("lora_B", "lora_A")
+    elif form == "svd":
+        rank = parts["svd_E"].numel()
+        if parts["svd_P"].shape[1] != rank:
+            raise mismatch("svd_P", "svd_E")
+        if parts["svd_Q"].shape[0] != rank:
+            raise mismatch("svd_Q", "svd_E")
+    elif form == "adapter":
+        width = parts["adapter_down_weight"].shape[0]
+        out = parts["adapter_up_weight"].shape[0]
+        if parts["adapter_down_bias"].numel() != width:
+            raise mismatch("adapter_down_bias", "adapter_down_weight")
+        if parts["adapter_up_weight"].shape[1] != width:
+            raise mismatch("adapter_up_weight", "adapter_down_weight")
+        if parts["adapter_up_bias"].numel() != out:
+            raise mismatch("adapter_up_bias", "adapter_up_weight")
+
+
+def _check_fit(name: str, parts: dict[str, torch.Tensor], param: torch.Tensor, model: nn.Module, where: str) -> None:
+    """One parameter's entries against the model's tensor: see `TaskDelta.check_fits`."""
+    shapes = {"set": parts["set"].shape if "set" in parts else None}
+    if "lora_A" in parts:
+        shapes["lora_B @ lora_A"] = (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
+    if "svd_P" in parts:
+        shapes["svd_P @ svd_Q"] = (parts["svd_P"].shape[0], parts["svd_Q"].shape[1])
+    if "adapter_up_weight" in parts:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if not isinstance(module, nn.Linear) or name.rpartition(".")[2] != "weight":
+            raise SelectuneError(f"{where}: an Adapter on '{name}', which is not a Linear layer's weight")
+        shapes["adapter"] = (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1])
+    for what, shape in shapes.items():
+        if shape is not None and tuple(shape) != tuple(param.shape):
+            raise SelectuneError(f"{where}: '{name}' ({what}) has shape {tuple(shape)} but the model's is "
+                                 f"{tuple(param.shape)} (a delta for another base model?)")
+    if "indices" in parts and parts["indices"].numel() and int(parts["indices"].max()) >= param.numel():
+        raise SelectuneError(f"{where}: '{name}::indices' holds index {int(parts['indices'].max())}, but the "
+                             f"model's tensor has {param.numel()} entries (a delta for another base model?)")
 
 
 def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
@@ -175,13 +321,16 @@ def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, t
     return out
 
 
-def _expand(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The compact form back to the plain one (int32 indices, fp32 values)."""
+def _expand(tensors: dict[str, torch.Tensor], where: str = "task delta") -> dict[str, torch.Tensor]:
+    """The compact form back to the plain one (fp32 values; gaps summed to int64 indices, which
+    `TaskDelta.checked` range-checks before casting them to int32, so no sum can wrap around)."""
     out = {}
     for key, tensor in tensors.items():
         name, _, kind = key.rpartition("::")
         if kind == "index_gaps":
-            out[f"{name}::indices"] = torch.cumsum(tensor.to(torch.int64), 0).to(torch.int32)
+            if tensor.dim() != 1:
+                raise SelectuneError(f"{where}: '{key}' has shape {tuple(tensor.shape)} (expected 1 dimension)")
+            out[f"{name}::indices"] = torch.cumsum(tensor.to(torch.int64), 0)
         elif kind == "values":
             out[key] = tensor.float()
         else:

@@ -1,0 +1,311 @@
+"""Files a user hands selectune are never trusted: a damaged or hostile task delta, checkpoint,
+results.json / metrics.jsonl or data file gives one line naming the file and the problem (or, for
+`report`, a one-line warning and the rest of the report), never a traceback and never a silently
+wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from selectune.delta.taskdelta import TaskDelta
+from selectune.errors import SelectuneError
+
+from conftest import compose_run
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def runs(glue_root, tmp_path_factory) -> dict[str, Path]:
+    """Two finished tiny runs (a sparse SaRA delta and a LoRA delta) and a compact copy of the first."""
+    from selectune.commands import train
+
+    root = tmp_path_factory.mktemp("runs")
+    data = f"task.data_root={glue_root}"
+    out = {}
+    for method in ("sara", "lora"):
+        train(compose_run(f"glue/rte_{method}", data, "trainer.max_steps=2", "task.max_train_examples=32",
+                          "task.max_eval_examples=16"), root / method)
+        out[method] = root / method / "delta.safetensors"
+    compact = root / "compact.safetensors"
+    TaskDelta.load(out["sara"]).save(compact, compact="float16")
+    out["compact"] = compact
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(runs):
+    """The base model the runs were trained on (a fresh copy of its weights per case)."""
+    from omegaconf import OmegaConf
+
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(OmegaConf.create(TaskDelta.load(runs["sara"]).meta["config"]))
+    backbone, _ = build(spec, load_task(spec.task))
+    weights = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    return backbone.model, weights
+
+
+def read_raw(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(safetensors header, tensors, metadata) of a file, read without selectune's checks."""
+    from safetensors import safe_open
+
+    size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8:8 + size])
+    with safe_open(str(path), framework="pt") as handle:
+        return header, {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def one_line_refusal(path: Path, *patterns: str) -> str:
+    with pytest.raises(SelectuneError) as info:
+        TaskDelta.load(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for pattern in patterns:
+        assert pattern in message, message
+    return message
+
+
+# ------------------------------------------------------------------------------- every tensor checked
+SPARSE = "bert.encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda t: t[f"{SPARSE}::indices"].__setitem__(0, -3), "negative index (-3)"),
+    (lambda t: t[f"{SPARSE}::indices"].__setitem__(1, t[f"{SPARSE}::indices"][0]), "are duplicated"),
+    (lambda t: t[f"{SPARSE}::indices"].__setitem__(slice(0, 2), t[f"{SPARSE}::indices"][:2].flip(0)), "not sorted"),
+    (lambda t: t[f"{SPARSE}::values"].__setitem__(5, float("nan")), "1 NaN or infinite values"),
+    (lambda t: t[f"{SPARSE}::values"].__setitem__(5, float("-inf")), "1 NaN or infinite values"),
+    (lambda t: t.update({f"{SPARSE}::values": t[f"{SPARSE}::values"][:-1]}), "does not match '::values'"),
+    (lambda t: t.update({f"{SPARSE}::values": t[f"{SPARSE}::values"].to(torch.int32)}), "not a floating-point"),
+    (lambda t: t.update({f"{SPARSE}::indices": t[f"{SPARSE}::indices"].float()}), "has dtype torch.float32"),
+    (lambda t: t.update({f"{SPARSE}::indices": t[f"{SPARSE}::indices"].view(1, -1)}), "expected 1"),
+    (lambda t: t.pop(f"{SPARSE}::values"), "comes without '::values'"),
+    (lambda t: t.update({"classifier.weight::set": t["classifier.weight::set"].long()}), "not a floating-point"),
+    (lambda t: t.update({f"{SPARSE}::weird": torch.zeros(1)}), "unknown entry"),
+])
+def test_a_bad_tensor_is_refused_naming_it(runs, tmp_path, change, problem):
+    _, tensors, metadata = read_raw(runs["sara"])
+    change(tensors)
+    one_line_refusal(write_raw(tmp_path / "d.safetensors", tensors, metadata), "is damaged", problem)
+
+
+def test_an_index_of_a_billion_is_refused_before_any_weight_changes(runs, base, tmp_path):
+    model, weights = base
+    _, tensors, metadata = read_raw(runs["sara"])
+    tensors[f"{SPARSE}::indices"][-1] = 10**9
+    delta = TaskDelta.load(write_raw(tmp_path / "d.safetensors", tensors, metadata))  # fits int32: a valid file
+    model.load_state_dict(weights)
+    with pytest.raises(SelectuneError, match=rf"'{SPARSE}::indices' holds index 1000000000, but the model's "
+                                             rf"tensor has \d+ entries"):
+        delta.merge_into(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # nothing half-applied
+    tensors[f"{SPARSE}::indices"] = tensors[f"{SPARSE}::indices"].long()
+    tensors[f"{SPARSE}::indices"][-1] = 2**40  # beyond int32: would wrap around when cast
+    one_line_refusal(write_raw(tmp_path / "e.safetensors", tensors, metadata), f"'{SPARSE}::indices' holds",
+                     "beyond int32")
+
+
+def test_lora_factors_that_do_not_match(runs, base, tmp_path):
+    _, tensors, metadata = read_raw(runs["lora"])
+    a_key = next(k for k in tensors if k.endswith("::lora_A"))
+    good = dict(tensors)
+    tensors[a_key] = tensors[a_key][:-1]  # rank r-1 against B's r
+    one_line_refusal(write_raw(tmp_path / "d.safetensors", tensors, metadata), "::lora_B'", "does not match")
+    good[a_key] = torch.cat([good[a_key], good[a_key][:, :1]], 1)  # one input column too many for the base
+    delta = TaskDelta.load(write_raw(tmp_path / "e.safetensors", good, metadata))
+    with pytest.raises(SelectuneError, match=r"\(lora_B @ lora_A\) has shape .* another base model"):
+        delta.merge_into(base[0])
+
+
+@pytest.mark.parametrize(("meta", "problem"), [
+    ("[1, 2]", "metadata is a JSON list, not an object"),
+    ('"text"', "metadata is a JSON str, not an object"),
+    ('{"base_hash": "x", "method": "lora"}', "metadata 'config' is missing"),
+    ('{"config": {}, "method": "lora"}', "metadata 'base_hash' is missing"),
+    ('{"config": [], "base_hash": "x", "method": "lora"}', "metadata 'config' is a list"),
+])
+def test_metadata_that_is_not_a_delta_s(runs, tmp_path, meta, problem):
+    _, tensors, metadata = read_raw(runs["sara"])
+    path = write_raw(tmp_path / "d.safetensors", tensors, {**metadata, "selectune": meta})
+    one_line_refusal(path, f"delta {path} is damaged", problem)
+
+
+def test_compact_gaps_that_add_up_out_of_range(runs, tmp_path):
+    _, tensors, metadata = read_raw(runs["compact"])
+    key = f"{SPARSE}::index_gaps"
+    gaps = tensors[key].to(torch.int32)
+    gaps[1] = -gaps[0] - 1  # the second index becomes -1
+    tensors[key] = gaps
+    one_line_refusal(write_raw(tmp_path / "d.safetensors", tensors, metadata), "negative index (-1)")
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+def split_file(data: bytes) -> tuple[dict, int]:
+    """The safetensors header (JSON) and where the tensor data starts."""
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + size]), 8 + size
+
+
+def with_header(header: dict, data: bytes) -> bytes:
+    """The file `data` with its header replaced (tensor data unchanged)."""
+    start = split_file(data)[1]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[start:]
+
+
+def byte_corruption(rng: random.Random, data: bytes) -> tuple[str, bytes, set[str]]:
+    """(what, corrupted bytes, keys whose tensors must stay bit-identical if the file is accepted)."""
+    header, start = split_file(data)
+    keys = {k for k in header if k != "__metadata__"}
+    kind = rng.choice(["truncate", "flip data", "flip header", "retype", "reshape", "swap data"])
+    if kind == "truncate":
+        return kind, data[:rng.randrange(len(data))], keys
+    if kind == "flip data":
+        at = rng.randrange(start, len(data))
+        hit = next(k for k in keys if start + header[k]["data_offsets"][0] <= at < start + header[k]["data_offsets"][1])
+        flipped = bytearray(data)
+        flipped[at] ^= 1 << rng.randrange(8)
+        return f"{kind} in {hit}", bytes(flipped), keys - {hit}
+    if kind == "flip header":
+        flipped = bytearray(data)
+        flipped[rng.randrange(8, start)] ^= 1 << rng.randrange(8)
+        return kind, bytes(flipped), keys
+    key = rng.choice(sorted(keys))
+    entry = header[key]
+    if kind == "retype":  # same item size, other meaning
+        swap = {"F32": "I32", "I32": "F32", "F16": "I16", "U16": "F16", "I64": "F64"}
+        entry["dtype"] = swap.get(entry["dtype"], "U8")
+        return f"{kind} {key}", with_header(header, data), keys - {key}
+    if kind == "reshape":  # same number of entries, other shape
+        entry["shape"] = [1, *entry["shape"]] if len(entry["shape"]) < 2 else entry["shape"][::-1]
+        return f"{kind} {key}", with_header(header, data), keys - {key}
+    other = rng.choice(sorted(k for k in keys if header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+                              == entry["data_offsets"][1] - entry["data_offsets"][0]))
+    entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], entry["data_offsets"]
+    return f"{kind} {key} <-> {other}", with_header(header, data), keys - {key, other}
+
+
+def semantic_corruption(rng: random.Random, tensors: dict[str, torch.Tensor],
+                        numel: dict[str, int]) -> str:
+    """Change `tensors` in a way every check must refuse; returns what was done."""
+    sparse = sorted(k.rpartition("::")[0] for k in tensors if k.endswith(("::indices", "::index_gaps")))
+    lora = sorted(k.rpartition("::")[0] for k in tensors if k.endswith("::lora_A"))
+    name = rng.choice(sparse or lora)
+    if lora and not sparse:
+        key = f"{name}::{rng.choice(['lora_A', 'lora_B'])}"
+        kind = rng.choice(["nan", "inf", "int", "rank", "drop row", "scale vector"])
+    else:
+        key = f"{name}::values"
+        kind = rng.choice(["nan", "inf", "int", "negative", "out of range", "billion", "duplicate", "unsorted",
+                           "short values", "float indices", "drop values"])
+    t = tensors[key]
+    index_key = f"{name}::indices"
+    if kind in ("negative", "out of range", "billion", "duplicate", "unsorted", "float indices"):
+        if index_key not in tensors:  # the compact form: work on real indices
+            tensors[index_key] = torch.cumsum(tensors.pop(f"{name}::index_gaps").long(), 0).int()
+        idx = tensors[index_key]
+        at = rng.randrange(1, idx.numel())
+        if kind == "negative":
+            idx[at] = -rng.randrange(1, 2**31)
+        elif kind == "out of range":
+            idx[-1] = numel[name] + rng.randrange(4)
+        elif kind == "billion":
+            idx[at] = 10**9
+        elif kind == "duplicate":
+            idx[at] = idx[at - 1]
+        elif kind == "unsorted":
+            idx[at - 1], idx[at] = int(idx[at]), int(idx[at - 1])
+        else:
+            tensors[index_key] = idx.float()
+    elif kind in ("nan", "inf"):
+        t.view(-1)[rng.randrange(t.numel())] = float("nan") if kind == "nan" else rng.choice([1, -1]) * float("inf")
+    elif kind == "int":
+        tensors[key] = t.to(rng.choice([torch.int32, torch.int16, torch.uint8, torch.bool]))
+    elif kind == "rank":
+        tensors[key] = t.reshape(1, *t.shape)
+    elif kind == "drop row":
+        tensors[key] = t[:-1]
+    elif kind == "scale vector":
+        tensors[f"{name}::lora_scale"] = torch.tensor([2.0, 2.0])
+    elif kind == "short values":
+        tensors[key] = t[:-rng.randrange(1, t.numel())]
+    elif kind == "drop values":
+        del tensors[key]
+    return f"{kind} {key}"
+
+
+def reference_merge(delta: TaskDelta, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What applying `delta` must give, computed on its own (plain Python checks of every index)."""
+    out = {k: v.clone() for k, v in weights.items()}
+    for name, parts in delta.by_parameter().items():
+        w = out[name]
+        if "set" in parts:
+            w.copy_(parts["set"])
+        if "indices" in parts:
+            idx = parts["indices"].tolist()
+            assert idx == sorted(set(idx)) and (not idx or idx[0] >= 0 and idx[-1] < w.numel())
+            assert torch.isfinite(parts["values"]).all()
+            flat = w.view(-1)
+            flat[idx] = flat[idx].float() + parts["values"].float()
+        if "lora_A" in parts:
+            w.copy_(w.float() + (parts["lora_B"].float() @ parts["lora_A"].float()) * parts["lora_scale"].float())
+    return out
+
+
+def test_fuzzed_deltas_are_applied_exactly_or_refused_in_one_line(runs, base, tmp_path):
+    """Random corruptions of real stored deltas (plain, compact, LoRA): each one is either refused with
+    one line (loading or applying, and then the model is untouched) or applied exactly as its file
+    says, with every tensor the corruption did not reach bit-identical to the original."""
+    model, weights = base
+    numel = {k: v.numel() for k, v in weights.items()}
+    originals = {name: TaskDelta.load(path) for name, path in runs.items()}
+    rng = random.Random(20240)
+    counts: dict[str, int] = {"cases": 0, "refused": 0, "applied": 0}
+    applied = []
+    for case in range(150):
+        source = rng.choice(sorted(runs))
+        path = tmp_path / f"case{case}.safetensors"
+        semantic = case % 2 == 1
+        if semantic:
+            _, tensors, metadata = read_raw(runs[source])
+            what = semantic_corruption(rng, tensors, numel)
+            write_raw(path, tensors, metadata)
+            untouched: set[str] = set()
+        else:
+            what, data, untouched = byte_corruption(rng, runs[source].read_bytes())
+            path.write_bytes(data)
+        model.load_state_dict(weights)
+        counts["cases"] += 1
+        try:
+            delta = TaskDelta.load(path)
+            delta.merge_into(model)
+        except SelectuneError as err:
+            assert "\n" not in str(err) and str(err), (what, str(err))
+            assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()), what
+            counts["refused"] += 1
+            continue
+        assert not semantic, f"case {case} ({what}) was applied"
+        expected = reference_merge(delta, weights)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()), what
+        plain = {k.replace("::index_gaps", "::indices") for k in untouched}
+        for key in plain & set(originals[source].tensors):
+            assert torch.equal(delta.tensors[key], originals[source].tensors[key]), (what, key)
+        counts["applied"] += 1
+        applied.append(what.split(" ")[0] + " " + what.split(" ")[1])
+    print(f"fuzzed deltas: {counts}; applied: {sorted(applied)}")
+    assert counts["refused"] >= 75 and counts["cases"] == 150
