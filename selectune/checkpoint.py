@@ -5,6 +5,11 @@ A checkpoint is a folder `checkpoint/` in the run directory with the trainable t
 read back with `weights_only=True`: tensors and plain containers only). It is written to
 `checkpoint.tmp/` and renamed over the old one, so a run killed at any moment leaves either the
 previous checkpoint or the new one, never half of one.
+
+A checkpoint on disk may still be damaged (a copy cut short, a bad disk, a hand edit): reading it
+checks what the loop will use (the state's keys, finite trainable tensors, the RNG states) and turns
+any failure into one line, "checkpoint at <folder> is damaged: ...", instead of a traceback or a
+resumed run that silently trains from garbage.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from selectune.errors import SelectuneError
 
 NAME = "checkpoint"
+# what the loop reads back from state.pt (besides "rng", added here)
+STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "method", "evals", "best", "delta_bytes", "train_time")
 
 
 def save(run_dir: Path, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -41,15 +48,47 @@ def exists(run_dir: Path) -> bool:
     return (run_dir / NAME / "state.pt").is_file()
 
 
+def damaged(run_dir: Path, problem: str) -> SelectuneError:
+    return SelectuneError(f"checkpoint at {run_dir / NAME} is damaged: {problem}; remove that folder to start "
+                          f"over, or choose another out_dir")
+
+
+def _why(err: BaseException) -> str:
+    """An exception from a reader as a short phrase: its type and the first sentence of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0].split('. ')[0][:160]}" if text else type(err).__name__
+
+
 def read(run_dir: Path) -> dict[str, Any]:
     """The saved loop state (position, optimiser, scheduler, method state, RNG states)."""
-    return torch.load(run_dir / NAME / "state.pt", weights_only=True)
+    try:  # weights_only: tensors and plain containers, never code; any damage surfaces as some exception
+        state = torch.load(run_dir / NAME / "state.pt", weights_only=True)
+    except Exception as err:  # an untrusted file: every reader failure means the same
+        raise damaged(run_dir, f"state.pt cannot be read ({_why(err)})") from None
+    if not isinstance(state, dict):
+        raise damaged(run_dir, f"state.pt holds a {type(state).__name__}, not the loop state")
+    missing = [key for key in (*STATE_KEYS, "rng") if key not in state]
+    if missing:
+        raise damaged(run_dir, f"state.pt lacks {', '.join(missing)}")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise damaged(run_dir, f"state.pt has step {state['step']!r}")
+    rng = state["rng"]
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("python"), tuple)):
+        raise damaged(run_dir, "state.pt has no valid RNG states")
+    return state
 
 
 def restore(run_dir: Path, params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> None:
     """Copy the saved trainable tensors into `params` and restore the RNGs of `state`."""
     folder = run_dir / NAME
-    saved = load_file(str(folder / "trainable.safetensors"))
+    try:
+        saved = load_file(str(folder / "trainable.safetensors"))
+    except Exception as err:  # an untrusted file: every reader failure means the same
+        raise damaged(run_dir, f"trainable.safetensors cannot be read ({_why(err)})") from None
+    bad = [name for name, tensor in saved.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise damaged(run_dir, f"trainable.safetensors: '{bad[0]}' holds NaN or infinite values")
     if set(saved) != set(params):
         raise SelectuneError(f"checkpoint in {folder} was written by another method or model "
                              f"({len(saved)} trainable tensors saved, {len(params)} now); start a new run dir")
@@ -60,8 +99,11 @@ def restore(run_dir: Path, params: dict[str, torch.nn.Parameter], state: dict[st
                                      f"the run now {tuple(param.shape)}; start a new run dir")
             param.copy_(saved[name])
     rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    try:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise damaged(run_dir, f"state.pt has invalid RNG states ({_why(err)})") from None
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
 

@@ -309,3 +309,117 @@ def test_fuzzed_deltas_are_applied_exactly_or_refused_in_one_line(runs, base, tm
         applied.append(what.split(" ")[0] + " " + what.split(" ")[1])
     print(f"fuzzed deltas: {counts}; applied: {sorted(applied)}")
     assert counts["refused"] >= 75 and counts["cases"] == 150
+
+
+def cli_failure(result, *patterns: str) -> str:
+    """Exit 2, one error line on stderr (the last: progress lines may come before it) naming the
+    problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("selectune: error: "), result.stderr
+    assert result.stderr.strip().splitlines()[-1] == lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for pattern in patterns:
+        assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_eval_and_export_refuse_a_damaged_delta(runs, glue_root, tmp_path, command):
+    from conftest import run_cli
+
+    _, tensors, metadata = read_raw(runs["sara"])
+    tensors[f"{SPARSE}::indices"][3] = -1  # would wrap around to the tensor's last entry
+    run = tmp_path / "run"
+    run.mkdir()
+    write_raw(run / "delta.safetensors", tensors, metadata)
+    before = sorted(p.name for p in run.iterdir())
+    args = [f"run={run}"] + ([f"out={tmp_path / 'out'}"] if command == "export" else [])
+    result = run_cli(command, *args, cwd=tmp_path, env={"SELECTUNE_DATA": str(glue_root)})
+    cli_failure(result, f"delta {run / 'delta.safetensors'} is damaged", f"'{SPARSE}::indices'", "negative index")
+    assert sorted(p.name for p in run.iterdir()) == before and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+CKPT_RUN = ("glue/rte_lora", "trainer.max_steps=4", "trainer.checkpoint_every=2", "task.max_train_examples=32",
+            "task.max_eval_examples=16")
+
+
+@pytest.fixture(scope="module")
+def unfinished(glue_root, tmp_path_factory) -> Path:
+    """A run folder as a run killed after its step-2 checkpoint leaves it (results.json never written)."""
+    from selectune import checkpoint
+    from selectune.commands import train
+
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "remove", lambda run_dir: None)  # keep the last checkpoint
+        train(compose_run(*CKPT_RUN, f"task.data_root={glue_root}"), run)
+    (run / "results.json").unlink()
+    assert (run / "checkpoint" / "state.pt").is_file()
+    return run
+
+
+def garble(data: bytes) -> bytes:
+    rng = random.Random(7)
+    return data[:64] + bytes(rng.randrange(256) for _ in range(len(data) - 128)) + data[-64:]
+
+
+def saved_list(path: Path) -> None:
+    torch.save([1, 2, 3], path)
+
+
+def state_without_rng(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    del state["rng"], state["optimizer"]
+    torch.save(state, path)
+
+
+def trainable_with_nan(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    next(iter(tensors.values())).view(-1)[0] = float("nan")
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(("file", "damage", "problem"), [
+    ("state.pt", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "state.pt cannot be read"),
+    ("state.pt", lambda p: p.write_bytes(garble(p.read_bytes())), "state.pt cannot be read"),
+    ("state.pt", lambda p: p.write_bytes(b""), "state.pt cannot be read"),
+    ("state.pt", saved_list, "state.pt holds a list, not the loop state"),
+    ("state.pt", state_without_rng, "state.pt lacks optimizer, rng"),
+    ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-10]), "trainable.safetensors cannot be read"),
+    ("trainable.safetensors", lambda p: p.write_bytes(garble(p.read_bytes())), "trainable.safetensors cannot be read"),
+    ("trainable.safetensors", trainable_with_nan, "holds NaN or infinite values"),
+])
+def test_a_damaged_checkpoint_is_refused_on_resume(unfinished, glue_root, tmp_path, file, damage, problem):
+    import shutil
+
+    from selectune.commands import train
+
+    run = tmp_path / "run"
+    shutil.copytree(unfinished, run)
+    damage(run / "checkpoint" / file)
+    kept = {p: p.read_bytes() for p in [*(run / "checkpoint").iterdir(), run / "metrics.jsonl"]}
+    with pytest.raises(SelectuneError) as info:
+        train(compose_run(*CKPT_RUN, f"task.data_root={glue_root}", "trainer.resume=true"), run)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint at {run / 'checkpoint'} is damaged: "), message
+    assert problem in message, message
+    assert all(p.read_bytes() == data for p, data in kept.items())  # nothing of the run changed
+    assert not (run / "results.json").exists()
+
+
+def test_the_cli_reports_a_damaged_checkpoint_in_one_line(unfinished, glue_root, tmp_path):
+    import shutil
+
+    from conftest import TINY, run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(unfinished, run)
+    state = run / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    overrides = [f"recipe={CKPT_RUN[0]}", *TINY, *CKPT_RUN[1:], f"task.data_root={glue_root}"]
+    result = run_cli("train", *overrides, "trainer.resume=true", f"out_dir={run}", cwd=tmp_path)
+    cli_failure(result, f"checkpoint at {run / 'checkpoint'} is damaged: state.pt cannot be read")
