@@ -10,12 +10,17 @@ rates are two rows named by the difference, never one row with a false ±), and 
                          pair=A:B, A − B per task on the seeds both have (noise of seed choice removed)
     metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
     training_curves.png  training loss against step, one line per run
+
+Run folders are read, not trusted: a results.json that cannot be read or lacks what the table needs,
+an unreadable config.yaml, or a metrics.jsonl line that is not a JSON record is skipped with a
+one-line warning on stderr ("selectune: warning: skipping ...") and the rest is reported.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,19 +37,81 @@ NOT_A_VARIANT = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
-    runs = []
+    runs, skipped = [], 0
     for folder in folders:
         if not folder.exists():
             raise SelectuneError(f"report: {folder} does not exist")
         for path in sorted(folder.rglob("results.json")):
-            result = json.loads(path.read_text())
-            result["run_dir"] = str(path.parent)
-            config = path.parent / "config.yaml"
-            result["settings"] = _flat(OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
-            runs.append(result)
+            try:
+                runs.append(read_run(path))
+            except SelectuneError as err:
+                warn(f"skipping {path}: {err}")
+                skipped += 1
     if not runs:
-        raise SelectuneError(f"report: no results.json below {', '.join(map(str, folders))}")
+        raise SelectuneError(f"report: no results.json below {', '.join(map(str, folders))}"
+                             + (" that can be read" if skipped else ""))
     return runs
+
+
+def warn(message: str) -> None:
+    """One line on stderr: what was left out of the report and why."""
+    print(f"selectune: warning: {message}", file=sys.stderr)
+
+
+# What the table reads from a results.json: key -> accepted types
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "task": (str,), "method": (str,), "seed": (int,), "metrics": (dict,), "budget": (dict,),
+    "delta_bytes": (int, float), "step_time_s": (int, float), "peak_memory_mb": (int, float)}
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """One run's results.json (checked for what the report reads) with its flattened config.yaml."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SelectuneError(f"not readable JSON ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(result, dict):
+        raise SelectuneError(f"holds a JSON {type(result).__name__}, not an object")
+    for key, kinds in RESULT_FIELDS.items():
+        if not isinstance(result.get(key), kinds) or isinstance(result.get(key), bool):
+            raise SelectuneError(f"'{key}' is {'missing' if key not in result else repr(result[key])[:60]}")
+    metrics = result["metrics"]
+    if not metrics or not all(isinstance(v, dict) and v for v in metrics.values()):
+        raise SelectuneError("'metrics' holds no split with metrics")
+    split = next(iter(metrics))
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in metrics[split].values()):
+        raise SelectuneError(f"'metrics.{split}' holds a value that is not a number")
+    if result["task"] in GLUE and GLUE[result["task"]].primary not in metrics[split]:
+        raise SelectuneError(f"'metrics.{split}' lacks {result['task']}'s {GLUE[result['task']].primary}")
+    budget = result["budget"]
+    for key in ("stored", "backbone"):
+        if not isinstance(budget.get(key), int) or budget[key] < 0 or (key == "backbone" and not budget[key]):
+            raise SelectuneError(f"'budget.{key}' is {budget.get(key)!r}")
+    result["run_dir"] = str(path.parent)
+    config = path.parent / "config.yaml"
+    try:
+        result["settings"] = _flat(OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
+    except Exception as err:  # a hand-edited or cut-short YAML file: any parser failure means the same
+        raise SelectuneError(f"its config.yaml is not readable ({type(err).__name__})") from None
+    return result
+
+
+def read_losses(path: Path) -> list[tuple[int, float]]:
+    """(step, training loss) from a metrics.jsonl; a line that is no such record is skipped with a warning."""
+    steps = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if line.strip():
+                warn(f"skipping {path}:{number}: not a JSON record with a step")
+            continue
+        loss = record.get("loss")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            steps.append((record["step"], float(loss)))
+    return steps
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, str]:
@@ -294,8 +361,7 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     for run in runs:
         path = Path(run["run_dir"]) / "metrics.jsonl"
         if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines()]
-            steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            steps = read_losses(path)
             if steps:
                 ax.plot(*zip(*steps, strict=True), label=f"{run['task']} {run['method']} s{run['seed']}", lw=1)
     ax.set_xlabel("step")

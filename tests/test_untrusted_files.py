@@ -423,3 +423,53 @@ def test_the_cli_reports_a_damaged_checkpoint_in_one_line(unfinished, glue_root,
     overrides = [f"recipe={CKPT_RUN[0]}", *TINY, *CKPT_RUN[1:], f"task.data_root={glue_root}"]
     result = run_cli("train", *overrides, "trainer.resume=true", f"out_dir={run}", cwd=tmp_path)
     cli_failure(result, f"checkpoint at {run / 'checkpoint'} is damaged: state.pt cannot be read")
+
+
+# ---------------------------------------------------------------------------------------------- report
+def test_report_skips_unreadable_runs_and_lines_with_a_warning_each(tmp_path, capsys):
+    from test_report import fake_run
+
+    from selectune.cli import main
+
+    runs = tmp_path / "runs"
+    fake_run(runs / "good1", "mrpc", "lora", 1, {"f1": 80.0, "accuracy": 70.0}, 5000)
+    fake_run(runs / "good2", "mrpc", "lora", 2, {"f1": 84.0, "accuracy": 74.0}, 5000)
+    with (runs / "good2" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 0.2\n[1, 2]\n\xff\xfe\n')  # a line cut short, a list, bad bytes
+    bad = {"corrupt": "{not json", "empty": "", "no_metrics": {"metrics": ...}, "list": [1, 2],
+           "metrics_list": {"metrics": []}, "no_primary": {"metrics": {"dev": {"accuracy": 70.0}}},
+           "text_metric": {"metrics": {"dev": {"f1": "high", "accuracy": 70.0}}}, "bad_config": {}}
+    for name, content in bad.items():
+        fake_run(runs / name, "mrpc", "sara", 3, {"f1": 99.0, "accuracy": 99.0}, 5000)
+        results = runs / name / "results.json"
+        if isinstance(content, dict):  # ... drops the key
+            merged = {**json.loads(results.read_text()), **content}
+            content = json.dumps({k: v for k, v in merged.items() if v is not ...})
+        elif not isinstance(content, str):
+            content = json.dumps(content)
+        results.write_text(content)
+    (runs / "bad_config" / "config.yaml").write_text("a: [unclosed\n  b: :\n")
+    main(["report", str(runs), f"out={tmp_path / 'rep'}"])
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("selectune: warning: skipping ")]
+    assert len(warnings) == len(bad) + 3 and len(err) == len(warnings), err
+    for name in bad:
+        assert any(f"{runs / name / 'results.json'}: " in line for line in warnings), name
+    for number in (4, 5, 6):
+        assert any(f"{runs / 'good2' / 'metrics.jsonl'}:{number}: " in line for line in warnings), number
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "2 runs from" in text and "f1 82.00 ± 2.83" in text and "| sara |" not in text
+
+
+def test_report_with_no_readable_run_fails_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "results.json").write_text("")
+    result = run_cli("report", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"selectune: warning: skipping {tmp_path / 'runs' / 'a' / 'results.json'}: not readable JSON "
+        "(JSONDecodeError: Expecting value: line 1 column 1 (char 0))",
+        f"selectune: error: report: no results.json below {tmp_path / 'runs'} that can be read"]
+    assert not (tmp_path / "runs" / "report.md").exists()
