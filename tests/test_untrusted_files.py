@@ -473,3 +473,66 @@ def test_report_with_no_readable_run_fails_in_one_line(tmp_path):
         "(JSONDecodeError: Expecting value: line 1 column 1 (char 0))",
         f"selectune: error: report: no results.json below {tmp_path / 'runs'} that can be read"]
     assert not (tmp_path / "runs" / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------------------ data files
+RTE_HEADER = b"index\tsentence1\tsentence2\tlabel\n"
+
+
+@pytest.mark.parametrize(("content", "where"), [
+    (RTE_HEADER + b"0\ta\tb\tentailment\n1\tcaf\xe9\tb\tentailment\n",
+     "train.tsv:3: not UTF-8 text (byte 0xe9 at column 6)"),
+    (b"\xef\xbb\xbf" + RTE_HEADER + b"0\ta\tb\tentailment\n\xff\n",  # after a byte-order mark
+     "train.tsv:3: not UTF-8 text (byte 0xff at column 1)"),
+    (RTE_HEADER.replace(b"label", b"lab\x80el"), "train.tsv:1: not UTF-8 text (byte 0x80 at column 30)"),
+])
+def test_non_utf8_bytes_in_a_tsv_name_the_file_and_line(tmp_path, content, where):
+    from selectune.tasks.glue import GLUE, read_tsv
+
+    path = tmp_path / "train.tsv"
+    path.write_bytes(content)
+    with pytest.raises(SelectuneError) as info:
+        read_tsv(GLUE["rte"], path)
+    assert str(info.value).startswith(f"{tmp_path / where}; save the file as UTF-8"), str(info.value)
+
+
+def test_a_malformed_row_error_quotes_at_most_200_characters(tmp_path):
+    from selectune.tasks.glue import GLUE, read_tsv
+
+    path = tmp_path / "train.tsv"
+    path.write_text(RTE_HEADER.decode() + "0\t" + "x" * 100_000 + "\n")
+    with pytest.raises(SelectuneError) as info:
+        read_tsv(GLUE["rte"], path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: malformed row: expected at least 4 tab-separated fields, found 2: '0\\txxx")
+    assert len(message) < len(str(path)) + 320 and message.endswith("x…'"), message
+    path.write_text(RTE_HEADER.decode() + "0\ta\tb\t" + "y" * 10_000 + "\n")
+    with pytest.raises(SelectuneError, match=r":2: malformed row: label 'y{200}…' is not one of entailment"):
+        read_tsv(GLUE["rte"], path)
+
+
+def test_train_on_a_non_utf8_tsv_fails_in_one_line(glue_root, tmp_path):
+    import shutil
+
+    from conftest import TINY, run_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(glue_root, root)
+    with (root / "glue" / "RTE" / "train.tsv").open("ab") as handle:
+        handle.write(b"99\tna\xefve\tb\tentailment\n")
+    result = run_cli("train", "recipe=glue/rte_full", *TINY, cwd=tmp_path, env={"SELECTUNE_DATA": str(root)})
+    cli_failure(result, f"{root / 'glue' / 'RTE' / 'train.tsv'}:50: not UTF-8 text (byte 0xef at column 6)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_utf8_bytes_in_a_vtab_list_name_the_file_and_line(tmp_path):
+    from selectune.tasks.vtab import read_list
+
+    path = tmp_path / "train800.txt"
+    path.write_bytes(b"images/000.jpg 1\nimages/\xc3(.jpg 2\n")
+    with pytest.raises(SelectuneError, match=r"train800.txt:2: not UTF-8 text \(byte 0xc3 at column 8\)"):
+        read_list(path, 47)
+    path.write_text("images/" + "z" * 5000 + ".jpg\n")
+    with pytest.raises(SelectuneError) as info:
+        read_list(path, 47)
+    assert len(str(info.value)) < len(str(path)) + 300 and "z…'" in str(info.value)

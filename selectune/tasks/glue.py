@@ -13,6 +13,7 @@ from pathlib import Path
 
 from selectune.errors import SelectuneError
 from selectune.tasks.example import Example
+from selectune.tasks.text import excerpt, read_utf8
 
 Column = str | int  # a header name, or a 0-based position for files without a header (CoLA)
 
@@ -98,8 +99,7 @@ def read_tsv(spec: GlueSpec, path: Path, limit: int | None = None) -> list[Examp
     """Parse one GLUE TSV file; a malformed row fails with the file and line number."""
     if not path.is_file():
         raise SelectuneError(f"missing GLUE file {path} (expected the GLUE TSV layout: <TASK>/train.tsv, dev.tsv)")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        lines = handle.read().split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     start = 0
@@ -113,7 +113,7 @@ def read_tsv(spec: GlueSpec, path: Path, limit: int | None = None) -> list[Examp
             if isinstance(col, int):
                 return col
             if col not in header:
-                raise SelectuneError(f"{path}:1: header has no column '{col}' (found: {', '.join(header)})")
+                raise SelectuneError(f"{path}:1: header has no column '{col}' (found: {excerpt(', '.join(header))})")
             return header.index(col)
     else:
         def position(col: Column) -> int:
@@ -128,7 +128,7 @@ def read_tsv(spec: GlueSpec, path: Path, limit: int | None = None) -> list[Examp
         fields = line.rstrip("\r").split("\t")
         if len(fields) < needed:
             raise SelectuneError(f"{path}:{lineno}: malformed row: expected at least {needed} tab-separated "
-                                 f"fields, found {len(fields)}")
+                                 f"fields, found {len(fields)}: {excerpt(line)}")
         examples.append(Example(tuple(fields[i] for i in text_pos), _label(spec, fields[label_pos], path, lineno)))
         if limit is not None and len(examples) >= limit:
             break
@@ -141,9 +141,9 @@ def _label(spec: GlueSpec, raw: str, path: Path | str, lineno: int) -> int | flo
         try:
             return float(raw)
         except ValueError:
-            raise SelectuneError(f"{path}:{lineno}: malformed row: score '{raw}' is not a number") from None
+            raise SelectuneError(f"{path}:{lineno}: malformed row: score {excerpt(raw)} is not a number") from None
     if raw not in spec.labels:
-        raise SelectuneError(f"{path}:{lineno}: malformed row: label '{raw}' is not one of "
+        raise SelectuneError(f"{path}:{lineno}: malformed row: label {excerpt(raw)} is not one of "
                              f"{', '.join(spec.labels)}")
     return spec.labels.index(raw)
 

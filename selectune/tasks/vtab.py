@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from selectune.errors import SelectuneError
+from selectune.tasks.text import excerpt, read_utf8
 
 GROUPS = {
     "natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"],
@@ -64,18 +65,18 @@ def read_list(path: Path, num_classes: int, limit: int | None = None) -> list[Im
         raise SelectuneError(f"missing VTAB-1k list file {path} (expected train800.txt, val200.txt, "
                              f"train800val200.txt and test.txt beside the images)")
     examples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise SelectuneError(f"{path}:{lineno}: bad line '{line.strip()}': expected 'relative/path label'")
+            raise SelectuneError(f"{path}:{lineno}: bad line {excerpt(line.strip())}: expected 'relative/path label'")
         label = int(parts[1])
         if not 0 <= label < num_classes:
             raise SelectuneError(f"{path}:{lineno}: label {label} outside 0..{num_classes - 1}")
         image = path.parent / parts[0]
         if not image.is_file():
-            raise SelectuneError(f"{path}:{lineno}: missing image {image}")
+            raise SelectuneError(f"{path}:{lineno}: missing image {excerpt(str(image))}")
         examples.append(ImageExample(image, label))
         if limit is not None and len(examples) >= limit:
             break
