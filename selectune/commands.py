@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -206,13 +207,20 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
 
 # --------------------------------------------------------------------------- validate / ls / cat
 def validate(cfg: DictConfig) -> None:
-    """Compose, build task + model + method on a few examples, run one forward/backward, print the budget."""
+    """Compose, build task + model + method on a few examples, run one forward/backward, print the budget.
+
+    Everything `train` checks before its first step is checked here too: the whole data is read (a bad
+    row anywhere fails) and the method's schedule is planned for the run's real length (an AdaLoRA
+    or diff-pruning schedule that does not fit fails), so what validate accepts, train starts."""
     spec = RunSpec.from_config(cfg)
-    spec.task.max_train_examples = spec.task.max_eval_examples = 8
     task = load_task(spec.task)
+    n_train = len(task.splits["train"])
+    task.splits = {name: rows[:8] for name, rows in task.splits.items()}
     backbone, method = build(spec, task)
     split = encode_splits(task, backbone, ["train"])["train"]
     method.attach(backbone, probe_batches(task, split, backbone, 4, spec.trainer.seed, torch.device("cpu")))
+    steps_per_epoch, total_steps = run_length(spec.trainer, n_train)
+    method.plan(total_steps, steps_per_epoch)
     batch = split.batch(list(range(len(split))))
     labels = batch.pop("labels")
     loss = task_loss(backbone.model(**batch).logits, labels, task.spec.is_regression)
@@ -223,6 +231,13 @@ def validate(cfg: DictConfig) -> None:
           f"model {backbone.name} · method {method.cfg.name}")
     print(report.line())
     print(f"one training batch of {len(split)} examples: loss {loss.item():.4f}")
+    print(f"schedule: {total_steps:,} steps ({steps_per_epoch:,} per epoch of {n_train:,} training examples)")
+
+
+def run_length(cfg: TrainerConfig, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run on `n_train` examples: the numbers `Trainer` plans with."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    return steps_per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
 def environment_offline(online: bool) -> None:

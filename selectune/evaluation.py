@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selectune.errors import SelectuneError
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, eval_batches
 
@@ -34,6 +35,8 @@ def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batc
              device: torch.device) -> tuple[dict[str, dict[str, float | None]], dict[str, np.ndarray]]:
     """Official metrics on every evaluation split, e.g. {"dev": {"f1": 86.1, "accuracy": 80.4}}, and the
     raw outputs (logits) they were computed from, by split."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise SelectuneError(f"batch_size={batch_size!r}: must be a positive whole number of examples")
     outputs = {name: predict(model, split, batch_size, device) for name, split in splits.items()}
     metrics = {name: task.score(outputs[name], split.labels.numpy()) for name, split in splits.items()}
     return metrics, outputs

@@ -536,3 +536,68 @@ def test_non_utf8_bytes_in_a_vtab_list_name_the_file_and_line(tmp_path):
     with pytest.raises(SelectuneError) as info:
         read_list(path, 47)
     assert len(str(info.value)) < len(str(path)) + 300 and "z…'" in str(info.value)
+
+
+# ------------------------------------------------------------------------------- method settings, validate
+@pytest.mark.parametrize(("recipe", "override", "problem"), [
+    ("glue/rte_lora", "method.r=0", "method.r=0: must be positive (method lora)"),
+    ("glue/rte_lora", "method.r=-2", "method.r=-2: must be positive"),
+    ("glue/rte_lora", "method.alpha=0", "method.alpha=0.0: must be positive"),
+    ("glue/rte_lora", "method.dropout=1.0", "method.dropout=1.0: must be in [0, 1)"),
+    ("glue/rte_lora", "+method.lr=-1e-3", "method.lr=-0.001: must be positive"),
+    ("glue/rte_spt_lora", "method.rank=0", "method.rank=0: must be positive (method spt_lora)"),
+    ("glue/rte_spt_adapter", "method.rank=0", "method.rank=0: must be positive (method spt_adapter)"),
+    ("glue/rte_spt_lora", "method.probe_batches=0", "method.probe_batches=0: must be positive"),
+    ("glue/rte_adalora", "method.delta_t=0", "method.delta_t=0: must be positive"),
+    ("glue/rte_adalora", "method.t_init=-1", "method.t_init=-1.0: must not be negative"),
+    ("glue/rte_adalora", "method.beta1=1.5", "method.beta1=1.5: must be in [0, 1)"),
+    ("glue/rte_adalora", "method.target_total=0", "method.target_total=0: must be positive"),
+    ("glue/rte_sdiff", "method.group_rows=0", "method.group_rows=0: must be positive"),
+    ("glue/rte_sdiff", "method.phase1_share=1.0", "method.phase1_share=1.0: must be in (0, 1)"),
+    ("glue/rte_sdiff", "method.l0_weight=-1", "method.l0_weight=-1.0: must not be negative"),
+    ("glue/rte_sara", "method.threshold=0", "method.threshold=0.0: must be positive"),
+])
+def test_a_method_setting_no_run_can_use_fails_at_config_time(recipe, override, problem):
+    from selectune.commands import RunSpec
+
+    with pytest.raises(SelectuneError) as info:
+        RunSpec.from_config(compose_run(recipe, override))
+    assert str(info.value) == problem or str(info.value).startswith(problem), str(info.value)
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_method_r_0_on_the_command_line(data_env, tmp_path, command):
+    from conftest import TINY, run_cli
+
+    result = run_cli(command, "recipe=glue/rte_lora", *TINY, "method.r=0", cwd=tmp_path)
+    cli_failure(result, "method.r=0: must be positive (method lora)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_with_batch_size_0_fails_in_one_line(runs, glue_root, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"].parent, run)
+    before = sorted(p.name for p in run.iterdir())
+    result = run_cli("eval", f"run={run}", "batch_size=0", cwd=tmp_path, env={"SELECTUNE_DATA": str(glue_root)})
+    cli_failure(result, "batch_size=0: must be a positive whole number of examples")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_validate_rejects_the_schedule_train_rejects(data_env, tmp_path):
+    """An AdaLoRA schedule that cannot fit the run (t_init + t_final of 4 steps >= the run's 4 steps):
+    train refuses it before its first step, and validate now refuses it with the same line."""
+    from conftest import TINY, run_cli
+
+    args = ["recipe=glue/rte_adalora", *TINY, "task.max_train_examples=64", "trainer.max_steps=4",
+            "method.delta_t=1", "method.t_init=2", "method.t_final=2"]
+    problem = "AdaLoRA schedule: t_init (2) + t_final (2) must be less than the run's 4 steps"
+    train_line = cli_failure(run_cli("train", *args, cwd=tmp_path), problem)
+    assert cli_failure(run_cli("validate", *args, cwd=tmp_path), problem) == train_line
+    ok = run_cli("validate", *args[:-2], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "schedule: 4 steps (6 per epoch of 48 training examples)" in ok.stdout
+    assert not (tmp_path / "runs").exists()

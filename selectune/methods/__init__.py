@@ -29,13 +29,16 @@ METHODS: dict[str, type[Method]] = {
 
 
 def method_config(node: Any) -> MethodConfig:
-    """Check the `method` config section against the schema of the method it names."""
+    """Check the `method` config section against the schema of the method it names, and its values
+    against their ranges (`MethodConfig.validate`)."""
     if isinstance(node, MethodConfig):
         return node
     name = node.get("name") if hasattr(node, "get") else None
     if name not in METHODS:
         raise SelectuneError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
-    return typed(METHODS[name].Config, node, "method")
+    cfg = typed(METHODS[name].Config, node, "method")
+    cfg.validate()
+    return cfg
 
 
 def build_method(node: Any, budget: Optional[int]) -> Method:

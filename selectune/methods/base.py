@@ -24,6 +24,7 @@ from torch import nn
 
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
+from selectune.errors import SelectuneError
 
 
 @dataclass
@@ -35,6 +36,18 @@ class ProbeBatches:
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad  # averages a gradient over processes
 
 
+# Ranges of method settings, by field name: a name means one thing in every method's Config that has
+# it (r and rank are ranks, lr a learning rate, t_init a step count ...), so one table checks them all.
+# A setting left at None (unset) is not checked; a method whose field breaks the convention overrides
+# `validate`.
+POSITIVE = ("lr", "head_lr", "r", "rank", "alpha", "lora_alpha", "beta", "probe_batches", "target_total", "init_ratio",
+            "delta_t", "alpha_lr", "phase2_lr", "group_rows", "phase1_epochs", "log_every", "threshold",
+            "progressive_step")
+NON_NEGATIVE = ("t_init", "t_final", "orth_weight", "nuclear_weight", "l0_weight")
+FRACTIONS = ("dropout", "beta1", "beta2")  # in [0, 1)
+SHARES = ("phase1_share",)  # in (0, 1)
+
+
 @dataclass
 class MethodConfig:
     """Settings every method has; each method's Config extends it."""
@@ -42,6 +55,20 @@ class MethodConfig:
     name: str
     lr: Optional[float] = None  # learning rate of the method's parameters (None: trainer.lr)
     head_lr: Optional[float] = None  # learning rate of the task head (None: the method's lr)
+
+    def validate(self) -> None:
+        """Fail at config time, in one line naming the key, on a value no run can use (`method.r=0`,
+        a negative learning rate, dropout 1): the dataclass types cannot say it, and found later it is a
+        traceback deep in the model or a run that trains nothing."""
+        rules = [(POSITIVE, lambda v: v > 0, "must be positive"),
+                 (NON_NEGATIVE, lambda v: v >= 0, "must not be negative"),
+                 (FRACTIONS, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                 (SHARES, lambda v: 0 < v < 1, "must be in (0, 1)")]
+        for names, holds, rule in rules:
+            for key in names:
+                value = getattr(self, key, None)
+                if value is not None and not holds(value):
+                    raise SelectuneError(f"method.{key}={value}: {rule} (method {self.name})")
 
 
 class Method(ABC):
