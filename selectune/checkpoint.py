@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from selectune.errors import SelectuneError
 
 NAME = "checkpoint"
-# what the loop reads back from state.pt (besides "rng", added here)
-STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "method", "evals", "best", "delta_bytes", "train_time")
+# what the loop reads back from state.pt (besides "rng", added here), with the container each must be
+STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "method": dict, "evals": list,
+    "best": (dict, type(None)), "delta_bytes": (int, type(None)), "train_time": (int, float)}
 
 
 def save(run_dir: Path, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -70,8 +72,11 @@ def read(run_dir: Path) -> dict[str, Any]:
     missing = [key for key in (*STATE_KEYS, "rng") if key not in state]
     if missing:
         raise damaged(run_dir, f"state.pt lacks {', '.join(missing)}")
-    if not isinstance(state["step"], int) or state["step"] < 0:
-        raise damaged(run_dir, f"state.pt has step {state['step']!r}")
+    wrong = [key for key, kind in STATE_KEYS.items() if not isinstance(state[key], kind)]
+    if wrong:
+        raise damaged(run_dir, f"state.pt has a {type(state[wrong[0]]).__name__} as '{wrong[0]}'")
+    if state["step"] < 0 or not {"state", "param_groups"} <= set(state["optimizer"]):
+        raise damaged(run_dir, "state.pt has a negative step or an optimizer state without its groups")
     rng = state["rng"]
     if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
             and isinstance(rng.get("python"), tuple)):

@@ -375,6 +375,12 @@ def state_without_rng(path: Path) -> None:
     torch.save(state, path)
 
 
+def state_with_a_list_as_optimizer(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["optimizer"] = [state["optimizer"]]
+    torch.save(state, path)
+
+
 def trainable_with_nan(path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -389,6 +395,7 @@ def trainable_with_nan(path: Path) -> None:
     ("state.pt", lambda p: p.write_bytes(b""), "state.pt cannot be read"),
     ("state.pt", saved_list, "state.pt holds a list, not the loop state"),
     ("state.pt", state_without_rng, "state.pt lacks optimizer, rng"),
+    ("state.pt", state_with_a_list_as_optimizer, "state.pt has a list as 'optimizer'"),
     ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-10]), "trainable.safetensors cannot be read"),
     ("trainable.safetensors", lambda p: p.write_bytes(garble(p.read_bytes())), "trainable.safetensors cannot be read"),
     ("trainable.safetensors", trainable_with_nan, "holds NaN or infinite values"),
