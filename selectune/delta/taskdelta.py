@@ -156,13 +156,14 @@ class TaskDelta:
                 header = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise SelectuneError(f"{path}: not a readable task delta (truncated or corrupted: {err})") from None
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise SelectuneError(f"delta {path} is damaged: not readable, truncated or corrupted ({why})") from None
         if header.get("format") != FORMAT:
             raise SelectuneError(f"{path}: not a selectune task delta (format '{header.get('format')}')")
         try:
             meta = json.loads(header["selectune"])
         except (KeyError, json.JSONDecodeError):
-            raise SelectuneError(f"{path}: task delta metadata is missing or corrupted") from None
+            raise SelectuneError(f"delta {path} is damaged: task delta metadata is missing or corrupted") from None
         return cls.checked(tensors, meta, f"delta {path} is damaged")
 
     @classmethod
@@ -193,7 +194,7 @@ class TaskDelta:
         params = dict(model.named_parameters())
         for name, parts in self.by_parameter().items():
             if name not in params:
-                raise SelectuneError(f"{where}: it changes '{name}', which this model does not have "
+                raise SelectuneError(f"{where}: '{name}' is changed by the delta, but this model does not have it "
                                      f"(trained on base '{self.meta.get('base_model')}')")
             _check_fit(name, parts, params[name], model, where)
 
@@ -294,7 +295,7 @@ def _check_fit(name: str, parts: dict[str, torch.Tensor], param: torch.Tensor, m
     if "adapter_up_weight" in parts:
         module = model.get_submodule(name.rpartition(".")[0])
         if not isinstance(module, nn.Linear) or name.rpartition(".")[2] != "weight":
-            raise SelectuneError(f"{where}: an Adapter on '{name}', which is not a Linear layer's weight")
+            raise SelectuneError(f"{where}: '{name}' has an Adapter but is not a Linear layer's weight")
         shapes["adapter"] = (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1])
     for what, shape in shapes.items():
         if shape is not None and tuple(shape) != tuple(param.shape):
