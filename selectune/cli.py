@@ -247,9 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(SelectuneError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)})"), debug)
-    if any(a in ("-h", "--help", "help") for a in rest) and (command not in HYDRA_COMMANDS or rest == ["help"]):
+    if any(a in ("-h", "--help", "help") for a in rest):  # this command's usage; Hydra's commands add theirs
         print(command_usage(command), end="")
-        return
+        if command not in HYDRA_COMMANDS:
+            return
+        print()
+        rest = ["--help" if a == "help" else a for a in rest]
     try:
         if command == "ls":
             from selectune.config import print_recipes

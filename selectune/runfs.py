@@ -136,8 +136,9 @@ def make_dir(path: Path, what: str = "out_dir") -> None:
 def make_run_dir(path: Path) -> bool:
     """Create a run folder (and its parents); True only when this call made the folder itself, so that a
     process racing for the same new folder never takes it for its own."""
-    make_dir(path.parent)
+    check_creatable(path, "out_dir")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir()
         return True
     except FileExistsError:
