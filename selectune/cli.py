@@ -17,6 +17,7 @@ an unknown recipe / group option gets close-name suggestions and a wrong-typed v
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -184,9 +185,13 @@ def _sweep_samples(overrides: list[str]) -> list[list[str]]:
     values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [text.partition("=")[2]]
               for o, text in zip(parsed, overrides, strict=True)]
     keys = [text.partition("=")[0] for text in overrides]
+    if not all(re.fullmatch(r"[\w./:+-]*", v[0]) for v in values if len(v) > 1):
+        return [[k for k in overrides if "," not in k]]  # quoting this sweep back is Hydra's job: plain keys only
     samples = [[f"{k}={v[0]}" for k, v in zip(keys, values, strict=True)]]
     for i, options in enumerate(values):
         for option in options[1:]:
+            if not re.fullmatch(r"[\w./:+-]*", option):  # a quoted or nested value: left to Hydra's own parsing
+                continue
             sample = list(samples[0])
             sample[i] = f"{keys[i]}={option}"
             samples.append(sample)
