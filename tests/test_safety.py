@@ -214,8 +214,14 @@ def _disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_during_training_leaves_nothing(data_env, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("existing", [False, True])
+def test_disk_full_during_training_leaves_nothing(data_env, tmp_path, monkeypatch, capsys, existing):
+    """Fails after the run proceeded: what it wrote goes; a user's folder and its files stay as they were."""
     from selectune import cli, runfs
+
+    if existing:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "notes.txt").write_text("mine")
 
     real = runfs.write_text
 
@@ -231,7 +237,8 @@ def test_disk_full_during_training_leaves_nothing(data_env, tmp_path, monkeypatc
         cli.main(["train", *T, "out_dir=run"])
     assert exit_.value.code == 2
     assert "No space left on device" in final_error(capsys.readouterr().err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run/, no delta.safetensors without results
+    # no .hydra/, train.log or delta.safetensors without results.json
+    assert snapshot(tmp_path) == ({"run": "dir", "run/notes.txt": b"mine"} if existing else {})
 
 
 def test_disk_full_during_export_leaves_nothing(data_env, finished_run, tmp_path, monkeypatch, capsys):
