@@ -104,7 +104,7 @@ def _train(cfg) -> None:
     staged = not multirun and stage is not None and output == Path(stage)
     run_dir = Path(str(cfg.out_dir)) if staged else output
     # a job dir Hydra has just made for this sweep job holds nothing else: it is this job's to remove on failure
-    owned = multirun and {p.name for p in output.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}
+    owned = multirun and hydra_made(output, hydra_cfg.job.name)
     try:
         train(cfg, run_dir, explicit_out_dir=explicit or multirun, stage=output if staged else None, owned=owned)
     finally:
@@ -127,13 +127,20 @@ def _probe(cfg) -> None:
     from selectune.commands import remove_run_dir
     from selectune.probe import run_probe
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    owned = hydra_made(run_dir, hydra_cfg.job.name)  # never remove a folder that held anything before
     try:
         run_probe(cfg, run_dir)
     except SelectuneError:
-        if not (run_dir / "summary.json").exists():
+        if owned and not (run_dir / "summary.json").exists():
             remove_run_dir(run_dir)
         raise
+
+
+def hydra_made(folder: Path, job_name: str) -> bool:
+    """Whether `folder` holds only what Hydra has just written for this job, so a failure may remove it."""
+    return {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
 
 
 def _export(cfg) -> None:

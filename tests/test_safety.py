@@ -210,6 +210,15 @@ def test_a_sweep_runs_every_job_and_lists_the_failed_ones(glue_root, tmp_path):
     assert not list((tmp_path / "sweep").glob("0_*"))  # the failed job left no half-written folder
 
 
+def test_a_failed_probe_never_removes_a_users_folder(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    result = cli("probe", *T, f"out_dir={folder}", cwd=tmp_path, data=tmp_path / "no_data")
+    one_line_error(result, "no_data")
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def _disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
