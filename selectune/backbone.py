@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -116,15 +117,17 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
 
     quiet_transformers()
     path = resolve(cfg.name_or_path)
+    local = {"local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1"}  # offline: no request at all
     try:
         if path.startswith("config:"):
             if not cfg.random_init:
                 raise SelectuneError(f"model '{cfg.name_or_path}' has no weights: set model.random_init=true")
             config = AutoConfig.for_model(path[len("config:"):])
         else:
-            config = AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, **local)
         vision = is_vision(config)
-        tokenizer = None if vision else AutoTokenizer.from_pretrained(resolve(cfg.tokenizer) if cfg.tokenizer else path)
+        tokenizer = None if vision else AutoTokenizer.from_pretrained(
+            resolve(cfg.tokenizer) if cfg.tokenizer else path, **local)
     except (OSError, ValueError) as err:
         raise SelectuneError(
             f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from the Hub "
@@ -146,7 +149,7 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         head = frozenset(n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES))
     else:
         model, info = auto.from_pretrained(
-            path, config=config, output_loading_info=True, ignore_mismatched_sizes=cfg.reinit_head)
+            path, config=config, output_loading_info=True, ignore_mismatched_sizes=cfg.reinit_head, **local)
         params = dict(model.named_parameters())
         new = set(info["missing_keys"]) | {k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]}
         head = frozenset(n for n in new if n in params)

@@ -17,6 +17,7 @@ an unknown recipe / group option gets close-name suggestions and a wrong-typed v
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -58,17 +59,34 @@ def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
 
     @hydra.main(version_base="1.3", config_path="pkg://selectune.conf", config_name=config_name)
     def run(cfg) -> None:
-        from selectune.commands import environment_offline
+        from hydra.core.hydra_config import HydraConfig
 
-        environment_offline(bool(cfg.get("online", False)))
+        from selectune.config import set_network
+
+        set_network(bool(cfg.get("online", False)))
+        debug = bool(cfg.get("debug", False)) or is_debug([])
         try:
             body(cfg)
-        except (SelectuneError, KeyboardInterrupt) as err:
+        except (SelectuneError, KeyboardInterrupt, OSError) as err:
             if isinstance(err, KeyboardInterrupt):
-                err = SelectuneError("interrupted; continue with the same out_dir and trainer.resume=true")
-            fail(err, bool(cfg.get("debug", False)) or is_debug([]))
+                fail(SelectuneError("interrupted; continue with the same out_dir and trainer.resume=true"), debug)
+            elif isinstance(err, OSError):
+                if debug:
+                    raise
+                err = SelectuneError(f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
+            hydra_cfg = HydraConfig.get()
+            if hydra_cfg.mode.name == "MULTIRUN" and not debug:
+                # one failed job must not stop the sweep: the rest run, then main() lists the failures
+                job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+                FAILED_JOBS.append(f"{job}: {err}")
+                return
+            fail(err, debug)
 
     return run
+
+
+FAILED_JOBS: list[str] = []  # one line per failed job of a multirun, reported once the sweep has ended
+STAGE_VARIABLE = "SELECTUNE_STAGE_DIR"  # train.yaml's hydra.run.dir: where Hydra writes before a run proceeds
 
 
 def _train(cfg) -> None:
@@ -76,17 +94,30 @@ def _train(cfg) -> None:
 
     from selectune.commands import train
     from selectune.distributed import finish
+    from selectune.runfs import drop_staging
 
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
     explicit = any(o.split("=", 1)[0].lstrip("+") == "out_dir" for o in hydra_cfg.overrides.task)
-    train(cfg, Path(hydra_cfg.runtime.output_dir), explicit_out_dir=explicit or hydra_cfg.mode.name == "MULTIRUN")
-    if hydra_cfg.mode.name != "MULTIRUN":  # a torchrun sweep keeps its process group for the next job
+    output = Path(hydra_cfg.runtime.output_dir)
+    stage = os.environ.get(STAGE_VARIABLE)
+    staged = not multirun and stage is not None and output == Path(stage)
+    run_dir = Path(str(cfg.out_dir)) if staged else output
+    # a job dir Hydra has just made for this sweep job holds nothing else: it is this job's to remove on failure
+    owned = multirun and hydra_made(output, hydra_cfg.job.name)
+    try:
+        train(cfg, run_dir, explicit_out_dir=explicit or multirun, stage=output if staged else None, owned=owned)
+    finally:
+        if staged and output.exists():
+            drop_staging(output)
+    if not multirun:  # a torchrun sweep keeps its process group for the next job
         finish()
 
 
 def _eval(cfg) -> None:
     from selectune.commands import evaluate_delta
 
+    require(cfg, "eval", "run", "run=<run dir or delta file>")
     evaluate_delta(cfg.run, cfg.get("task"), cfg.batch_size, cfg.device)
 
 
@@ -96,19 +127,36 @@ def _probe(cfg) -> None:
     from selectune.commands import remove_run_dir
     from selectune.probe import run_probe
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    owned = hydra_made(run_dir, hydra_cfg.job.name)  # never remove a folder that held anything before
     try:
         run_probe(cfg, run_dir)
     except SelectuneError:
-        if not (run_dir / "summary.json").exists():
+        if owned and not (run_dir / "summary.json").exists():
             remove_run_dir(run_dir)
         raise
+
+
+def hydra_made(folder: Path, job_name: str) -> bool:
+    """Whether `folder` holds only what Hydra has just written for this job, so a failure may remove it."""
+    return {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
 
 
 def _export(cfg) -> None:
     from selectune.export import export
 
+    require(cfg, "export", "run", "run=<run dir or delta file> out=<dir>")
+    require(cfg, "export", "out", "run=<run dir or delta file> out=<dir>")
     export(cfg.run, cfg.out, cfg.dtype, cfg.force)
+
+
+def require(cfg, command: str, key: str, usage: str) -> None:
+    """A mandatory argument (`run: ???` in the command's config) named in one line when it is missing."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, key):
+        raise SelectuneError(f"{command} needs {key}=: selectune {command} {usage}")
 
 
 def _overrides(args: list[str]) -> list[str]:
@@ -120,11 +168,41 @@ def _precheck(config_name: str, args: list[str]) -> None:
     from selectune.commands import RunSpec
     from selectune.config import check_group_overrides, compose
 
-    overrides = _overrides(args)
-    if any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in args):
-        check_group_overrides(overrides)  # a sweep is not composed here; its group values still are checked
+    overrides = [o for o in _overrides(args) if not o.lstrip("+~").startswith("hydra")]
+    if any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in args):
+        check_group_overrides(overrides)
         return
-    RunSpec.from_config(compose(config_name, [o for o in overrides if not o.lstrip("+~").startswith("hydra")]))
+    for job in _sweep_samples(overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]:
+        RunSpec.from_config(compose(config_name, job))
+
+
+def _sweep_samples(overrides: list[str]) -> list[list[str]]:
+    """Override lists that together use every value of every sweep (`a=1,2 b=x,y` -> [a=1 b=x], [a=2 b=x],
+    [a=1 b=y]): a typo in any value fails before Hydra makes the sweep folder, without composing the
+    whole product."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        from selectune.config import first_line
+
+        raise SelectuneError(first_line(str(err))) from None
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [text.partition("=")[2]]
+              for o, text in zip(parsed, overrides, strict=True)]
+    keys = [text.partition("=")[0] for text in overrides]
+    if not all(re.fullmatch(r"[\w./:+-]*", v[0]) for v in values if len(v) > 1):
+        return [[k for k in overrides if "," not in k]]  # quoting this sweep back is Hydra's job: plain keys only
+    samples = [[f"{k}={v[0]}" for k, v in zip(keys, values, strict=True)]]
+    for i, options in enumerate(values):
+        for option in options[1:]:
+            if not re.fullmatch(r"[\w./:+-]*", option):  # a quoted or nested value: left to Hydra's own parsing
+                continue
+            sample = list(samples[0])
+            sample[i] = f"{keys[i]}={option}"
+            samples.append(sample)
+    return samples
 
 
 def _recipe_args(args: list[str]) -> list[str]:
@@ -164,17 +242,29 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `selectune ls | head` ends quietly
     args = list(sys.argv[1:] if argv is None else argv)
     debug = is_debug(args)
-    if not any(a == "online=true" for a in args):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from selectune.config import set_network
+
+    set_network(any(a == "online=true" for a in args))  # before huggingface_hub is imported: it reads the env once
     if args[:1] in (["-sc"], ["--shell-completion"]):
         completion(args[1:])
         return
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
+    if args[0] in ("-V", "--version"):
+        from selectune import __version__
+
+        print(f"selectune {__version__}")
+        return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(SelectuneError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)})"), debug)
+    if any(a in ("-h", "--help", "help") for a in rest):  # this command's usage; Hydra's commands add theirs
+        print(command_usage(command), end="")
+        if command not in HYDRA_COMMANDS:
+            return
+        print()
+        rest = ["--help" if a == "help" else a for a in rest]
     try:
         if command == "ls":
             from selectune.config import print_recipes
@@ -185,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
 
             folders = [Path(a) for a in rest if not a.startswith(("out=", "pair="))]
             out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
+            if out is not None:
+                from selectune.runfs import check_folder
+
+                check_folder(out, "out")
             pairs = [parse_pair(a[5:]) for a in rest if a.startswith("pair=")]
             if not folders:
                 raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
@@ -212,9 +306,40 @@ def main(argv: list[str] | None = None) -> None:
                 _precheck(command, rest)
             sys.argv = [f"selectune {command}", *rest]
             body = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}[command]
-            _hydra_entry(HYDRA_COMMANDS[command], body)()
+            run_hydra(command, body, rest)
     except SelectuneError as err:
         fail(err, debug)
+
+
+def run_hydra(command: str, body: Callable, rest: list[str]) -> None:
+    """Run a Hydra command. A single training run has Hydra write (`.hydra/`, `train.log`) into a fresh staging
+    folder, moved into out_dir only once the run proceeds; a sweep's failed jobs are listed at its end."""
+    import tempfile
+
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    os.environ.pop(STAGE_VARIABLE, None)
+    if command == "train" and not multirun:
+        os.environ[STAGE_VARIABLE] = tempfile.mkdtemp(prefix="selectune-stage-")
+    FAILED_JOBS.clear()
+    try:
+        _hydra_entry(HYDRA_COMMANDS[command], body)()
+    finally:
+        stage = os.environ.pop(STAGE_VARIABLE, None)
+        if stage is not None:
+            from selectune.runfs import drop_staging
+
+            drop_staging(Path(stage))
+    if FAILED_JOBS:
+        for line in FAILED_JOBS:
+            print(f"selectune: error: {line}", file=sys.stderr)
+        sys.exit(SelectuneError.exit_code)
+
+
+def command_usage(command: str) -> str:
+    """`selectune <command> --help` for the commands Hydra does not parse: that command's line of USAGE."""
+    line = next(line for line in USAGE.splitlines() if line.strip().startswith(command + " "))
+    what, _, example = line.strip()[len(command):].strip().partition(":")
+    return f"usage: {example.strip() or 'selectune ' + command}\n\n{command}: {what.strip()}\n"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from selectune import __version__, distributed
+from selectune import __version__, distributed, runfs
 from selectune.backbone import Backbone, ModelConfig, load_backbone
 from selectune.budget import BudgetConfig
 from selectune.config import typed
@@ -52,6 +52,10 @@ class RunSpec:
                    typed(BudgetConfig, cfg.budget, "budget"), typed(TrainerConfig, cfg.trainer, "trainer"),
                    method_config(cfg.method))
         spec.trainer.validate()
+        for key in ("max_train_examples", "max_eval_examples"):  # 0 would keep one example, not none
+            value = getattr(spec.task, key, None)
+            if value is not None and value <= 0:
+                raise SelectuneError(f"task.{key} must be positive (or null for all), got {value}")
         return spec
 
 
@@ -86,29 +90,91 @@ def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str,
 
 
 # --------------------------------------------------------------------------- train
-def train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool = True) -> dict[str, Any]:
-    fresh = not any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    try:
-        return _train(cfg, run_dir, explicit_out_dir)
-    except (SelectuneError, KeyboardInterrupt):
-        if fresh and not (run_dir / "checkpoint").exists():
-            remove_run_dir(run_dir)  # nothing worth keeping: leave no half-written run behind
-        raise
+def train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool = True, stage: Path | None = None,
+          owned: bool = False) -> dict[str, Any]:
+    """Train into `run_dir`, owning it (a lock) for the whole run.
 
-
-def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, Any]:
+    Every refusal (a finished or unfinished run there, another process, a changed config on resume, a
+    symbolic link) comes before anything is written: `stage` holds what Hydra wrote meanwhile and is moved
+    in only once the run proceeds. On failure before a checkpoint exists, what this call added is removed
+    (the whole folder if it made it, or `owned`: Hydra made it for this job)."""
     spec = RunSpec.from_config(cfg)
     ctx = distributed.setup(spec.trainer.device)
     distributed.check_out_dir(ctx, explicit_out_dir)
+    created, before, error = False, None, None
+    try:
+        if ctx.main:
+            runfs.check_folder(run_dir)
+            created = runfs.make_run_dir(run_dir) or owned
+            runfs.lock_run_dir(run_dir)
+            before = set(os.listdir(run_dir))
+        check_run_dir(run_dir, spec, cfg)
+    except SelectuneError as err:
+        error = err
+    problems = [p for p in ctx.gather(None if error is None else str(error)) if p]  # every rank stops, or none
+    try:
+        if problems:
+            raise error or SelectuneError(problems[0])
+        return _train(cfg, spec, ctx, run_dir, stage if ctx.main else None)
+    except (SelectuneError, KeyboardInterrupt, OSError) as err:
+        if ctx.main and (created or not problems) and not (run_dir / "checkpoint").exists():
+            _remove_new(run_dir, before or set(), created)  # nothing worth keeping: no half-written run left
+        if isinstance(err, OSError):
+            raise SelectuneError(f"could not write the run in {run_dir}: {err.strerror or err}"
+                                 + (f" ({err.filename})" if err.filename else "")) from err
+        raise
+    finally:
+        if ctx.main:
+            runfs.unlock_run_dir(run_dir)
+
+
+def _remove_new(run_dir: Path, before: set[str], created: bool) -> None:
+    """Undo a failed run: remove the entries it added to `run_dir`, and the folder itself if it made it."""
+    if created:
+        remove_run_dir(run_dir)
+        return
+    for name in set(os.listdir(run_dir)) - before:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_run_dir(run_dir: Path, spec: RunSpec, cfg: DictConfig) -> None:
+    """Refuse a run folder this run must not write into: a finished run, an unfinished one without
+    trainer.resume=true, a resume whose config differs, or a folder holding a symbolic link."""
     if (run_dir / "results.json").exists():
         raise SelectuneError(f"{run_dir} already holds a finished run; choose another out_dir")
+    unfinished = [name for name in (*RUN_OUTPUTS, "config.yaml") if (run_dir / name).exists()]
+    if unfinished and not spec.trainer.resume:
+        raise SelectuneError(f"{run_dir} holds an unfinished run {_progress(run_dir)}: add trainer.resume=true, "
+                             f"or choose another out_dir")
     saved_cfg = run_dir / "config.yaml"
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if spec.trainer.resume and saved_cfg.exists():
         before = OmegaConf.to_container(OmegaConf.load(saved_cfg))
-        if _comparable(before) != _comparable(resolved):
+        if _comparable(before) != _comparable(OmegaConf.to_container(cfg, resolve=True)):
             raise SelectuneError(f"trainer.resume=true but the config differs from the one {run_dir} was "
                                  f"started with ({saved_cfg}); resume with the same overrides")
+    runfs.check_no_links(run_dir)
+
+
+def _progress(run_dir: Path) -> str:
+    """`at step N` from an unfinished run's checkpoint (or why no step can be named)."""
+    from selectune import checkpoint
+
+    if not checkpoint.exists(run_dir):
+        return "(stopped before its first checkpoint)"
+    try:
+        return f"at step {checkpoint.read(run_dir)['step']}"
+    except Exception:  # a damaged checkpoint still marks the folder as taken
+        return "(its checkpoint cannot be read)"
+
+
+def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Path,
+           stage: Path | None) -> dict[str, Any]:
+    saved_cfg = run_dir / "config.yaml"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(spec.trainer.seed)
     task = load_task(spec.task)
     backbone, method = build(spec, task)
@@ -128,8 +194,9 @@ def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, 
                       + (f" · {json.dumps(decided)}" if decided else "")
                       + (f" · {ctx.world} processes" if ctx.active else ""))
         log.info("%s %s", report.line(), decided)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), saved_cfg)
+        if stage is not None:  # the run proceeds: what Hydra wrote moves in
+            runfs.adopt_staging(stage, run_dir)
+        runfs.write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), run_dir)
 
     meta = {"base_model": backbone.name, "base_hash": base_hash, "method": method.cfg.name, "task": task.name,
             "budget": report.as_dict(), "seed": spec.trainer.seed, "selectune_version": __version__,
@@ -147,7 +214,7 @@ def _train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool) -> dict[str, 
                "method_state": method.describe(), "base_hash": base_hash, "selectune_version": __version__}
     if not ctx.main:
         return results
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    runfs.write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n", run_dir)
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")
     return results
@@ -200,7 +267,7 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     metrics, _ = evaluate(backbone.model, task, splits, batch_size, target)
     result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
     out_dir = path if path.is_dir() else path.parent
-    (out_dir / f"eval_{task.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    runfs.write_text(out_dir / f"eval_{task.name}.json", json.dumps(result, indent=2) + "\n", out_dir)
     print(f"{task.name} · {delta.meta['method']} · {format_metrics(metrics)}")
     return result
 
@@ -242,7 +309,6 @@ def run_length(cfg: TrainerConfig, n_train: int) -> tuple[int, int]:
 
 def environment_offline(online: bool) -> None:
     """Offline unless asked: Hub look-ups then fail in a second instead of a 25-50 s retry stall."""
-    if online:
-        os.environ.pop("HF_HUB_OFFLINE", None)
-    else:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from selectune.config import set_network
+
+    set_network(online)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,28 @@ T = TypeVar("T")
 
 CONF_PACKAGE = "selectune.conf"
 GROUPS = ("model", "task", "method", "budget", "trainer")
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def set_network(online: bool) -> None:
+    """Offline unless `online=true`, whatever the environment says (HF_HUB_OFFLINE=0 included): a missing
+    model then fails at once instead of after 25-50 s of Hub retries. The libraries read these variables
+    when imported, so an already imported huggingface_hub / datasets is switched as well."""
+    import sys
+
+    for name in OFFLINE_VARIABLES:
+        if online:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = "1"
+    for module, attributes in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        loaded = sys.modules.get(module)
+        for attribute in attributes:
+            if loaded is not None and hasattr(loaded, attribute):
+                setattr(loaded, attribute, not online)
 
 
 def conf_dir() -> Path:

@@ -11,12 +11,14 @@ that weight).
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
+from selectune import runfs
 from selectune.errors import SelectuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,8 +33,36 @@ def lost_in_cast(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) 
     return int(changed.sum()), int(lost.sum())
 
 
+def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor]) -> None:
+    """Save the merged model into a fresh folder beside `target`, then rename it into place: a failure
+    (a full disk) leaves no partial `target`, and no folder but the one made here is ever removed."""
+    from selectune.backbone import save_preprocessor
+
+    made = next((p for p in reversed([target.parent, *target.parent.parents]) if not p.exists()), None)
+    runfs.make_dir(target.parent, "out")
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        backbone.model.save_pretrained(tmp)
+        save_preprocessor(backbone, tmp)
+        if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
+            from safetensors.torch import save_file
+
+            save_file(adapters, str(tmp / "adapters.safetensors"), metadata={"format": "selectune.adapters/1"})
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()  # empty (checked before the merge); a file put there meanwhile fails here
+        tmp.rename(target)
+    except OSError as err:
+        if made is not None:  # the parents this export created
+            shutil.rmtree(made, ignore_errors=True)
+        raise SelectuneError(f"cannot write out={target}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
-    from selectune.backbone import load_backbone, save_preprocessor
+    from selectune.backbone import load_backbone
     from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
     from selectune.tasks import TaskConfig
@@ -42,6 +72,9 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     if dtype not in DTYPES:
         raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
     target = Path(out)
+    runfs.check_folder(target, "out")
+    if target.is_symlink():
+        raise SelectuneError(f"out={target} is a symbolic link; name the real folder")
     if target.exists() and any(target.iterdir()):
         raise SelectuneError(f"out={target} exists and is not empty; choose another folder")
     delta = TaskDelta.load(run)
@@ -62,20 +95,10 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
         c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
         changed, lost = changed + c, lost + n_lost
     model.to(DTYPES[dtype])
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    save_preprocessor(backbone, tmp)
     adapters = delta.adapters
-    if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
-        from safetensors.torch import save_file
-
-        kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
-                if k.rpartition("::")[0] in adapters and "adapter" in k}
-        save_file(kept, str(tmp / "adapters.safetensors"), metadata={"format": "selectune.adapters/1"})
-    if target.exists():
-        target.rmdir()
-    tmp.rename(target)
+    kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
+            if k.rpartition("::")[0] in adapters and "adapter" in k}
+    _write_model(target, backbone, kept)
     if adapters:
         print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in "
               f"{target}/adapters.safetensors (the merged model alone lacks them; `selectune eval run={run}` "

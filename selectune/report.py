@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from selectune import runfs
 from selectune.errors import SelectuneError
 from selectune.tasks.glue import GLUE
 
@@ -373,13 +374,21 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     return ["metric_vs_budget.png", "training_curves.png"]
 
 
+REPORT_FILES = ("report.md", "metric_vs_budget.png", "training_curves.png")
+
+
 def report(folders: list[Path], out: Path | None = None, pairs: list[tuple[str, str]] | None = None) -> Path:
     runs = collect(folders)
     rows = summarise(runs)
     differences = paired(runs, pairs) if pairs else ""  # a wrong label fails here, before anything is written
     out = out or folders[0]
-    out.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, runs, out)
+    runfs.make_dir(out, "out")
+    for name in REPORT_FILES:  # never through a symbolic link planted in `out`
+        runfs.check_target(out / name, out)
+    try:
+        images = plots(rows, runs, out)
+    except OSError as err:
+        raise SelectuneError(f"cannot write the report to out={out}: {err.strerror or err}") from None
     averages = vtab_averages(rows)
     if averages:
         averages = "\nVTAB-1k averages (both conventions; over the image tasks present):\n\n" + averages + "\n"
@@ -395,7 +404,10 @@ def report(folders: list[Path], out: Path | None = None, pairs: list[tuple[str, 
             f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n"
             f"{averages}{matrix}{differences}\n"
             + "\n".join(f"![{name}]({name})" for name in images) + "\n")
-    (out / "report.md").write_text(text)
+    try:
+        runfs.write_text(out / "report.md", text, out)
+    except OSError as err:
+        raise SelectuneError(f"cannot write the report to out={out}: {err.strerror or err}") from None
     print(markdown(rows))
     print(f"\nwrote {out / 'report.md'} and {', '.join(images)}")
     return out / "report.md"

@@ -63,6 +63,13 @@ class TrainerConfig:
         for key in ("batch_size", "eval_batch_size", "log_every"):
             if getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        for key in ("max_steps", "eval_every", "checkpoint_every"):  # None: the default; 0 would mean "never"
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise SelectuneError(f"trainer.{key} must be a positive number of steps, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise SelectuneError(f"trainer.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise SelectuneError(f"trainer.weight_decay must be at least 0, got {self.weight_decay}")
         if self.max_steps is None and self.epochs <= 0:
             raise SelectuneError(f"trainer.epochs must be positive, got {self.epochs}")
         if self.precision not in PRECISIONS:

@@ -1,0 +1,183 @@
+"""Where selectune writes, and who may write there.
+
+Three rules keep a user's earlier work safe:
+- one process owns a run folder at a time: an advisory `flock` on the folder itself (nothing is written
+  into it, and the kernel drops the lock when the process ends, however it ends); a second process is
+  refused with the holder's pid, read from /proc/locks;
+- a write never follows a symbolic link: the target and every folder between it and the folder the user
+  named must be real, so a link planted in a run folder cannot redirect a write elsewhere;
+- a staging folder holds what Hydra writes before a run may proceed (`.hydra/`, `train.log`), so a
+  refused command leaves an existing run folder byte-identical; `adopt_staging` moves it in once the
+  run proceeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from selectune.errors import SelectuneError
+
+_HELD: dict[str, int] = {}  # resolved run folder -> the descriptor whose flock this process holds
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid holding a flock on `folder`, from /proc/locks (Linux); None when it cannot be told."""
+    try:
+        st = os.stat(folder)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        major, minor, inode = fields[5].split(":")
+        if (int(inode) == st.st_ino and int(major, 16) == os.major(st.st_dev)
+                and int(minor, 16) == os.minor(st.st_dev)):
+            return int(fields[4])
+    return None
+
+
+def lock_run_dir(folder: Path) -> None:
+    """Own `folder` (an existing directory) until `unlock_run_dir` or the end of this process."""
+    key = str(folder.resolve())
+    if key in _HELD:
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        holder = lock_holder(folder)
+        who = f"pid {holder}" if holder else "another process"
+        raise SelectuneError(f"{folder} is in use by {who} (a selectune run writes there); wait for it to end "
+                             f"or choose another out_dir") from None
+    _HELD[key] = fd
+
+
+def unlock_run_dir(folder: Path) -> None:
+    fd = _HELD.pop(str(folder.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def check_target(path: Path, root: Path) -> Path:
+    """`path` if writing it cannot leave `root`: neither it nor a folder between `root` and it is a
+    symbolic link (`root` itself is what the user named, and may be one)."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise SelectuneError(f"refusing to write {path}: it is not inside {root}") from None
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise SelectuneError(f"refusing to write through the symbolic link {current} "
+                                 f"(-> {os.readlink(current)}); remove it or choose another folder")
+    return path
+
+
+def check_no_links(folder: Path) -> None:
+    """Refuse a run folder holding a symbolic link: everything a run writes there must stay there."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        check_target(entry, folder)
+
+
+def write_text(path: Path, text: str, root: Path) -> None:
+    """Write `text` to `path` inside `root`, never through a symbolic link (O_NOFOLLOW on the file)."""
+    check_target(path, root)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def check_folder(path: Path, what: str = "out_dir") -> None:
+    """A folder selectune may create or fill: not empty, not a file, not under a file, writable."""
+    if str(path) in ("", "."):
+        raise SelectuneError(f"{what} is empty; name the folder to write to ({what}=runs/my_run)")
+    check_creatable(path, what)
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """`path` is a folder or can become one: not a file, not under a file, not a dangling link."""
+    if path.is_symlink() and not path.is_dir():
+        raise SelectuneError(f"{what}={path} is a dangling symbolic link; choose another folder")
+    if path.exists() and not path.is_dir():
+        raise SelectuneError(f"{what}={path} is a file, not a folder; choose another {what}")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise SelectuneError(f"{what}={path}: {existing} is a dangling symbolic link; choose another folder")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SelectuneError(f"{what}={path} is under {existing}, which is a file; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SelectuneError(f"{what}={path}: {existing} is not writable; choose another {what}")
+
+
+def make_dir(path: Path, what: str = "out_dir") -> None:
+    """mkdir -p with one-line errors (a read-only file system, a full disk, ...)."""
+    check_creatable(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SelectuneError(f"cannot create {what}={path}: {err.strerror or err}") from None
+
+
+def make_run_dir(path: Path) -> bool:
+    """Create a run folder (and its parents); True only when this call made the folder itself, so that a
+    process racing for the same new folder never takes it for its own."""
+    check_creatable(path, "out_dir")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise SelectuneError(f"cannot create out_dir={path}: {err.strerror or err}") from None
+
+
+def adopt_staging(stage: Path, run_dir: Path) -> None:
+    """Move what Hydra wrote into `stage` (`.hydra/`, `<job>.log`) into `run_dir` now that the run proceeds:
+    `.hydra/` replaces the old one, a log is appended to the old log, and open log handlers follow."""
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == stage]
+    for handler in handlers:
+        handler.acquire()
+        handler.flush()
+        if handler.stream is not None:
+            handler.stream.close()
+            handler.stream = None  # type: ignore[assignment]
+    for entry in sorted(stage.iterdir()):
+        target = check_target(run_dir / entry.name, run_dir)
+        if entry.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(entry), str(target))
+        else:
+            with entry.open("rb") as src, target.open("ab") as dst:
+                shutil.copyfileobj(src, dst)
+    for handler in handlers:
+        handler.baseFilename = str(run_dir / Path(handler.baseFilename).name)
+        handler.stream = handler._open()
+        handler.release()
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def drop_staging(stage: Path) -> None:
+    """Close the log handlers writing into `stage` and remove it: the run never proceeded."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == stage:
+            handler.close()
+            root.removeHandler(handler)
+    shutil.rmtree(stage, ignore_errors=True)
