@@ -64,7 +64,9 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         self.total += 1
-        on_host = bool(args) and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.host
+        first = args[0] if args else None
+        on_host = (bool(self.host) and isinstance(first, torch.Tensor) and first.layout == torch.strided
+                   and first.data_ptr() in self.host)
         if not (on_host or func.is_view or func.overloadpacket in (aten.detach, aten.alias, aten.lift_fresh)):
             self.kernels += 1
             self.by_op[str(func.overloadpacket)] += 1

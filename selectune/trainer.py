@@ -118,6 +118,39 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class LossWatch:
+    """The training loss summed over a logging window, and the first step whose total loss (task +
+    penalty) was not finite, both kept on the device: reading either on the host waits for the device
+    to finish the step, so the loop reads them only at log_every (and before evaluating or saving), not
+    every step. A non-finite loss is still reported with its value and step, at most log_every - 1 steps
+    late, and never reaches a checkpoint or a stored delta."""
+
+    def __init__(self, device: torch.device) -> None:
+        acc = torch.float32 if device.type == "mps" else torch.float64  # the host sum was a Python float
+        self.loss_sum = torch.zeros((), dtype=acc, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss finite so far
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, loss: torch.Tensor, total: torch.Tensor, rows: int, step: int) -> None:
+        self.loss_sum += loss.detach().to(self.loss_sum.dtype) * rows
+        first = ~torch.isfinite(total.detach()) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_value = torch.where(first, total.detach().float(), self.bad_value)
+
+    def check(self, lr: float) -> None:
+        """Raise if a loss of the run was not finite (one host read)."""
+        step = int(self.bad_step)
+        if step:
+            raise SelectuneError(f"loss became {float(self.bad_value)} at step {step}; lower trainer.lr "
+                                 f"(now {lr}) or method.lr")
+
+    def take(self) -> float:
+        """The window's summed loss (one host read), and a new window."""
+        value = float(self.loss_sum)
+        self.loss_sum.zero_()
+        return value
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
                  run_dir: Path, save_delta, console: Console | None = None,
@@ -250,7 +283,8 @@ class Trainer:
         bar = progress.add_task(f"{task.name} · {method.cfg.name}", total=self.total_steps, completed=step,
                                 loss=float("nan"), lr=scheduler.get_last_lr()[0], eps=0.0)
         model.train()
-        window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        window_n, window_t0 = 0, time.perf_counter()
+        watch = LossWatch(self.device)
         with progress:
             while step < self.total_steps:
                 t0 = time.perf_counter()
@@ -265,9 +299,7 @@ class Trainer:
                 share = len(rows) * self.ctx.world / len(global_rows)
                 penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
                 total = loss * share if penalty is None else loss * share + penalty
-                if not torch.isfinite(total):
-                    raise SelectuneError(f"loss became {total.item()} at step {step + 1}; lower trainer.lr "
-                                         f"(now {cfg.lr}) or method.lr")
+                watch.add(loss, total, len(rows), step + 1)  # on the device: read back only at log_every
                 scaler.scale(total).backward()
                 scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
@@ -285,10 +317,13 @@ class Trainer:
                     built_for = method.trainable_version
                 train_time += time.perf_counter() - t0
 
-                window_loss, window_n = window_loss + loss.item() * len(rows), window_n + len(rows)
+                window_n += len(rows)
+                if (step % cfg.log_every == 0 or step == self.total_steps or step % self.eval_every == 0
+                        or step % self.checkpoint_every == 0):  # nothing non-finite is evaluated or saved
+                    watch.check(cfg.lr)
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_t0
-                    window_loss, window_n = self.ctx.sum(window_loss), self.ctx.sum(window_n)
+                    window_loss, window_n = self.ctx.sum(watch.take()), self.ctx.sum(window_n)
                     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
                               "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
                               "examples_per_s": window_n / elapsed,
@@ -300,7 +335,7 @@ class Trainer:
                     if cfg.progress and main and not self.console.is_terminal:  # a log file gets plain lines instead
                         self.console.print(f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
                                            f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
-                    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    window_n, window_t0 = 0, time.perf_counter()
                 progress.update(bar, completed=step)
 
                 if step % self.eval_every == 0 or step == self.total_steps:

@@ -79,25 +79,35 @@ def resolve_grad_mode(mode: str, device: torch.device) -> str:
 
 def materialize(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor, frozen_index: torch.Tensor,
                 frozen_values: torch.Tensor) -> torch.Tensor:
-    """W0 + scatter(trainable entries) + scatter(frozen entries), as a new tensor (W0 untouched)."""
-    out = base.detach().clone(memory_format=torch.contiguous_format)
-    flat = out.view(-1)
-    flat.index_add_(0, index, values.detach().to(out.dtype))
+    """W0 + scatter(trainable entries) + scatter(frozen entries), as a new tensor (W0 untouched): the
+    out-of-place index_add copies and scatters in one operation."""
+    flat = base.detach().reshape(-1).index_add(0, index, values.detach().to(base.dtype))
     if frozen_index.numel():
-        flat.index_add_(0, frozen_index, frozen_values.to(out.dtype))
-    return out
+        flat.index_add_(0, frozen_index, frozen_values.to(base.dtype))
+    return flat.view(base.shape)
+
+
+def csr_pattern(pattern: Pattern, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The entries' CSR tensor (zero values) that sampled_addmm samples by: built once per selection,
+    device and dtype by SparseDeltaModule, not per step."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(pattern.crow, pattern.cols,
+                                       torch.zeros(pattern.index.numel(), dtype=dtype, device=pattern.index.device),
+                                       shape, check_invariants=False)
 
 
 def weight_grad(dy: torch.Tensor, x: torch.Tensor, pattern: Pattern, shape: tuple[int, int],
-                mode: str) -> torch.Tensor:
-    """(dyᵀ x) at the pattern's entries of an (out, in) weight; `mode` dense or sddmm (resolved)."""
+                mode: str, csr: torch.Tensor | None = None) -> torch.Tensor:
+    """(dyᵀ x) at the pattern's entries of an (out, in) weight; `mode` dense or sddmm (resolved); `csr`:
+    the prepared csr_pattern, used when its dtype and device match dy's."""
     if mode == "dense":
         return _dense_grad(dy, x).view(-1).index_select(0, pattern.index)
     try:
+        if csr is None or csr.dtype != dy.dtype or csr.device != dy.device:
+            csr = csr_pattern(pattern, shape, dy.dtype)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            csr = torch.sparse_csr_tensor(pattern.crow, pattern.cols, dy.new_zeros(pattern.index.numel()), shape,
-                                          check_invariants=False)
+            warnings.simplefilter("ignore")
             return torch.sparse.sampled_addmm(csr, dy.t(), x, beta=0.0).values()
     except (RuntimeError, NotImplementedError):
         grad = torch.empty(pattern.index.numel(), dtype=dy.dtype, device=dy.device)
@@ -143,9 +153,9 @@ class _SparseLinear(torch.autograd.Function):
     """y = x (W0 + S)^T + b with S = scatter(index, values) (+ frozen entries); grads for x, values, b."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, pattern, frozen_index, frozen_values, mode):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, values, pattern, frozen_index, frozen_values, mode, csr):  # type: ignore[override]
         ctx.save_for_backward(x, weight, values, *pattern, frozen_index, frozen_values)
-        ctx.has_bias, ctx.mode = bias is not None, mode
+        ctx.has_bias, ctx.mode, ctx.csr = bias is not None, mode, csr
         return F.linear(x, materialize(weight, pattern.index, values, frozen_index, frozen_values), bias)
 
     @staticmethod
@@ -160,11 +170,11 @@ class _SparseLinear(torch.autograd.Function):
             mode = resolve_grad_mode(ctx.mode, dy.device)
             if mode == "sddmm":  # fp32 accumulation under autocast
                 dy2, x2 = dy2.to(acc), x2.to(acc)
-            grad_values = weight_grad(dy2, x2, Pattern(index, rows, cols, crow), tuple(weight.shape), mode)
+            grad_values = weight_grad(dy2, x2, Pattern(index, rows, cols, crow), tuple(weight.shape), mode, ctx.csr)
             grad_values = grad_values.to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy2.sum(0)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
 class SparseDeltaModule(nn.Module):
@@ -184,6 +194,7 @@ class SparseDeltaModule(nn.Module):
             self.register_parameter(name, param)
         self.delta_names = sorted(indices)
         self.grad_mode = grad_mode
+        self._csr: dict[str, torch.Tensor] = {}  # name -> csr_pattern (a cache: not a buffer, DDP broadcasts those)
         resolve_grad_mode(grad_mode, torch.device("cpu"))  # an unknown mode fails at wrapping, not in a step
         empty = torch.zeros(0)
         for name, idx in indices.items():
@@ -205,6 +216,7 @@ class SparseDeltaModule(nn.Module):
         for field, tensor in zip(Pattern._fields, pattern, strict=True):
             self.register_buffer(f"{name}_{field}64", tensor, persistent=False)
         self.register_buffer(f"{name}_frozen_index64", frozen_indices.long(), persistent=False)
+        self._csr.pop(name, None)
         setattr(self, f"{name}_delta", nn.Parameter(values.detach().to(**as_value)))
 
     def parts(self, name: str) -> tuple[torch.Tensor, nn.Parameter, torch.Tensor, torch.Tensor]:
@@ -215,6 +227,18 @@ class SparseDeltaModule(nn.Module):
     def pattern(self, name: str) -> Pattern:
         """The prepared index tensors of tensor `name`'s trainable entries."""
         return Pattern(*(getattr(self, f"{name}_{field}64") for field in Pattern._fields))
+
+    def csr(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The CSR pattern of `name`'s entries for the sampled gradient (None on the dense path), cached per
+        selection; rebuilt only when the module moved to another device or dtype."""
+        pattern = self.pattern(name)
+        if resolve_grad_mode(self.grad_mode, pattern.index.device) != "sddmm":
+            return None
+        shape = tuple(getattr(self, name).shape)
+        cached = self._csr.get(name)
+        if cached is None or cached.dtype != dtype or cached.device != pattern.index.device:
+            cached = self._csr[name] = csr_pattern(pattern, shape, dtype)
+        return cached
 
     def _step_parts(self, name: str) -> tuple[torch.Tensor, nn.Parameter, torch.Tensor, torch.Tensor]:
         """(int64 index, values, int64 frozen index, frozen values): what a step needs, nothing computed."""
@@ -237,7 +261,7 @@ class SparseDeltaModule(nn.Module):
                     else self.bias)
             _, values, frozen_index, frozen_values = self._step_parts("weight")
             return _SparseLinear.apply(args[0], self.weight, bias, values, self.pattern("weight"), frozen_index,
-                                       frozen_values, self.grad_mode)
+                                       frozen_values, self.grad_mode, self.csr("weight", _acc_dtype(values)))
         tensors = {n: _GatherGrad.apply(getattr(self, n), *self._step_parts(n)) for n in self.delta_names}
         return functional_call(base, tensors, args, kwargs)
 
