@@ -12,7 +12,11 @@ SparseDelta = SaRA restricted to the same query/value matrices with the same cou
 same count spread over all six matrix types. sdiff_phase1 / udiff_phase1 = diff pruning's L0 phase
 (hard-concrete gates on every pretrained tensor), compared with full fine-tuning. spt_lora (at LoRA
 r=8's count; its probe runs before timing) and adalora (importance EMAs after every step) are the
-other rows; the loop calls method.after_step as the trainer does.
+other rows; the loop calls method.after_step as the trainer does. lora_all = LoRA r=8 on the six matrix
+types AdaLoRA adapts (its forward/backward twin: AdaLoRA's own bookkeeping is what differs). The step
+itself is selectune.profiling.StepBench (AdamW as the trainer builds it: fused on CUDA, foreach elsewhere);
+--count-ops counts it with selectune.profiling.OpCounter; --model-path measures a local copy of the
+model's weights (e.g. fp16 weights carried to a GPU machine, trained in fp32).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from docsection import write_section
 METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ head) of the model benchmarked
     "full": ["recipe=glue/sst2_full"],
     "lora": ["recipe=glue/sst2_lora"],
+    "lora_all": ["recipe=glue/sst2_lora",  # AdaLoRA's structural twin: r=8 on the six matrix types it adapts
+                 "method.targets=[query,key,value,attention.output.dense,intermediate.dense,output.dense]"],
     "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", "budget.fraction=null",
                "budget.count={lora_count}"],
     "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", "budget.count={lora_count}"],

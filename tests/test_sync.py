@@ -159,3 +159,66 @@ def test_a_non_finite_loss_is_reported_with_its_step_and_nothing_is_saved(data_e
         train(compose_run("glue/rte_lora", "trainer.max_steps=8", "trainer.log_every=5",
                           "trainer.checkpoint_every=4", "trainer.eval_every=8"), tmp_path / "run")
     assert not (tmp_path / "run" / "delta.safetensors").exists()
+
+
+def test_svd_linear_written_out_backward_equals_autograd():
+    """SVDLinear's fused forward/backward against the formula through autograd (float64)."""
+    from selectune.delta.svd import SVDLinear
+
+    torch.manual_seed(2)
+    module = SVDLinear(torch.nn.Linear(7, 5).double().requires_grad_(False), 3, 8.0).double()
+    with torch.no_grad():
+        module.lora_E.normal_()
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    (module(x) * g).sum().backward()
+    p, e, q = (t.detach().clone().requires_grad_(True) for t in (module.lora_P, module.lora_E, module.lora_Q))
+    x2 = x.detach().clone().requires_grad_(True)
+    reference = (torch.nn.functional.linear(x2, module.weight, module.bias)
+                 + torch.nn.functional.linear(torch.nn.functional.linear(x2, q) * e, p) * module.scale)
+    (reference * g).sum().backward()
+    for mine, theirs in ((x.grad, x2.grad), (module.lora_P.grad, p.grad), (module.lora_E.grad, e.grad),
+                         (module.lora_Q.grad, q.grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_adalora_batched_bookkeeping_equals_the_per_matrix_loop(data_env):
+    """Importance EMAs (foreach) bit-equal to the per-matrix loop they replace; the batched orthogonality
+    term equal to the per-module sum in both forms; masking leaves +0.0 like a masked assignment."""
+    from selectune.delta.svd import orthogonality_terms
+
+    method = bench("adalora").method
+    torch.manual_seed(0)
+    for module in method.modules.values():
+        for kind in ("lora_P", "lora_E", "lora_Q"):
+            getattr(module, kind).grad = torch.randn_like(getattr(module, kind))
+    ema, unc = {}, {}
+    b1, b2 = method.cfg.beta1, method.cfg.beta2
+    for _ in range(3):
+        method._update_importance()
+        for name, module in method.modules.items():  # the loop as it was
+            for kind in ("lora_P", "lora_E", "lora_Q"):
+                param, key = getattr(module, kind), f"{name}.{kind}"
+                importance = (param * param.grad).abs()
+                ema.setdefault(key, torch.zeros_like(importance))
+                unc.setdefault(key, torch.zeros_like(importance))
+                ema[key].mul_(b1).add_(importance, alpha=1 - b1)
+                unc[key].mul_(b2).add_((importance - ema[key]).abs(), alpha=1 - b2)
+        for module in method.modules.values():
+            for kind in ("lora_P", "lora_E", "lora_Q"):
+                getattr(module, kind).grad.mul_(0.5).add_(0.1)
+    assert all(torch.equal(method.ema[k], ema[k]) and torch.equal(method.unc[k], unc[k]) for k in ema)
+    modules = list(method.modules.values())
+    for squared in (True, False):
+        expected = sum(m.orthogonality(squared) for m in modules)
+        torch.testing.assert_close(orthogonality_terms(modules, squared), expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        for m in modules:
+            m.lora_E.copy_(-torch.rand_like(m.lora_E) - 0.1)
+    keep = {n: torch.arange(method.r0) % 2 == 0 for n in method.modules}
+    method._mask(keep)
+    for name, m in method.modules.items():
+        pruned = m.lora_E[~keep[name]]
+        assert torch.equal(pruned, torch.zeros_like(pruned)) and not torch.signbit(pruned).any()
+        assert (m.lora_E[keep[name]] < 0).all()
+    assert method.ranks() == {n: int(k.sum()) for n, k in keep.items()}
