@@ -49,22 +49,27 @@ METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ he
 }
 
 
+def method_overrides(method: str, model: str) -> list[str]:
+    """The config overrides of one METHODS row on `model`, with LoRA r=8's count on that model's shape."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+
+    shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
+    hidden, layers = shape.get("hidden_size", 384), shape.get("num_hidden_layers", 6)
+    lora_count = layers * 2 * 8 * 2 * hidden + 2 * hidden + 2
+    return [o.format(lora_count=lora_count) for o in METHODS[method]] + [f"model={model}"]
+
+
 def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str,
           ops_only: bool = False, model_path: str | None = None) -> dict:
     import resource
 
     import torch
 
-    from selectune.commands import RunSpec
-    from selectune.config import compose
     from selectune.profiling import count_steps, prepare
 
-    shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
-    hidden, layers = shape.get("hidden_size", 384), shape.get("num_hidden_layers", 6)
-    lora_count = layers * 2 * 8 * 2 * hidden + 2 * hidden + 2
-    overrides = [o.format(lora_count=lora_count) for o in METHODS[method]] + [f"model={model}"]
-    bench = prepare(overrides, seq, batch=32, n_batches=steps + 2, device=device_name, precision=precision,
-                    model_path=model_path)
+    bench = prepare(method_overrides(method, model), seq, batch=32, n_batches=steps + 2, device=device_name,
+                    precision=precision, model_path=model_path)
     if ops_only:  # the second step (the first builds the optimiser state)
         counter = count_steps(bench, [1])[0]
         return {"method": method, "seq": seq, "ops": counter.total, "kernels": counter.kernels,
