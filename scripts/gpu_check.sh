@@ -20,6 +20,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 CARRY=$ROOT/.gpu_carry
 METHODS=(full lora lora_all sparse sara_all udiff_phase1 sdiff_phase1 spt_lora adalora)
+SCALE=1  # time limits of the steps (seconds x SCALE); the CPU dry run on a loaded machine needs far longer
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 pack() {
@@ -66,15 +67,15 @@ check() {  # $1: device, $2: model, $3: steps, $4: rounds, $5: docs file
     [ "$model" = tiny_random ] && seq=16
     [ -n "${MODEL_DIR:-}" ] && extra=(--model-path "$MODEL_DIR")
     echo "== CUDA tests ($(date +%T))"
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py -k cuda -W ignore || echo "CUDA TESTS FAILED"
+    timeout $((240 * SCALE)) "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py -k cuda -W ignore || echo "CUDA TESTS FAILED"
     if [ "$device" = cuda ]; then
-        timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_sync.py -W ignore || echo "SYNC TESTS FAILED"
+        timeout $((120 * SCALE)) "$PY" -m pytest -q -p no:cacheprovider tests/test_sync.py -W ignore || echo "SYNC TESTS FAILED"
     fi
     echo "== per-method profile ($(date +%T))"
-    timeout 180 "$PY" scripts/gpu_profile.py --device "$device" --model "$model" "${extra[@]}" --seq "$seq" \
+    timeout $((150 * SCALE)) "$PY" scripts/gpu_profile.py --device "$device" --model "$model" "${extra[@]}" --seq "$seq" \
         --steps "$steps" --methods "${METHODS[@]}" --write "$docs" || echo "PROFILE FAILED"
     echo "== bench_step, $rounds rounds ($(date +%T))"
-    timeout 300 "$PY" scripts/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" \
+    timeout $((330 * SCALE)) "$PY" scripts/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" \
         --rounds "$rounds" --steps "$((steps + 4))" --methods "${METHODS[@]}" --write "$docs" || echo "BENCH FAILED"
     echo "== done ($(date +%T))"
 }
@@ -96,6 +97,7 @@ case "${1:-}" in
         ;;
     --cpu-dry-run)
         export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        SCALE=20
         model_note
         docs=$(mktemp --suffix .md) && cp docs/benchmarks.md "$docs"
         check cpu tiny_random 1 1 "$docs"
