@@ -12,7 +12,11 @@ SparseDelta = SaRA restricted to the same query/value matrices with the same cou
 same count spread over all six matrix types. sdiff_phase1 / udiff_phase1 = diff pruning's L0 phase
 (hard-concrete gates on every pretrained tensor), compared with full fine-tuning. spt_lora (at LoRA
 r=8's count; its probe runs before timing) and adalora (importance EMAs after every step) are the
-other rows; the loop calls method.after_step as the trainer does.
+other rows; the loop calls method.after_step as the trainer does. lora_all = LoRA r=8 on the six matrix
+types AdaLoRA adapts (its forward/backward twin: AdaLoRA's own bookkeeping is what differs). The step
+itself is selectune.profiling.StepBench (AdamW as the trainer builds it: fused on CUDA, foreach elsewhere);
+--count-ops counts it with selectune.profiling.OpCounter; --model-path measures a local copy of the
+model's weights (e.g. fp16 weights carried to a GPU machine, trained in fp32).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from docsection import write_section
 METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ head) of the model benchmarked
     "full": ["recipe=glue/sst2_full"],
     "lora": ["recipe=glue/sst2_lora"],
+    "lora_all": ["recipe=glue/sst2_lora",  # AdaLoRA's structural twin: r=8 on the six matrix types it adapts
+                 "method.targets=[query,key,value,attention.output.dense,intermediate.dense,output.dense]"],
     "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", "budget.fraction=null",
                "budget.count={lora_count}"],
     "sara_all": ["recipe=glue/sst2_sara", "budget.fraction=null", "budget.count={lora_count}"],
@@ -43,80 +49,40 @@ METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ he
 }
 
 
-def count_ops(step) -> int:
-    """Tensor operations dispatched by one call of `step` (forward, penalty, backward, optimiser): on a GPU
-    each is at least one kernel launch, so this, not FLOPs, is what small elementwise-heavy steps cost."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def method_overrides(method: str, model: str) -> list[str]:
+    """The config overrides of one METHODS row on `model`, with LoRA r=8's count on that model's shape."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
 
-    class Counter(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    counter = Counter()
-    with counter:
-        step()
-    return counter.n
+    shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
+    hidden, layers = shape.get("hidden_size", 384), shape.get("num_hidden_layers", 6)
+    lora_count = layers * 2 * 8 * 2 * hidden + 2 * hidden + 2
+    return [o.format(lora_count=lora_count) for o in METHODS[method]] + [f"model={model}"]
 
 
 def child(method: str, seq: int, steps: int, device_name: str, model: str, precision: str,
-          ops_only: bool = False) -> dict:
+          ops_only: bool = False, model_path: str | None = None) -> dict:
     import resource
 
     import torch
 
-    from selectune.backbone import load_backbone
-    from selectune.commands import RunSpec
-    from selectune.config import compose
-    from selectune.methods import build_method
-    from selectune.methods.base import ProbeBatches
+    from selectune.profiling import count_steps, prepare
 
-    torch.manual_seed(0)
-    shape = RunSpec.from_config(compose("train", [f"model={model}"])).model.config_overrides
-    hidden, layers = shape.get("hidden_size", 384), shape.get("num_hidden_layers", 6)
-    lora_count = layers * 2 * 8 * 2 * hidden + 2 * hidden + 2
-    overrides = [o.format(lora_count=lora_count) for o in METHODS[method]]
-    spec = RunSpec.from_config(compose("train", [*overrides, f"model={model}"]))
-    backbone = load_backbone(spec.model, 2, False, None, 0)
-    method_obj = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
-    device = torch.device(device_name)
-    net = backbone.model.to(device)
-    g = torch.Generator().manual_seed(1234)
-    batches = [(torch.randint(1000, 29000, (32, seq), generator=g), torch.randint(0, 2, (32,), generator=g))
-               for _ in range(steps + 2)]
-    probe = ProbeBatches(lambda n: ({"input_ids": ids.to(device), "labels": y.to(device)} for ids, y in batches[:n]),
-                         lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels))
-    method_obj.attach(backbone, probe)  # SPT probes here (not timed: a one-off before training)
-    method_obj.plan(1000, 100)  # a run long enough for AdaLoRA's schedule; the timed steps are its warm-up
-    net.train()
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    optimizer = torch.optim.AdamW(method_obj.param_groups(1e-4, 0.01))
-    cuda = device.type == "cuda"
-
-    def train_step(ids: torch.Tensor, labels: torch.Tensor, i: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(net(input_ids=ids).logits.float(), labels)
-        penalty = method_obj.penalty()
-        (loss if penalty is None else loss + penalty).backward()
-        optimizer.step()
-        method_obj.after_step(i + 1)
-        optimizer.zero_grad(set_to_none=True)
-
+    bench = prepare(method_overrides(method, model), seq, batch=32, n_batches=steps + 2, device=device_name,
+                    precision=precision, model_path=model_path)
     if ops_only:  # the second step (the first builds the optimiser state)
-        (ids, labels), (ids2, labels2) = batches[0], batches[1]
-        train_step(ids.to(device), labels.to(device), 0)
-        ops = count_ops(lambda: train_step(ids2.to(device), labels2.to(device), 1))
-        return {"method": method, "seq": seq, "ops": ops, "trainable": method_obj.report().trainable}
+        counter = count_steps(bench, [1])[0]
+        return {"method": method, "seq": seq, "ops": counter.total, "kernels": counter.kernels,
+                "syncs": counter.sync_count, "sync_ops": dict(counter.syncs),
+                "trainable": bench.method.report().trainable}
+    cuda = bench.device.type == "cuda"
     times = []
-    for i, (ids, labels) in enumerate(batches):
-        ids, labels = ids.to(device), labels.to(device)
+    for i in range(steps + 2):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        train_step(ids, labels, i)
+        bench.step(i)
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -125,8 +91,8 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
             elapsed = time.perf_counter() - t0
         if i >= 2:
             times.append(elapsed)
-    report = method_obj.report()
-    peak = (torch.cuda.max_memory_allocated(device) if cuda
+    report = bench.method.report()
+    peak = (torch.cuda.max_memory_allocated(bench.device) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"method": method, "seq": seq, "step_s": statistics.median(times), "peak_mb": peak / 2**20,
             "trainable": report.trainable, "memory": "cuda max_memory_allocated" if cuda else "peak RSS"}
@@ -135,7 +101,8 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
 def run_child(args: argparse.Namespace, env: dict[str, str], method: str, seq: int, *extra: str) -> dict:
     """One (method, sequence length) in its own process, so peak memory is that method's alone."""
     out = subprocess.run([sys.executable, __file__, "--child", method, str(seq), "--steps", str(args.steps),
-                          "--device", args.device, "--model", args.model, "--precision", args.precision, *extra],
+                          "--device", args.device, "--model", args.model, "--precision", args.precision,
+                          *(["--model-path", args.model_path] if args.model_path else []), *extra],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -148,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="minilm", help="model config: minilm, bert_base_random, ...")
+    parser.add_argument("--model-path", default=None,
+                        help="a local weights folder for --model (e.g. fp16 weights carried offline; trained in fp32)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--write", type=Path, default=None, help="replace this script's section in a Markdown file")
     parser.add_argument("--section", default=None,
@@ -158,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.device, args.model,
-                               args.precision, args.count_ops)))
+                               args.precision, args.count_ops, args.model_path)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.count_ops:
@@ -207,19 +176,27 @@ def main() -> None:
 
 
 def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
-    lines = ["| method | trainable | operations per step | x full FT |", "|---|---|---|---|"]
-    counts = {}
-    for method in args.methods:
-        counts[method] = run_child(args, env, method, args.seqs[0], "--count-ops")
-    full = counts.get("full", {}).get("ops")
+    """Operations of one step per method (selectune.profiling.OpCounter), with the ratios the GPU work
+    is judged by: kernel-like operations vs LoRA's and full FT's, and the sync-prone operations."""
+    counts = {method: run_child(args, env, method, args.seqs[0], "--count-ops") for method in args.methods}
+    lora, full = (counts.get(m, {}).get("kernels") for m in ("lora", "full"))
+    lines = ["| method | trainable | all operations | kernel-like | x LoRA | x full FT | sync-prone |",
+             "|---|---|---|---|---|---|---|"]
     for method, c in counts.items():
-        lines.append(f"| {method} | {c['trainable']:,} | {c['ops']:,} | {c['ops'] / full:.1f} |" if full else
-                     f"| {method} | {c['trainable']:,} | {c['ops']:,} | n/a |")
+        syncs = ", ".join(f"{k} {v}" for k, v in sorted(c["sync_ops"].items())) or "0"
+        lines.append(f"| {method} | {c['trainable']:,} | {c['ops']:,} | {c['kernels']:,} | "
+                     f"{c['kernels'] / lora:.2f} | " if lora else f"| {method} | {c['trainable']:,} | "
+                     f"{c['ops']:,} | {c['kernels']:,} | n/a | ")
+        lines[-1] += (f"{c['kernels'] / full:.2f} | " if full else "n/a | ") + f"{syncs} |"
     command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
-    body = (f"### Tensor operations per training step\n\n`{command.strip()}`: model `{args.model}`, "
-            f"{args.precision}, device {args.device}, batch 32 x {args.seqs[0]} tokens; every operation "
-            "dispatched by one step (forward, penalty, backward, AdamW) is counted. On a GPU each is at least "
-            "one kernel launch.\n\n" + "\n".join(lines))
+    body = (f"### Tensor operations per training step\n\n`{command.strip()}`: model `{args.model}`"
+            f"{' from ' + args.model_path if args.model_path else ''}, {args.precision}, device {args.device}, "
+            f"batch 32 x {args.seqs[0]} tokens, the second step (forward, penalty, backward, AdamW as the trainer "
+            "builds it: foreach here, fused on CUDA, after_step). Kernel-like = every dispatched operation but "
+            "views, aliases and detach: on a GPU each is at least one kernel launch. Sync-prone = operations "
+            "whose CUDA kernel makes the host wait (bincount, nonzero, item, boolean-mask indexing, "
+            "repeat_interleave without output_size, unique), counted by `selectune.profiling.OpCounter`.\n\n"
+            + "\n".join(lines))
     print(body)
     if args.write:
         write_section(args.write, args.section or "bench:ops", body)

@@ -109,11 +109,53 @@ def lr_multiplier(step: int, start: int, end: int, warmup_ratio: float) -> float
     return max(0.0, (end - step) / max(1, end - start - warmup))
 
 
+def adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the fewest kernels per step the device offers: fused (one kernel per group and dtype) on
+    CUDA, foreach (a handful of multi-tensor kernels) elsewhere, never the per-tensor loop whose launches
+    dominate a GPU step that trains many small tensors (SparseDelta values, AdaLoRA triplets, gates)."""
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA peak allocation on a GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class LossWatch:
+    """The training loss summed over a logging window, and the first step whose total loss (task +
+    penalty) was not finite, both kept on the device: reading either on the host waits for the device
+    to finish the step, so the loop reads them only at log_every (and before evaluating or saving), not
+    every step. A non-finite loss is still reported with its value and step, at most log_every - 1 steps
+    late, and never reaches a checkpoint or a stored delta."""
+
+    def __init__(self, device: torch.device) -> None:
+        acc = torch.float32 if device.type == "mps" else torch.float64  # the host sum was a Python float
+        self.loss_sum = torch.zeros((), dtype=acc, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss finite so far
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, loss: torch.Tensor, total: torch.Tensor, rows: int, step: int) -> None:
+        self.loss_sum += loss.detach().to(self.loss_sum.dtype) * rows
+        first = ~torch.isfinite(total.detach()) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_value = torch.where(first, total.detach().float(), self.bad_value)
+
+    def check(self, lr: float) -> None:
+        """Raise if a loss of the run was not finite (one host read)."""
+        step = int(self.bad_step)
+        if step:
+            raise SelectuneError(f"loss became {float(self.bad_value)} at step {step}; lower trainer.lr "
+                                 f"(now {lr}) or method.lr")
+
+    def take(self) -> float:
+        """The window's summed loss (one host read), and a new window."""
+        value = float(self.loss_sum)
+        self.loss_sum.zero_()
+        return value
 
 
 class Trainer:
@@ -151,11 +193,18 @@ class Trainer:
     def _optimizer(self, step: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW over the method's parameter groups, each group's schedule positioned at `step`."""
         groups = self.method.param_groups(self.cfg.lr, self.cfg.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        optimizer = adamw(groups, self.cfg.lr, self.device)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # lets the schedule start at `step` (last_epoch below)
         lambdas = [lambda s, g=group: self._multiplier(g, s) for group in groups]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch on the training device. On CUDA from pinned memory without blocking: a plain copy from
+        pageable memory waits for the device to drain its queue, i.e. a host sync every step."""
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip gradients to max_grad_norm, separately per `clip` family of groups (default: all together)."""
@@ -248,14 +297,15 @@ class Trainer:
         bar = progress.add_task(f"{task.name} · {method.cfg.name}", total=self.total_steps, completed=step,
                                 loss=float("nan"), lr=scheduler.get_last_lr()[0], eps=0.0)
         model.train()
-        window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        window_n, window_t0 = 0, time.perf_counter()
+        watch = LossWatch(self.device)
         with progress:
             while step < self.total_steps:
                 t0 = time.perf_counter()
                 epoch, offset = divmod(step, self.steps_per_epoch)
                 global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
                 rows = self.ctx.shard(global_rows)
-                batch = {k: v.to(self.device) for k, v in train.batch(rows).items()}
+                batch = self._to_device(train.batch(rows))
                 labels = batch.pop("labels")
                 with self.autocast():
                     loss = task_loss(forward_model(**batch).logits, labels, task.spec.is_regression)
@@ -263,9 +313,7 @@ class Trainer:
                 share = len(rows) * self.ctx.world / len(global_rows)
                 penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
                 total = loss * share if penalty is None else loss * share + penalty
-                if not torch.isfinite(total):
-                    raise SelectuneError(f"loss became {total.item()} at step {step + 1}; lower trainer.lr "
-                                         f"(now {cfg.lr}) or method.lr")
+                watch.add(loss, total, len(rows), step + 1)  # on the device: read back only at log_every
                 scaler.scale(total).backward()
                 scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
@@ -283,10 +331,13 @@ class Trainer:
                     built_for = method.trainable_version
                 train_time += time.perf_counter() - t0
 
-                window_loss, window_n = window_loss + loss.item() * len(rows), window_n + len(rows)
+                window_n += len(rows)
+                if (step % cfg.log_every == 0 or step == self.total_steps or step % self.eval_every == 0
+                        or step % self.checkpoint_every == 0):  # nothing non-finite is evaluated or saved
+                    watch.check(cfg.lr)
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_t0
-                    window_loss, window_n = self.ctx.sum(window_loss), self.ctx.sum(window_n)
+                    window_loss, window_n = self.ctx.sum(watch.take()), self.ctx.sum(window_n)
                     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
                               "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
                               "examples_per_s": window_n / elapsed,
@@ -298,7 +349,7 @@ class Trainer:
                     if cfg.progress and main and not self.console.is_terminal:  # a log file gets plain lines instead
                         self.console.print(f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
                                            f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
-                    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    window_n, window_t0 = 0, time.perf_counter()
                 progress.update(bar, completed=step)
 
                 if step % self.eval_every == 0 or step == self.total_steps:

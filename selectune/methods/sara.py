@@ -39,6 +39,7 @@ class SaRAConfig(MethodConfig):
     threshold: Optional[float] = None  # select |w| < threshold; None: exactly the budget's count
     progressive_step: Optional[int] = None  # re-select on the current weights at this step
     nuclear_weight: float = 0.0  # λ_rank of the nuclear-norm penalty (reference 5e-4); 0: off
+    sparse_grad: str = "auto"  # weight-gradient path: auto (dense on CUDA, sddmm elsewhere) | dense | sddmm
 
 
 class SaRA(Method):
@@ -52,7 +53,7 @@ class SaRA(Method):
         weights = {n: backbone.model.get_parameter(n) for n in self.candidates}
         selection = self._select(weights)
         self.wrappers = sparse.wrap(backbone.model, {n: selection.get(n, torch.zeros(0, dtype=torch.int32))
-                                                     for n in self.candidates})
+                                                     for n in self.candidates}, self.cfg.sparse_grad)
         self.hashes = [mask_hash(selection)]
         self.threshold = max(float(weights[n].detach().reshape(-1)[i.long()].abs().max()) for n, i in selection.items())
         log.info("SaRA selected %d entries (mask %s)", count(selection), self.hashes[0])

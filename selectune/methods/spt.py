@@ -42,6 +42,7 @@ class SPTConfig(MethodConfig):
     beta: float = 5.0  # a vector is tuned whole when at least dim / beta of its entries are selected
     probe_batches: int = 16
     include_embeddings: bool = False
+    sparse_grad: str = "auto"  # weight-gradient path of the entries tuned alone (see SaRA's option)
 
 
 @dataclass
@@ -152,7 +153,7 @@ class SPT(Method):
             self.structured[module_name] = wrapper
         for name in alloc.whole:
             model.get_parameter(name).requires_grad_(True)
-        self.sparse = sparse.wrap(model, alloc.entries)
+        self.sparse = sparse.wrap(model, alloc.entries, self.cfg.sparse_grad)
         log.info("SPT allocation: %s", alloc.describe())
 
     def describe(self) -> dict[str, Any]:
