@@ -1,0 +1,169 @@
+"""Diff pruning's flat phase-1 pass (FlatGates) against the per-tensor computation it replaces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from selectune.delta.hardconcrete import EPS, LOOKUP_MIN_ROWS, FlatGates, HardConcreteModule
+
+L, R = -1.5, 1.5
+VARIANTS = [(False, None, "reference"), (True, None, "reference"), (True, None, "paper"),
+            (True, 3, "reference"), (True, 3, "paper")]
+
+
+def gated_modules(structured: bool, group_rows: int | None, penalty: str) -> list[HardConcreteModule]:
+    """Matrices, biases, a LayerNorm and a small embedding (gated whole), float64, random logits and diffs
+    so that some gates sit at 0 or 1 (clamped) and some in between."""
+    torch.manual_seed(0)
+    bases = [nn.Linear(5, 7), nn.LayerNorm(7), nn.Embedding(10, 4, padding_idx=0), nn.Linear(7, 2)]
+    modules = []
+    for base in bases:
+        base = base.double().requires_grad_(False)
+        names = [n for n, _ in base.named_parameters()]
+        module = HardConcreteModule(base, names, 5.0, L, R, group_rows, structured, penalty)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith(("_w", "alpha")):
+                    p.normal_(0, 2)
+        modules.append(module)
+    return modules
+
+
+def per_tensor_reference(gates: FlatGates, u: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """θ of every tensor and E‖δ‖₀, tensor by tensor with autograd, from the same noise u (the flat pass's
+    order: every entry's own noise, then every tensor's group noise): the computation before the flat pass."""
+    thetas, n, g = [], 0, gates.n
+    for module, name in gates.entries:
+        alpha, w = getattr(module, f"{name}_alpha"), getattr(module, f"{name}_w")
+        noise = 0.0 if u is None else torch.logit(u[n:n + alpha.numel()].view_as(alpha), EPS)
+        n += alpha.numel()
+        z = (torch.sigmoid(alpha + noise) * (R - L) + L).clamp(0, 1)
+        if module.structured:
+            group_alpha = getattr(module, f"{name}_group_alpha")
+            noise = 0.0 if u is None else torch.logit(u[g:g + group_alpha.numel()], EPS)
+            g += group_alpha.numel()
+            zg = (torch.sigmoid(group_alpha + noise) * (R - L) + L).clamp(0, 1)
+            ids = module.group_ids(name)
+            z = z * (zg.expand(alpha.numel()) if ids is None else zg[ids]).view_as(alpha)
+        thetas.append(getattr(module, name) + z * w)
+    l0 = sum(module.expected_l0(name) for module, name in gates.entries)
+    return thetas, l0
+
+
+def trainables(modules: list[HardConcreteModule]) -> list[torch.Tensor]:
+    return [p for m in modules for n, p in m.named_parameters() if n.endswith(("_w", "alpha"))]
+
+
+@pytest.mark.parametrize("structured,group_rows,penalty", VARIANTS)
+def test_flat_pass_equals_the_per_tensor_computation_values_penalty_and_every_gradient(structured, group_rows,
+                                                                                        penalty):
+    modules = gated_modules(structured, group_rows, penalty)
+    gates = FlatGates(modules)
+    assert len(gates.entries) == 7 and gates.n == sum(p.numel() for m in modules for p in m.parameters(False)
+                                                      if p.requires_grad is False)
+    torch.manual_seed(5)
+    gates.materialize(training=True)
+    flat = [m.flat_tensors[n] for m, n in gates.entries]
+    l0 = gates.take_l0()
+    torch.manual_seed(5)  # the pass draws one torch.rand over entries and groups: redraw it for the reference
+    u = torch.rand(gates.n + sum(gates.group_counts), dtype=torch.float64)
+    expected, expected_l0 = per_tensor_reference(gates, u)
+    for got, want in zip(flat, expected, strict=True):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(l0, expected_l0, rtol=1e-12)
+    weights = [torch.randn_like(t) for t in expected]  # an arbitrary loss of θ, plus the penalty
+    params = trainables(modules)
+
+    def loss(thetas, penalty_term):
+        return sum((t * k).sum() for t, k in zip(thetas, weights, strict=True)) + 0.3 * penalty_term
+
+    got = torch.autograd.grad(loss(flat, l0), params)
+    want = torch.autograd.grad(loss(expected, expected_l0), params)
+    for g, w, p in zip(got, want, params, strict=True):
+        assert g.shape == p.shape and torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert any((g != 0).any() for g in got)
+
+
+@pytest.mark.parametrize("structured,group_rows,penalty", VARIANTS)
+def test_eval_gates_are_the_deterministic_per_tensor_ones(structured, group_rows, penalty):
+    modules = gated_modules(structured, group_rows, penalty)
+    gates = FlatGates(modules)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        gates.materialize(training=False)
+    assert torch.equal(torch.get_rng_state(), state) and gates.take_l0() is None  # no noise, no penalty
+    for module, name in gates.entries:
+        want = getattr(module, name) + module.delta(name, training=False)
+        assert torch.allclose(module.flat_tensors[name], want, rtol=1e-14, atol=1e-14)
+    gates.clear()
+    assert all(not m.flat_tensors for m in modules)
+
+
+def test_gradients_arrive_only_through_the_flat_pass_and_the_unused_penalty_is_skipped():
+    """The penalty left out of the loss (no gradient for E‖δ‖₀) and a tensor not used downstream: the
+    Function's backward still runs, with zero gradient where nothing flowed."""
+    modules = gated_modules(True, 3, "paper")
+    gates = FlatGates(modules)
+    gates.materialize(training=True)
+    first = gates.entries[0]
+    first[0].flat_tensors[first[1]].sum().backward()
+    grads = [getattr(m, f"{n}_w").grad for m, n in gates.entries]
+    assert grads[0].abs().sum() > 0 and all((g == 0).all() for g in grads[1:])
+
+
+def test_a_vocabulary_sized_embedding_keeps_its_looked_up_path():
+    small = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS - 1, 2), ["weight"], 5.0, L, R, None, False)
+    large = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS, 2), ["weight"], 5.0, L, R, None, False)
+    gates = FlatGates([small, large])
+    assert gates.modules == [small] and gates.n == (LOOKUP_MIN_ROWS - 1) * 2
+
+
+def test_group_lengths_are_the_row_blocks_of_group_index():
+    from selectune.delta.hardconcrete import group_index, group_lengths
+
+    for shape, rows in [((7, 5), 3), ((6, 4), 3), ((10,), 4), ((7, 5), None)]:
+        ids, count = group_index(torch.Size(shape), rows)
+        lengths = group_lengths(torch.Size(shape), rows)
+        assert len(lengths) == count and sum(lengths) == math.prod(shape)
+        if ids is not None:
+            assert torch.equal(torch.bincount(ids), torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("method", ["udiff", "sdiff"])
+def test_a_model_forward_uses_the_flat_pass_and_equals_the_per_tensor_path_in_eval(method, data_env):
+    """Inside a model the hooks gate every tensor in one pass (the vocabulary table excepted); the output
+    equals the per-tensor path's. Training: the penalty comes from the pass, once per forward."""
+    from conftest import compose_run
+
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(compose_run(f"glue/rte_{method}", "method.group_rows=4"))
+    backbone, diff = build(spec, load_task(spec.task))
+    diff.attach(backbone)
+    with torch.no_grad():
+        for name, p in backbone.model.named_parameters():
+            if name.endswith(("_w", "alpha")):
+                p.normal_(0, 2)
+    model = backbone.model.eval()
+    batch = {"input_ids": torch.tensor([[101, 2000, 2001, 102, 0]]), "attention_mask": torch.tensor([[1] * 4 + [0]])}
+    with torch.no_grad():
+        flat = model(**batch).logits
+        for hook in diff.hooks:
+            hook.remove()
+        per_tensor = model(**batch).logits
+    assert torch.allclose(flat, per_tensor, atol=1e-6)
+    diff.hooks = [model.register_forward_pre_hook(diff.flat.pre_hook),
+                  model.register_forward_hook(diff.flat.post_hook, always_call=True)]
+    looked_up = [m for m in diff.hardconcrete.values() if m not in diff.flat.modules]
+    assert [m.wrapped.num_embeddings for m in looked_up] == [backbone.model.config.vocab_size]
+    model.train()
+    model(**batch).logits.sum().backward()
+    penalty = diff.penalty()
+    assert torch.allclose(penalty, diff.cfg.l0_weight * diff.expected_l0(), rtol=1e-5)
+    assert diff.flat.take_l0() is None  # taken once
+    assert all(not m.flat_tensors for m in diff.hardconcrete.values())  # views dropped after the forward
