@@ -137,10 +137,10 @@ def test_group_lengths_are_the_row_blocks_of_group_index():
 def test_a_model_forward_uses_the_flat_pass_and_equals_the_per_tensor_path_in_eval(method, data_env):
     """Inside a model the hooks gate every tensor in one pass (the vocabulary table excepted); the output
     equals the per-tensor path's. Training: the penalty comes from the pass, once per forward."""
-    from conftest import compose_run
-
     from selectune.commands import RunSpec, build
     from selectune.tasks import load_task
+
+    from conftest import compose_run
 
     spec = RunSpec.from_config(compose_run(f"glue/rte_{method}", "method.group_rows=4"))
     backbone, diff = build(spec, load_task(spec.task))
@@ -174,9 +174,9 @@ def test_phase1_resumed_after_a_kill_is_bit_identical(data_env, tmp_path):
     and resumed ends with the same delta, bit for bit, as one never stopped."""
     import json
 
-    from conftest import TINY, kill_after_first_checkpoint, run_cli
-
     from selectune.delta.taskdelta import TaskDelta
+
+    from conftest import TINY, kill_after_first_checkpoint, run_cli
 
     args = ["train", "recipe=glue/rte_sdiff", *TINY, "trainer.epochs=2", "method.phase1_epochs=1",
             "method.group_rows=4", "method.l0_weight=1e-4", "trainer.lr=1e-2", "trainer.eval_every=12",
@@ -192,3 +192,63 @@ def test_phase1_resumed_after_a_kill_is_bit_identical(data_env, tmp_path):
     assert a["evals"] == b["evals"] and a["method_state"]["mask_hash"] == b["method_state"]["mask_hash"]
     da, db = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "killed").tensors
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_parameters_are_views_of_flat_buffers_and_a_moved_model_is_bound_again():
+    """θ0, w and α live in one flat buffer each, so the pass concatenates nothing; their gradients arrive as
+    views of one flat gradient. Whatever gives a parameter its own storage (here `.double()` of a float32
+    module) is noticed before the next pass, which binds again and computes the same values."""
+    modules = gated_modules(False, None, "reference")
+    for m in modules:
+        m.float()
+    gates = FlatGates(modules)
+    assert gates.bound()
+    w = [getattr(m, f"{n}_w") for m, n in gates.entries]
+    assert all(p.untyped_storage().data_ptr() == gates.flats[1].untyped_storage().data_ptr() for p in w)
+    gates.materialize(training=True)
+    sum(m.flat_tensors[n].sum() for m, n in gates.entries).backward()
+    assert len({p.grad.untyped_storage().data_ptr() for p in w}) == 1  # adopted as views, not copied
+    gates.clear()
+    for m in modules:
+        m.double()
+    assert not gates.bound()
+    with torch.no_grad():
+        gates.materialize(training=False)
+    assert gates.bound() and gates.flats[0].dtype == torch.float64
+    for module, name in gates.entries:
+        want = getattr(module, name) + module.delta(name, training=False)
+        assert torch.allclose(module.flat_tensors[name], want, rtol=1e-14, atol=1e-14)
+
+
+def test_compile_auto_stays_eager_on_cpu():
+    from selectune.delta import hardconcrete
+
+    gates = FlatGates(gated_modules(True, 3, "paper"), "auto")
+    assert gates.math == (hardconcrete._flat_forward, hardconcrete._flat_backward, hardconcrete._penalty_terms)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled gate math is for CUDA)")
+@pytest.mark.parametrize("structured,group_rows,penalty", VARIANTS)
+def test_compiled_gate_math_equals_eager_on_cuda(structured, group_rows, penalty):
+    """torch.rand stays outside the compiled functions, so both see the same noise: same θ, penalty, grads."""
+    import copy
+
+    results = []
+    base = gated_modules(structured, group_rows, penalty)
+    for mode in ("false", "true"):
+        modules = [copy.deepcopy(m).float().cuda() for m in base]
+        gates = FlatGates(modules, mode)
+        outs = []
+        for step in range(2):  # the second call runs the compiled code, not the tracing
+            torch.manual_seed(step)
+            gates.materialize(training=True)
+            loss = sum((m.flat_tensors[n] * (i + 1)).sum() for i, (m, n) in enumerate(gates.entries))
+            l0 = gates.take_l0()
+            params = trainables(modules)
+            grads = torch.autograd.grad(loss + 0.3 * l0, params)
+            outs.append([*(m.flat_tensors[n].detach() for m, n in gates.entries), l0.detach(), *grads])
+            gates.clear()
+        results.append(outs)
+    for eager, compiled in zip(*results, strict=True):
+        for a, b in zip(eager, compiled, strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

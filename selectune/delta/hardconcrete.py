@@ -197,19 +197,26 @@ class HardConcreteModule(nn.Module):
 def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
                   zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
     """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates repeated per entry, None unstructured),
-    and the s the backward needs. Pure elementwise, so `torch.compile` can fuse it into one kernel."""
-    z, s = stretched(alpha, u, l, r)
+    and the s the backward needs; `stretched`'s formula. Pure elementwise, so `torch.compile` can fuse it.
+    Eager, it works in place on u (the caller's fresh draw): each new flat buffer is a fresh allocation,
+    which on CPU costs page faults, more than the arithmetic."""
+    s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()
+    z = s.mul(r - l).add_(l).clamp_(0.0, 1.0)
     if zg is not None:
-        z = z.mul_(zg)
+        z.mul_(zg)
     return torch.addcmul(theta0, z, w), s
 
 
 def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.Tensor | None,
                    l: float, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # noqa: E741
     """The chain rule of `_flat_forward` written out (the reference code's manual backward): from g = dL/dθ,
-    dw = g·z·z_g, dα = g·w·z_g·dz/dα, and g·w·z, which each group's logit sums (None unstructured).
-    In-place on its own temporaries: the eager backward then holds ~6 flat buffers, not ~10."""
-    z, dz = stretched_grad(s, l, r)
+    dw = g·z·z_g, dα = g·w·z_g·dz/dα with dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (torch.clamp's
+    inclusive rule), and g·w·z, which each group's logit sums (None unstructured). In place on its own
+    temporaries only."""
+    z = s.mul(r - l).add_(l)
+    inside = z.ge(0.0).logical_and_(z.le(1.0))
+    z.clamp_(0.0, 1.0)
+    dz = torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
     gw = g * w
     if zg is None:
         return z.mul_(g), dz.mul_(gw), None
@@ -219,53 +226,48 @@ def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.
 
 def _penalty_terms(alpha: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, dp/dα) of the expected-L0 term p = σ(α − c)."""
-    p = torch.sigmoid(alpha - c)
-    return p, p * (1 - p)
-
-
-def _cat(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+    p = (alpha - c).sigmoid_()
+    return p, torch.addcmul(p, p, p, value=-1)
 
 
 class _FlatGate(torch.autograd.Function):
     """(θ_flat, E‖δ‖₀) for every tensor of a `FlatGates`, from the per-tensor parameters: one Function so
     that autograd sees a single node, and the backward returns each parameter's gradient as a view of one
-    flat buffer (AccumulateGrad adopts it as `.grad` without a copy). Saved: s (one flat buffer) and the
-    parameters themselves; w and α are concatenated again in the backward rather than kept."""
+    flat buffer (AccumulateGrad adopts it as `.grad` without a copy). The parameters are read through the
+    flat buffers they are views of (`FlatGates.bind`), so nothing is concatenated; saved: s (one flat buffer)."""
 
     @staticmethod
     def forward(ctx, gates: FlatGates, u: torch.Tensor | None, penalty: bool, *params: torch.Tensor):
-        theta0, w, alpha, group_alpha = gates.unpack(params)
-        a = _cat(alpha)
+        group_alpha = gates.unpack(params)[3]
+        theta0, w, a = gates.flats
         zg_rep = sg = ga = None
         if gates.structured:
-            ga = _cat(group_alpha)
+            ga = torch.cat(group_alpha)
             zg, sg = stretched(ga, None if u is None else u[gates.n:], gates.l, gates.r)
             zg_rep = gates.repeat(zg)
-        theta, s = gates.math[0](_cat(theta0), _cat(w), a, None if u is None else u[:gates.n],
-                                 zg_rep, gates.l, gates.r)
+        theta, s = gates.math[0](theta0, w, a, None if u is None else u[:gates.n], zg_rep, gates.l, gates.r)
         l0 = gates.expected_l0(a, ga) if penalty else a.new_zeros(())
         ctx.gates, ctx.penalty = gates, penalty
-        ctx.save_for_backward(s, sg, *w, *alpha, *group_alpha)
+        ctx.save_for_backward(s, sg, *group_alpha)
         return theta, l0
 
     @staticmethod
     def backward(ctx, g: torch.Tensor | None, g_l0: torch.Tensor | None):
         gates: FlatGates = ctx.gates
-        s, sg, *params = ctx.saved_tensors
+        s, sg, *group_alpha = ctx.saved_tensors
         count = len(gates.entries)
-        w, alpha, group_alpha = params[:count], params[count:2 * count], params[2 * count:]
+        _, w, alpha = gates.flats
         g = torch.zeros_like(s) if g is None else g
         zg_rep = dzg = pg = None
         if gates.structured:
             zg, dzg = stretched_grad(sg, gates.l, gates.r)
             zg_rep = gates.repeat(zg)
-        dw, da, gwz = gates.math[1](g, _cat(w), s, zg_rep, gates.l, gates.r)
+        dw, da, gwz = gates.math[1](g, w, s, zg_rep, gates.l, gates.r)
         dga = None if gwz is None else gates.segment_sum(gwz).mul_(dzg)
         if ctx.penalty and g_l0 is not None:
-            p, dp = gates.math[2](_cat(alpha), gates.c)
+            p, dp = gates.math[2](alpha, gates.c)
             if gates.structured:
-                pg, dpg = _penalty_terms(_cat(group_alpha), gates.c)
+                pg, dpg = _penalty_terms(torch.cat(group_alpha), gates.c)
                 if gates.group_penalty == "paper":  # Σ_j P_j Σ_{i∈j} p_i
                     dp = dp.mul_(gates.repeat(pg))
                     dpg = dpg.mul_(gates.segment_sum(p))
@@ -280,10 +282,11 @@ class _FlatGate(torch.autograd.Function):
 class FlatGates:
     """Gates every tensor of the given hard-concrete modules in one pass per forward of the model.
 
-    `materialize` (a forward pre-hook on the model) concatenates θ0, w, α (and the group logits) of all
-    tensors, draws ONE `torch.rand` for all of them, computes θ = θ0 + z ⊙ w and E‖δ‖₀ in `_FlatGate`, and
-    hands each module views of θ (`flat_tensors`); `clear` (a forward hook) drops them. The parameters stay
-    per tensor, so names, optimiser groups and checkpoints do not change. S-Diff groups (one per tensor or
+    `materialize` (a forward pre-hook on the model) reads θ0, w and α of all tensors as one flat buffer each
+    (the per-tensor parameters are views of them: `bind`), draws ONE `torch.rand` for all of them, computes
+    θ = θ0 + z ⊙ w and E‖δ‖₀ in `_FlatGate`, and hands each module views of θ (`flat_tensors`); `clear` (a
+    forward hook) drops them. The parameters stay per tensor, so names, optimiser groups and checkpoints
+    do not change. S-Diff groups (one per tensor or
     `group_rows` row blocks) are contiguous segments of the flat buffer: z_g is repeated per entry with a
     known output size, and a group's gradient is a segment sum, both without a host sync.
     Embeddings of at least LOOKUP_MIN_ROWS rows keep their looked-up-rows path and are left out."""
@@ -303,10 +306,46 @@ class FlatGates:
             if self.structured else []
         self.group_lengths = [length for (m, n), shape in zip(self.entries, self.shapes, strict=True)
                               for length in group_lengths(shape, m.group_rows)] if self.structured else []
+        self.block = math.gcd(*self.group_lengths) if self.group_lengths else 1
         self.compile_mode = compile_mode
         self._lengths: dict[torch.device, torch.Tensor] = {}
         self._math: tuple[Callable, Callable, Callable] | None = None
         self.l0: torch.Tensor | None = None
+        self.flats: tuple[torch.Tensor, ...] = ()
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.bind()
+
+    # ---------------------------------------------------------------- flat storage
+    KINDS = ("", "_w", "_alpha")  # θ0, w, α
+
+    def bind(self) -> None:
+        """Make θ0, w and α of every tensor views of one flat buffer each (FSDP's FlatParameter idea): the
+        pass then reads them without concatenating (3 flat copies per forward, 2 per backward, and their
+        memory). The Parameters stay the same objects (only `.data` moves), so optimisers, checkpoints and
+        names are untouched. Called again whenever something (`.to()`, `load_state_dict(assign=True)`)
+        gave a parameter storage of its own: `bound` checks that before every pass."""
+        if not self.entries or self.bound():
+            return
+        flats = []
+        with torch.no_grad():
+            for kind in self.KINDS:
+                params = [getattr(m, f"{n}{kind}") for m, n in self.entries]
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+                for p, part, shape in zip(params, flat.split(self.sizes), self.shapes, strict=True):
+                    p.data = part.view(shape)
+                flats.append(flat)
+        self.flats = tuple(flats)
+
+    def bound(self) -> bool:
+        if not self.flats:
+            return False
+        for kind, flat in zip(self.KINDS, self.flats, strict=True):
+            base, size = flat.data_ptr(), flat.element_size()
+            for (m, n), offset in zip(self.entries, self.offsets, strict=True):
+                p = getattr(m, f"{n}{kind}")
+                if p.data_ptr() != base + offset * size or p.dtype != flat.dtype or not p.is_contiguous():
+                    return False
+        return True
 
     # ---------------------------------------------------------------- called from _FlatGate
     def unpack(self, params: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
@@ -314,28 +353,32 @@ class FlatGates:
         return params[:count], params[count:2 * count], params[2 * count:3 * count], params[3 * count:]
 
     def lengths(self, device: torch.device) -> torch.Tensor:
+        """The groups' lengths in blocks of `block` entries, on `device` (made once per device)."""
         if device not in self._lengths:
-            self._lengths[device] = torch.tensor(self.group_lengths, dtype=torch.long, device=device)
+            blocks = [length // self.block for length in self.group_lengths]
+            self._lengths[device] = torch.tensor(blocks, dtype=torch.long, device=device)
         return self._lengths[device]
 
     def repeat(self, per_group: torch.Tensor) -> torch.Tensor:
         """A per-group value repeated over its entries (output_size given: no host sync on a GPU)."""
-        return per_group.repeat_interleave(self.lengths(per_group.device), output_size=self.n)
+        blocks = per_group.repeat_interleave(self.lengths(per_group.device), output_size=self.n // self.block)
+        return blocks.repeat_interleave(self.block) if self.block > 1 else blocks
 
     def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each group's entries. `unsafe` skips the length check (two host syncs); the lengths are
-        ours. On CPU the kernel adds one by one in the input's dtype (float32 would lose 1% over a 2M-entry
-        group), so it sums in float64 there; CUDA's reduction is a tree."""
-        wide = flat.double() if flat.device.type == "cpu" else flat
-        out = torch.segment_reduce(wide, "sum", lengths=self.lengths(flat.device), unsafe=True)
-        return out.to(flat.dtype)
+        ours. The CPU kernel adds one entry after another in the input's dtype (float32 loses ~1% over a
+        2M-entry group of values near 1), so blocks of `block` entries (the gcd of the group lengths: 384
+        for MiniLM's tensors, 32 for 32-row groups) are summed first by torch.sum, pairwise."""
+        blocks = flat.view(-1, self.block).sum(1) if self.block > 1 else flat
+        return torch.segment_reduce(blocks, "sum", lengths=self.lengths(flat.device), unsafe=True)
 
     def expected_l0(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None) -> torch.Tensor:
-        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (methods.md §1-2)."""
-        p = torch.sigmoid(alpha - self.c)
+        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (methods.md §1-2).
+        In place on `group_alpha` (a fresh concatenation)."""
+        p = (alpha - self.c).sigmoid_()
         if group_alpha is None:
             return p.sum()
-        pg = torch.sigmoid(group_alpha - self.c)
+        pg = group_alpha.sub_(self.c).sigmoid_()
         if self.group_penalty == "reference":
             return p.sum() + pg.sum()
         return (self.segment_sum(p) * pg).sum()
@@ -362,6 +405,7 @@ class FlatGates:
         deterministic gates in eval). The expected L0 of this forward is kept for `take_l0`."""
         if not self.entries:
             return
+        self.bind()
         params = [getattr(m, n) for m, n in self.entries]
         params += [getattr(m, f"{n}_w") for m, n in self.entries]
         params += [getattr(m, f"{n}_alpha") for m, n in self.entries]
