@@ -44,16 +44,17 @@ def gate(alpha: torch.Tensor, l: float, r: float, training: bool) -> torch.Tenso
 def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float  # noqa: E741
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, s) for logits α and uniform noise u (None: eval): s = σ(α + logit u), z = clamp(s·(r − l) + l, 0, 1).
-    Pure elementwise: the one formula both paths and the compiled pass share."""
-    s = torch.sigmoid(alpha if u is None else alpha + torch.logit(u, EPS))  # logit(u) = log u − log(1 − u)
-    return (s * (r - l) + l).clamp(0.0, 1.0), s
+    Elementwise, the one formula of both paths. u is overwritten (by s): each fresh flat buffer is an
+    allocation, which on CPU costs page faults, more than the arithmetic."""
+    s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()  # logit u = log u − log(1 − u)
+    return s.mul(r - l).add_(l).clamp_(0.0, 1.0), s
 
 
 def stretched_grad(s: torch.Tensor, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
-    """(z, dz/dα) from the saved s: the clamp passes gradient where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp)."""
-    bar = s * (r - l) + l
-    inside = (bar >= 0) & (bar <= 1)
-    return bar.clamp(0.0, 1.0), torch.where(inside, s * (1 - s) * (r - l), 0.0)
+    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient)."""
+    z = s.mul(r - l).add_(l)
+    inside = z.ge(0.0).logical_and_(z.le(1.0))
+    return z.clamp_(0.0, 1.0), torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
 
 
 def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
@@ -197,11 +198,8 @@ class HardConcreteModule(nn.Module):
 def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
                   zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
     """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates repeated per entry, None unstructured),
-    and the s the backward needs; `stretched`'s formula. Pure elementwise, so `torch.compile` can fuse it.
-    Eager, it works in place on u (the caller's fresh draw): each new flat buffer is a fresh allocation,
-    which on CPU costs page faults, more than the arithmetic."""
-    s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()
-    z = s.mul(r - l).add_(l).clamp_(0.0, 1.0)
+    and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one kernel."""
+    z, s = stretched(alpha, u, l, r)
     if zg is not None:
         z.mul_(zg)
     return torch.addcmul(theta0, z, w), s
@@ -213,10 +211,7 @@ def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.
     dw = g·z·z_g, dα = g·w·z_g·dz/dα with dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (torch.clamp's
     inclusive rule), and g·w·z, which each group's logit sums (None unstructured). In place on its own
     temporaries only."""
-    z = s.mul(r - l).add_(l)
-    inside = z.ge(0.0).logical_and_(z.le(1.0))
-    z.clamp_(0.0, 1.0)
-    dz = torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
+    z, dz = stretched_grad(s, l, r)
     gw = g * w
     if zg is None:
         return z.mul_(g), dz.mul_(gw), None
