@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -252,3 +253,49 @@ def test_compiled_gate_math_equals_eager_on_cuda(structured, group_rows, penalty
     for eager, compiled in zip(*results, strict=True):
         for a, b in zip(eager, compiled, strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@functools.cache  # full fine-tuning's counts serve every variant
+def phase1_step_ops(recipe: str, layers: int, *overrides: str) -> tuple[int, dict[str, int]]:
+    """Kernel-like and host-sync-prone ops of one training forward + penalty + backward on tiny_random."""
+    import sys
+
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    from conftest import REPO, compose_run
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from phase1_ops import op_counter
+
+    spec = RunSpec.from_config(compose_run(recipe, f"model.config_overrides.num_hidden_layers={layers}", *overrides))
+    backbone, method = build(spec, load_task(spec.task))
+    method.attach(backbone)
+    model = backbone.model.train()
+    ids = torch.tensor([[101, 2000, 2001, 2002, 102, 0, 0]] * 2)
+
+    def step() -> None:
+        loss = model(input_ids=ids, attention_mask=(ids != 0).long()).logits.sum()
+        penalty = method.penalty()
+        (loss if penalty is None else loss + penalty).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    counter = op_counter()
+    with counter:
+        step()
+    return counter.kernels, counter.syncs
+
+
+@pytest.mark.parametrize("recipe,overrides", [
+    ("glue/rte_udiff", ()),
+    ("glue/rte_sdiff", ("method.group_rows=4", "method.group_penalty=paper"))])
+def test_phase1_costs_a_fixed_number_of_ops_and_one_host_sync(recipe, overrides, data_env):
+    """Two more layers (32 more gated tensors) add exactly what they add to full fine-tuning: the gating is
+    a fixed number of ops per step, not per tensor. The one sync-prone op phase 1 adds to the model's own
+    (the attention mask's check in transformers) is the word embeddings' unique."""
+    full = {layers: phase1_step_ops("glue/rte_full", layers) for layers in (2, 4)}
+    gated = {layers: phase1_step_ops(recipe, layers, *overrides) for layers in (2, 4)}
+    assert gated[4][0] - gated[2][0] == full[4][0] - full[2][0]
+    for layers in (2, 4):
+        assert gated[layers][1] == {**full[layers][1], "_unique2": 1}

@@ -259,6 +259,7 @@ class _FlatGate(torch.autograd.Function):
             zg_rep = gates.repeat(zg)
         dw, da, gwz = gates.math[1](g, w, s, zg_rep, gates.l, gates.r)
         dga = None if gwz is None else gates.segment_sum(gwz).mul_(dzg)
+        del zg_rep, gwz  # flat buffers: free them before the penalty's
         if ctx.penalty and g_l0 is not None:
             p, dp = gates.math[2](alpha, gates.c)
             if gates.structured:
