@@ -299,3 +299,14 @@ def test_phase1_costs_a_fixed_number_of_ops_and_one_host_sync(recipe, overrides,
     assert gated[4][0] - gated[2][0] == full[4][0] - full[2][0]
     for layers in (2, 4):
         assert gated[layers][1] == {**full[layers][1], "_unique2": 1}
+
+
+def test_a_bad_compile_setting_fails_before_training(data_env, tmp_path):
+    from conftest import compose_run
+
+    from selectune.commands import train
+    from selectune.errors import SelectuneError
+
+    with pytest.raises(SelectuneError, match="method.compile=maybe: use auto, true or false"):
+        train(compose_run("glue/rte_udiff", "method.compile=maybe"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

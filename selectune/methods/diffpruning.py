@@ -99,7 +99,7 @@ class DiffPruning(Method):
                                         self.structured, self.cfg.group_penalty)
             replace_module(backbone.model, module_name, module)
             self.hardconcrete[module_name] = module
-        self.flat = FlatGates(list(self.hardconcrete.values()), compile_mode)
+        self.flat: FlatGates | None = FlatGates(list(self.hardconcrete.values()), compile_mode)
         self.hooks = [backbone.model.register_forward_pre_hook(self.flat.pre_hook),
                       backbone.model.register_forward_hook(self.flat.post_hook, always_call=True)]
         self.wrappers: dict[str, sparse.SparseDeltaModule] = {}
@@ -139,6 +139,7 @@ class DiffPruning(Method):
     def penalty(self) -> torch.Tensor | None:
         if self.phase != 1:
             return None
+        assert self.flat is not None
         flat = self.flat.take_l0()  # the flat pass's term, from this step's forward
         if flat is None:
             return self.cfg.l0_weight * self.expected_l0()
@@ -220,7 +221,7 @@ class DiffPruning(Method):
             self.wrappers[module_name] = wrapper
         for hook in self.hooks:
             hook.remove()
-        self.hardconcrete, self.hooks = {}, []
+        self.hardconcrete, self.hooks, self.flat = {}, [], None  # frees the flat w and α
         self.phase = 2
         self.trainable_version += 1
 
