@@ -302,10 +302,10 @@ def test_phase1_costs_a_fixed_number_of_ops_and_one_host_sync(recipe, overrides,
 
 
 def test_a_bad_compile_setting_fails_before_training(data_env, tmp_path):
-    from conftest import compose_run
-
     from selectune.commands import train
     from selectune.errors import SelectuneError
+
+    from conftest import compose_run
 
     with pytest.raises(SelectuneError, match="method.compile=maybe: use auto, true or false"):
         train(compose_run("glue/rte_udiff", "method.compile=maybe"), tmp_path / "run")
