@@ -253,7 +253,7 @@ class _FlatGate(torch.autograd.Function):
         count = len(gates.entries)
         _, w, alpha = gates.flats
         g = torch.zeros_like(s) if g is None else g
-        zg_rep = dzg = pg = None
+        zg_rep = dzg = None
         if gates.structured:
             zg, dzg = stretched_grad(sg, gates.l, gates.r)
             zg_rep = gates.repeat(zg)
@@ -282,9 +282,9 @@ class FlatGates:
     (the per-tensor parameters are views of them: `bind`), draws ONE `torch.rand` for all of them, computes
     θ = θ0 + z ⊙ w and E‖δ‖₀ in `_FlatGate`, and hands each module views of θ (`flat_tensors`); `clear` (a
     forward hook) drops them. The parameters stay per tensor, so names, optimiser groups and checkpoints
-    do not change. S-Diff groups (one per tensor or
-    `group_rows` row blocks) are contiguous segments of the flat buffer: z_g is repeated per entry with a
-    known output size, and a group's gradient is a segment sum, both without a host sync.
+    do not change. S-Diff groups (one per tensor or `group_rows` row blocks) are contiguous segments of the
+    flat buffer: z_g is repeated per entry with a known output size, and a group's gradient is a segment
+    sum, both without a host sync.
     Embeddings of at least LOOKUP_MIN_ROWS rows keep their looked-up-rows path and are left out."""
 
     def __init__(self, modules: list[HardConcreteModule], compile_mode: str = "false") -> None:
