@@ -195,13 +195,21 @@ class HardConcreteModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the flat pass
+def _scale_blocks(flat: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
+    """flat ⊙ (a value per block of entries, shape (blocks, 1)), in place and by broadcasting: the per-entry
+    repetition of the group gates is never materialised."""
+    flat.view(per_block.shape[0], -1).mul_(per_block)
+    return flat
+
+
 def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
                   zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
-    """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates repeated per entry, None unstructured),
+    """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates per block, `FlatGates.repeat`; None
+    unstructured),
     and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one kernel."""
     z, s = stretched(alpha, u, l, r)
     if zg is not None:
-        z.mul_(zg)
+        _scale_blocks(z, zg)
     return torch.addcmul(theta0, z, w), s
 
 
@@ -216,7 +224,7 @@ def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.
     if zg is None:
         return z.mul_(g), dz.mul_(gw), None
     gwz = gw * z
-    return z.mul_(zg).mul_(g), dz.mul_(gw.mul_(zg)), gwz
+    return _scale_blocks(z, zg).mul_(g), dz.mul_(_scale_blocks(gw, zg)), gwz
 
 
 def _penalty_terms(alpha: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +273,7 @@ class _FlatGate(torch.autograd.Function):
             if gates.structured:
                 pg, dpg = _penalty_terms(torch.cat(group_alpha), gates.c)
                 if gates.group_penalty == "paper":  # Σ_j P_j Σ_{i∈j} p_i
-                    dp = dp.mul_(gates.repeat(pg))
+                    dp = _scale_blocks(dp, gates.repeat(pg))
                     dpg = dpg.mul_(gates.segment_sum(p))
                 dga = dga.addcmul_(dpg, g_l0)
             da = da.addcmul_(dp, g_l0)
@@ -356,9 +364,10 @@ class FlatGates:
         return self._lengths[device]
 
     def repeat(self, per_group: torch.Tensor) -> torch.Tensor:
-        """A per-group value repeated over its entries (output_size given: no host sync on a GPU)."""
+        """A per-group value repeated over its blocks of `block` entries, shape (blocks, 1), for
+        `_scale_blocks` (output_size given: no host sync on a GPU)."""
         blocks = per_group.repeat_interleave(self.lengths(per_group.device), output_size=self.n // self.block)
-        return blocks.repeat_interleave(self.block) if self.block > 1 else blocks
+        return blocks.unsqueeze(1)
 
     def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each group's entries. `unsafe` skips the length check (two host syncs); the lengths are
