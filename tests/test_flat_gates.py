@@ -310,3 +310,20 @@ def test_a_bad_compile_setting_fails_before_training(data_env, tmp_path):
     with pytest.raises(SelectuneError, match="method.compile=maybe: use auto, true or false"):
         train(compose_run("glue/rte_udiff", "method.compile=maybe"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    modules = gated_modules(True, 3, "paper")
+    gates = FlatGates(modules, "true")
+    with torch.no_grad():
+        gates.materialize(training=False)
+    assert "torch.compile of _flat_forward failed (no C++ compiler here): running it eagerly" in caplog.text
+    for module, name in gates.entries:
+        want = getattr(module, name) + module.delta(name, training=False)
+        assert torch.allclose(module.flat_tensors[name], want)

@@ -19,6 +19,7 @@ reduction): on a GPU the per-tensor path is a launch storm of thousands of tiny 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 EPS = 1e-6
+log = logging.getLogger(__name__)
 
 
 # An embedding with at least this many rows gates only the rows a batch looks up (`_looked_up`): worth its
@@ -233,6 +235,26 @@ def _penalty_terms(alpha: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.T
     return p, torch.addcmul(p, p, p, value=-1)
 
 
+def _compiled(fn: Callable) -> Callable:
+    """`fn` under torch.compile (fullgraph, fixed shapes), falling back to eager for the rest of the run if
+    compiling fails: the compiled and eager functions compute the same thing, so a run should not die of it."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    current = [compiled]
+
+    def call(*args):
+        try:
+            return current[0](*args)
+        except Exception as err:  # inductor's failures have no common type
+            if current[0] is fn:
+                raise
+            log.warning("torch.compile of %s failed (%s): running it eagerly", fn.__name__,
+                        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            current[0] = fn
+            return fn(*args)
+
+    return call
+
+
 class _FlatGate(torch.autograd.Function):
     """(θ_flat, E‖δ‖₀) for every tensor of a `FlatGates`, from the per-tensor parameters: one Function so
     that autograd sees a single node, and the backward returns each parameter's gradient as a view of one
@@ -401,7 +423,7 @@ class FlatGates:
             triton = importlib.util.find_spec("triton") is not None
             compiled = self.compile_mode == "true" or (self.compile_mode == "auto" and device.type == "cuda" and triton)
             fns = (_flat_forward, _flat_backward, _penalty_terms)
-            self._math = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if compiled else fns
+            self._math = tuple(_compiled(f) for f in fns) if compiled else fns
         return self._math
 
     # ---------------------------------------------------------------- per forward
