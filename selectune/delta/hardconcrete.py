@@ -6,14 +6,22 @@
     E‖δ‖₀ = Σ σ(α − log(−l/r))
 
 w is dense (init 0) and α per entry (init α0); θ0 is the frozen base parameter itself — no copy.
-A fresh z is drawn for each forward in training, per module, so the full mask never exists at once.
-Groups: one per tensor (the paper's S-diff), or blocks of `rows` consecutive rows of a matrix (a
-head's rows for q/k/v when rows = head size) / entries of a vector.
+A fresh z is drawn for each forward in training. Groups: one per tensor (the paper's S-diff), or blocks
+of `rows` consecutive rows of a matrix (a head's rows for q/k/v when rows = head size) / entries of a vector.
+
+Two paths compute the same thing. A module on its own gates its tensors one by one (`HardConcreteModule`:
+~15-27 small ops per tensor). Inside a model, `FlatGates` gates every tensor of every module in one pass
+per forward (one noise draw, one autograd Function with its backward written out, one penalty
+reduction): on a GPU the per-tensor path is a launch storm of thousands of tiny kernels per step
+(docs/gpu.md §2), while the flat pass costs about as many kernels as one tensor.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +29,34 @@ from torch import nn
 from torch.func import functional_call
 
 EPS = 1e-6
+log = logging.getLogger(__name__)
+
+
+# An embedding with at least this many rows gates only the rows a batch looks up (`_looked_up`): worth its
+# `torch.unique` (a host sync on a GPU) and ~15 ops only for vocabularies, of which a batch reads a few
+# hundred of 30k rows. Smaller tables (positions, token types) are gated whole in the flat pass.
+LOOKUP_MIN_ROWS = 4096
 
 
 def gate(alpha: torch.Tensor, l: float, r: float, training: bool) -> torch.Tensor:  # noqa: E741
     """The hard-concrete gate z for logits α: a sample in training, the deterministic value in eval."""
-    noise = torch.logit(torch.rand_like(alpha), EPS) if training else 0.0  # logit(u) = log u − log(1 − u)
-    s = torch.sigmoid(alpha + noise)
-    return (s * (r - l) + l).clamp(0.0, 1.0)
+    return stretched(alpha, torch.rand_like(alpha) if training else None, l, r)[0]
+
+
+def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float  # noqa: E741
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, s) for logits α and uniform noise u (None: eval): s = σ(α + logit u), z = clamp(s·(r − l) + l, 0, 1).
+    Elementwise, the one formula of both paths. u is overwritten (by s): each fresh flat buffer is an
+    allocation, which on CPU costs page faults, more than the arithmetic."""
+    s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()  # logit u = log u − log(1 − u)
+    return s.mul(r - l).add_(l).clamp_(0.0, 1.0), s
+
+
+def stretched_grad(s: torch.Tensor, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient)."""
+    z = s.mul(r - l).add_(l)
+    inside = z.ge(0.0).logical_and_(z.le(1.0))
+    return z.clamp_(0.0, 1.0), torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
 
 
 def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
@@ -51,6 +80,16 @@ def group_index(shape: torch.Size, rows: int | None) -> tuple[torch.Tensor | Non
     return ids.reshape(-1), int(math.ceil(n_rows / rows))
 
 
+def group_lengths(shape: torch.Size, rows: int | None) -> list[int]:
+    """Entries per group of a tensor, in order (the groups of `group_index` are contiguous row blocks)."""
+    numel = math.prod(shape)
+    if rows is None:
+        return [numel]
+    per_row = numel // shape[0]
+    full, rest = divmod(shape[0], rows)
+    return [rows * per_row] * full + ([rest * per_row] if rest else [])
+
+
 class HardConcreteModule(nn.Module):
     """Wraps one module; each chosen tensor `t` gets `t_w` (dense diff), `t_alpha` (entry logits) and,
     when structured, `t_group_alpha` (one logit per group). Parameter names of the base stay as they are."""
@@ -62,7 +101,8 @@ class HardConcreteModule(nn.Module):
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
         self.delta_names, self.l, self.r, self.structured = sorted(names), l, r, structured
-        self.group_penalty = group_penalty
+        self.group_penalty, self.group_rows = group_penalty, group_rows if structured else None
+        self.flat_tensors: dict[str, torch.Tensor] = {}  # θ views a FlatGates pass handed this forward
         for name in self.delta_names:
             base_param = getattr(base, name)
             self.register_parameter(f"{name}_w", nn.Parameter(torch.zeros_like(base_param)))
@@ -73,6 +113,13 @@ class HardConcreteModule(nn.Module):
                     self.register_buffer(f"{name}_group_ids", ids.to(base_param.device), persistent=False)
                 self.register_parameter(f"{name}_group_alpha", nn.Parameter(
                     torch.full((n_groups,), alpha_init, device=base_param.device, dtype=base_param.dtype)))
+
+    @property
+    def looks_up_rows(self) -> bool:
+        """An embedding table large enough to gate only the rows a batch looks up (`_looked_up`)."""
+        base = self.wrapped
+        return (isinstance(base, nn.Embedding) and self.delta_names == ["weight"] and base.max_norm is None
+                and base.num_embeddings >= LOOKUP_MIN_ROWS)
 
     def group_ids(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"{name}_group_ids", None)
@@ -121,10 +168,12 @@ class HardConcreteModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         base = self.wrapped
-        if isinstance(base, nn.Embedding) and self.delta_names == ["weight"] and len(args) == 1 and not kwargs \
-                and base.max_norm is None:
-            return self._looked_up(args[0])
-        tensors = {n: getattr(self, n) + self.delta(n, self.training) for n in self.delta_names}
+        tensors = self.flat_tensors  # inside a model's forward: this pass's θ (FlatGates)
+        if not tensors:
+            if isinstance(base, nn.Embedding) and self.delta_names == ["weight"] and len(args) == 1 \
+                    and not kwargs and base.max_norm is None:
+                return self._looked_up(args[0])
+            tensors = {n: getattr(self, n) + self.delta(n, self.training) for n in self.delta_names}
         if isinstance(base, nn.Linear) and not kwargs and len(args) == 1:
             return F.linear(args[0], tensors.get("weight", self.weight), tensors.get("bias", self.bias))
         return functional_call(base, tensors, args, kwargs)
@@ -133,15 +182,281 @@ class HardConcreteModule(nn.Module):
         """An embedding gates only the rows the batch looks up. Each row's gates are drawn independently,
         so this is the same distribution as gating the whole table, at a fraction of the cost: word
         embeddings are half of MiniLM's parameters (a fifth of BERT-base's) and a batch reads a few hundred
-        of their 30k rows. The padding row still gets no gradient (as nn.Embedding's padding_idx)."""
+        of their 30k rows. The padding row still gets no gradient (as nn.Embedding's padding_idx): its δ
+        enters detached, selected on the device, where locating the row for F.embedding would need nonzero()
+        and int(), two host syncs. torch.unique is this path's one sync."""
         base = self.wrapped
         rows, where = torch.unique(ids, return_inverse=True)
-        table = self.weight[rows] + self.mask("weight", self.training, rows) * self.weight_w[rows]
-        padding = None
+        delta = self.mask("weight", self.training, rows) * self.weight_w[rows]
         if base.padding_idx is not None:
-            hit = (rows == base.padding_idx).nonzero()
-            padding = int(hit[0, 0]) if len(hit) else None
-        return F.embedding(where, table, padding, None, 2.0, base.scale_grad_by_freq)
+            delta = torch.where((rows != base.padding_idx).unsqueeze(-1), delta, delta.detach())
+        return F.embedding(where, self.weight[rows] + delta, None, None, 2.0, base.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return f"{', '.join(self.delta_names)}: hard-concrete diff{' (structured)' if self.structured else ''}"
+
+
+# ---------------------------------------------------------------------------- the flat pass
+def _scale_blocks(flat: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
+    """flat ⊙ (a value per block of entries, shape (blocks, 1)), in place and by broadcasting: the per-entry
+    repetition of the group gates is never materialised."""
+    flat.view(per_block.shape[0], -1).mul_(per_block)
+    return flat
+
+
+def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
+                  zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+    """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates per block, `FlatGates.repeat`; None
+    unstructured),
+    and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one kernel."""
+    z, s = stretched(alpha, u, l, r)
+    if zg is not None:
+        _scale_blocks(z, zg)
+    return torch.addcmul(theta0, z, w), s
+
+
+def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.Tensor | None,
+                   l: float, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # noqa: E741
+    """The chain rule of `_flat_forward` written out (the reference code's manual backward): from g = dL/dθ,
+    dw = g·z·z_g, dα = g·w·z_g·dz/dα with dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (torch.clamp's
+    inclusive rule), and g·w·z, which each group's logit sums (None unstructured). In place on its own
+    temporaries only."""
+    z, dz = stretched_grad(s, l, r)
+    gw = g * w
+    if zg is None:
+        return z.mul_(g), dz.mul_(gw), None
+    gwz = gw * z
+    return _scale_blocks(z, zg).mul_(g), dz.mul_(_scale_blocks(gw, zg)), gwz
+
+
+def _penalty_terms(alpha: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, dp/dα) of the expected-L0 term p = σ(α − c)."""
+    p = (alpha - c).sigmoid_()
+    return p, torch.addcmul(p, p, p, value=-1)
+
+
+def _compiled(fn: Callable) -> Callable:
+    """`fn` under torch.compile (fullgraph, fixed shapes), falling back to eager for the rest of the run if
+    compiling fails: the compiled and eager functions compute the same thing, so a run should not die of it."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    current = [compiled]
+
+    def call(*args):
+        try:
+            return current[0](*args)
+        except Exception as err:  # inductor's failures have no common type
+            if current[0] is fn:
+                raise
+            log.warning("torch.compile of %s failed (%s): running it eagerly", fn.__name__,
+                        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            current[0] = fn
+            return fn(*args)
+
+    return call
+
+
+class _FlatGate(torch.autograd.Function):
+    """(θ_flat, E‖δ‖₀) for every tensor of a `FlatGates`, from the per-tensor parameters: one Function so
+    that autograd sees a single node, and the backward returns each parameter's gradient as a view of one
+    flat buffer (AccumulateGrad adopts it as `.grad` without a copy). The parameters are read through the
+    flat buffers they are views of (`FlatGates.bind`), so nothing is concatenated; saved: s (one flat buffer)."""
+
+    @staticmethod
+    def forward(ctx, gates: FlatGates, u: torch.Tensor | None, penalty: bool, *params: torch.Tensor):
+        group_alpha = gates.unpack(params)[3]
+        theta0, w, a = gates.flats
+        zg_rep = sg = ga = None
+        if gates.structured:
+            ga = torch.cat(group_alpha)
+            zg, sg = stretched(ga, None if u is None else u[gates.n:], gates.l, gates.r)
+            zg_rep = gates.repeat(zg)
+        theta, s = gates.math[0](theta0, w, a, None if u is None else u[:gates.n], zg_rep, gates.l, gates.r)
+        l0 = gates.expected_l0(a, ga) if penalty else a.new_zeros(())
+        ctx.gates, ctx.penalty = gates, penalty
+        ctx.save_for_backward(s, sg, *group_alpha)
+        return theta, l0
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor | None, g_l0: torch.Tensor | None):
+        gates: FlatGates = ctx.gates
+        s, sg, *group_alpha = ctx.saved_tensors
+        count = len(gates.entries)
+        _, w, alpha = gates.flats
+        g = torch.zeros_like(s) if g is None else g
+        zg_rep = dzg = None
+        if gates.structured:
+            zg, dzg = stretched_grad(sg, gates.l, gates.r)
+            zg_rep = gates.repeat(zg)
+        dw, da, gwz = gates.math[1](g, w, s, zg_rep, gates.l, gates.r)
+        dga = None if gwz is None else gates.segment_sum(gwz).mul_(dzg)
+        del zg_rep, gwz  # flat buffers: free them before the penalty's
+        if ctx.penalty and g_l0 is not None:
+            p, dp = gates.math[2](alpha, gates.c)
+            if gates.structured:
+                pg, dpg = _penalty_terms(torch.cat(group_alpha), gates.c)
+                if gates.group_penalty == "paper":  # Σ_j P_j Σ_{i∈j} p_i
+                    dp = _scale_blocks(dp, gates.repeat(pg))
+                    dpg = dpg.mul_(gates.segment_sum(p))
+                dga = dga.addcmul_(dpg, g_l0)
+            da = da.addcmul_(dp, g_l0)
+        grads = gates.per_tensor(dw) + gates.per_tensor(da)
+        if dga is not None:
+            grads += list(dga.split(gates.group_counts))
+        return (None, None, None, *([None] * count), *grads)
+
+
+class FlatGates:
+    """Gates every tensor of the given hard-concrete modules in one pass per forward of the model.
+
+    `materialize` (a forward pre-hook on the model) reads θ0, w and α of all tensors as one flat buffer each
+    (the per-tensor parameters are views of them: `bind`), draws ONE `torch.rand` for all of them, computes
+    θ = θ0 + z ⊙ w and E‖δ‖₀ in `_FlatGate`, and hands each module views of θ (`flat_tensors`); `clear` (a
+    forward hook) drops them. The parameters stay per tensor, so names, optimiser groups and checkpoints
+    do not change. S-Diff groups (one per tensor or `group_rows` row blocks) are contiguous segments of the
+    flat buffer: z_g is repeated per entry with a known output size, and a group's gradient is a segment
+    sum, both without a host sync.
+    Embeddings of at least LOOKUP_MIN_ROWS rows keep their looked-up-rows path and are left out."""
+
+    def __init__(self, modules: list[HardConcreteModule], compile_mode: str = "false") -> None:
+        self.modules = [m for m in modules if not m.looks_up_rows]
+        self.entries = [(m, n) for m in self.modules for n in m.delta_names]
+        first = self.modules[0] if self.modules else None
+        self.l, self.r = (first.l, first.r) if first else (-1.5, 1.5)
+        self.c = math.log(-self.l / self.r)
+        self.structured = bool(first and first.structured)
+        self.group_penalty = first.group_penalty if first else "reference"
+        self.shapes = [getattr(m, n).shape for m, n in self.entries]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.n = sum(self.sizes)
+        self.group_counts = [getattr(m, f"{n}_group_alpha").numel() for m, n in self.entries] \
+            if self.structured else []
+        self.group_lengths = [length for (m, n), shape in zip(self.entries, self.shapes, strict=True)
+                              for length in group_lengths(shape, m.group_rows)] if self.structured else []
+        self.block = math.gcd(*self.group_lengths) if self.group_lengths else 1
+        self.compile_mode = compile_mode
+        self._lengths: dict[torch.device, torch.Tensor] = {}
+        self._math: tuple[Callable, Callable, Callable] | None = None
+        self.l0: torch.Tensor | None = None
+        self.flats: tuple[torch.Tensor, ...] = ()
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.bind()
+
+    # ---------------------------------------------------------------- flat storage
+    KINDS = ("", "_w", "_alpha")  # θ0, w, α
+
+    def bind(self) -> None:
+        """Make θ0, w and α of every tensor views of one flat buffer each (FSDP's FlatParameter idea): the
+        pass then reads them without concatenating (3 flat copies per forward, 2 per backward, and their
+        memory). The Parameters stay the same objects (only `.data` moves), so optimisers, checkpoints and
+        names are untouched. Called again whenever something (`.to()`, `load_state_dict(assign=True)`)
+        gave a parameter storage of its own: `bound` checks that before every pass."""
+        if not self.entries or self.bound():
+            return
+        flats = []
+        with torch.no_grad():
+            for kind in self.KINDS:
+                params = [getattr(m, f"{n}{kind}") for m, n in self.entries]
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+                for p, part, shape in zip(params, flat.split(self.sizes), self.shapes, strict=True):
+                    p.data = part.view(shape)
+                flats.append(flat)
+        self.flats = tuple(flats)
+
+    def bound(self) -> bool:
+        if not self.flats:
+            return False
+        for kind, flat in zip(self.KINDS, self.flats, strict=True):
+            base, size = flat.data_ptr(), flat.element_size()
+            for (m, n), offset in zip(self.entries, self.offsets, strict=True):
+                p = getattr(m, f"{n}{kind}")
+                if p.data_ptr() != base + offset * size or p.dtype != flat.dtype or not p.is_contiguous():
+                    return False
+        return True
+
+    # ---------------------------------------------------------------- called from _FlatGate
+    def unpack(self, params: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        count = len(self.entries)
+        return params[:count], params[count:2 * count], params[2 * count:3 * count], params[3 * count:]
+
+    def lengths(self, device: torch.device) -> torch.Tensor:
+        """The groups' lengths in blocks of `block` entries, on `device` (made once per device)."""
+        if device not in self._lengths:
+            blocks = [length // self.block for length in self.group_lengths]
+            self._lengths[device] = torch.tensor(blocks, dtype=torch.long, device=device)
+        return self._lengths[device]
+
+    def repeat(self, per_group: torch.Tensor) -> torch.Tensor:
+        """A per-group value repeated over its blocks of `block` entries, shape (blocks, 1), for
+        `_scale_blocks` (output_size given: no host sync on a GPU)."""
+        blocks = per_group.repeat_interleave(self.lengths(per_group.device), output_size=self.n // self.block)
+        return blocks.unsqueeze(1)
+
+    def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """Σ over each group's entries. `unsafe` skips the length check (two host syncs); the lengths are
+        ours. The CPU kernel adds one entry after another in the input's dtype (float32 loses ~1% over a
+        2M-entry group of values near 1), so blocks of `block` entries (the gcd of the group lengths: 384
+        for MiniLM's tensors, 32 for 32-row groups) are summed first by torch.sum, pairwise."""
+        blocks = flat.view(-1, self.block).sum(1) if self.block > 1 else flat
+        return torch.segment_reduce(blocks, "sum", lengths=self.lengths(flat.device), unsafe=True)
+
+    def expected_l0(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None) -> torch.Tensor:
+        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (methods.md §1-2).
+        In place on `group_alpha` (a fresh concatenation)."""
+        p = (alpha - self.c).sigmoid_()
+        if group_alpha is None:
+            return p.sum()
+        pg = group_alpha.sub_(self.c).sigmoid_()
+        if self.group_penalty == "reference":
+            return p.sum() + pg.sum()
+        return (self.segment_sum(p) * pg).sum()
+
+    def per_tensor(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(shape) for part, shape in zip(flat.split(self.sizes), self.shapes, strict=True)]
+
+    @property
+    def math(self) -> tuple[Callable, Callable, Callable]:
+        """The elementwise forward, backward and penalty gradient: compiled (one fused kernel each) when
+        method.compile says so, else eager. torch.rand stays outside, so both see the same noise."""
+        if self._math is None:
+            module, name = self.entries[0]
+            device = getattr(module, f"{name}_w").device
+            triton = importlib.util.find_spec("triton") is not None
+            compiled = self.compile_mode == "true" or (self.compile_mode == "auto" and device.type == "cuda" and triton)
+            fns = (_flat_forward, _flat_backward, _penalty_terms)
+            self._math = tuple(_compiled(f) for f in fns) if compiled else fns
+        return self._math
+
+    # ---------------------------------------------------------------- per forward
+    def materialize(self, training: bool) -> None:
+        """Gate every tensor at once and hand each module its views of θ (a sample in training, the
+        deterministic gates in eval). The expected L0 of this forward is kept for `take_l0`."""
+        if not self.entries:
+            return
+        self.bind()
+        params = [getattr(m, n) for m, n in self.entries]
+        params += [getattr(m, f"{n}_w") for m, n in self.entries]
+        params += [getattr(m, f"{n}_alpha") for m, n in self.entries]
+        if self.structured:
+            params += [getattr(m, f"{n}_group_alpha") for m, n in self.entries]
+        alpha = params[2 * len(self.entries)]
+        u = torch.rand(self.n + sum(self.group_counts), device=alpha.device, dtype=alpha.dtype) if training else None
+        penalty = training and torch.is_grad_enabled()
+        theta, l0 = _FlatGate.apply(self, u, penalty, *params)
+        self.l0 = l0 if penalty else None
+        for (module, name), view in zip(self.entries, self.per_tensor(theta), strict=True):
+            module.flat_tensors[name] = view
+
+    def take_l0(self) -> torch.Tensor | None:
+        """E‖δ‖₀ of the flat tensors from the last training forward (once: None after that)."""
+        l0, self.l0 = self.l0, None
+        return l0
+
+    def clear(self) -> None:
+        for module in self.modules:
+            module.flat_tensors.clear()
+
+    def pre_hook(self, model: nn.Module, args: tuple) -> None:
+        self.materialize(model.training)
+
+    def post_hook(self, model: nn.Module, args: tuple, output) -> None:
+        self.clear()
