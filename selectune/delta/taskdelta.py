@@ -28,6 +28,8 @@ from torch import nn
 
 from selectune.delta.adapter import KINDS as ADAPTER_KINDS
 from selectune.delta.adapter import AdapterLinear
+from selectune.delta.forms import check_shape as _check_shape  # noqa: F401 (kept importable)
+from selectune.delta.forms import forms_of
 from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
@@ -91,24 +93,10 @@ class TaskDelta:
             if name not in params:
                 raise SelectuneError(f"task delta changes '{name}', which this model does not have "
                                      f"(trained on base '{self.meta.get('base_model')}')")
-            param = params[name]
-            if "set" in parts:
-                _check_shape(name, parts["set"].shape, param.shape)
-                param.copy_(parts["set"].to(param.device, param.dtype))
-            if "indices" in parts:
-                flat = param.data.view(-1)
-                idx = parts["indices"].long().to(param.device)
-                flat[idx] = (flat[idx].float() + parts["values"].float().to(param.device)).to(param.dtype)
-            if "svd_P" in parts:
-                p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
-                delta = (p * e) @ q * parts["svd_scale"].float()
-                _check_shape(name, delta.shape, param.shape)
-                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
-            if "lora_A" in parts:
-                a, b = parts["lora_A"].float(), parts["lora_B"].float()
-                delta = (b @ a) * parts["lora_scale"].float()
-                _check_shape(name, delta.shape, param.shape)
-                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+            for form in forms_of(name, parts):
+                if form.merges:
+                    form.check(name, parts, params[name])
+                    form.merge(params[name], parts)
 
     # ----------------------------------------------------------------------------- file
     def save(self, path: str | Path, compact: str | None = None) -> int:
@@ -151,12 +139,6 @@ class TaskDelta:
         delta = cls(_expand(tensors), meta)
         delta.by_parameter()  # validates the key layout
         return delta
-
-
-def _check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
-    if tuple(got) != tuple(want):
-        raise SelectuneError(f"task delta: '{name}' has shape {tuple(got)} but the model's is {tuple(want)} "
-                             f"(a delta for another base model?)")
 
 
 def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
