@@ -4,6 +4,7 @@
     selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]         sensitivity maps, no training
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
     selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
+        [format=peft]                                                    (or: a peft adapter folder)
     selectune report <run dirs or a multirun dir> [out=<dir>] [pair=A:B] table + plots; A − B on common seeds
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
@@ -108,7 +109,7 @@ def _probe(cfg) -> None:
 def _export(cfg) -> None:
     from selectune.export import export
 
-    export(cfg.run, cfg.out, cfg.dtype, cfg.force)
+    export(cfg.run, cfg.out, cfg.dtype, cfg.force, cfg.format)
 
 
 def _overrides(args: list[str]) -> list[str]:
