@@ -20,13 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from selectune.backbone import HEAD_PREFIXES, weights_hash
-from selectune.delta.forms import Undo, forms_of
+from selectune.delta.forms import Form, Undo, forms_of
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 
@@ -99,7 +98,7 @@ class Delta(TaskDelta):
             raise SelectuneError(f"delta '{self.name}' was trained on base weights with hash {want}, but this model's "
                                  f"hash is {found} (another base model?); pass force=True to apply anyway")
 
-    def _plan(self, model: nn.Module) -> list[tuple[str, Any, dict[str, torch.Tensor]]]:
+    def _plan(self, model: nn.Module) -> list[tuple[str, Form, dict[str, torch.Tensor]]]:
         """Every (parameter, form, entries) to apply, each checked before anything is written."""
         params = dict(model.named_parameters())
         groups = []

@@ -37,6 +37,26 @@ def test_event_file_has_every_logged_scalar(data_env, tmp_path):
     assert any(tag.startswith("kept_rank/") for tag in tags)  # the method's per-matrix extras too
 
 
+def test_resume_purges_the_events_of_the_killed_run(tmp_path):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from selectune.tb import TensorBoardSink
+
+    killed = TensorBoardSink(tmp_path, SummaryWriter)
+    for step in (1, 2, 3, 4):  # checkpoint at 2, killed after logging 4
+        killed.write({"step": step, "loss": float(step)})
+    killed.close()
+    resumed = TensorBoardSink(tmp_path, SummaryWriter)
+    resumed.resume_at(2)
+    resumed.write({"step": 3, "loss": 30.0})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_scalars_flatten_records_and_skip_what_is_not_a_number():
     record = {"step": 3, "loss": 0.5, "eval": {"dev": {"f1": 80.0, "mcc": None}}, "note": "x", "ranks": {"q": 2}}
     assert dict(scalars(record)) == {"loss": 0.5, "eval/dev/f1": 80.0, "ranks/q": 2.0}

@@ -125,7 +125,7 @@ class SparseEntries(Form):
         self.merge(param, parts)
 
         def restore() -> None:  # the indices are the delta's own: only the base values are held
-            param.data.view(-1)[parts["indices"].long().to(param.device)] = saved
+            param.data.view(-1)[parts["indices"].long().to(param.device)] = saved.to(param.device)
 
         return Undo(name, restore, _nbytes(saved))
 
