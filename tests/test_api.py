@@ -239,3 +239,15 @@ def test_merge_into_dispatches_through_the_registry():
     expected[name] = expected[name] + (parts["svd_P"] * parts["svd_E"]) @ parts["svd_Q"] * 0.5
     delta.merge_into(model)
     torch.testing.assert_close(model.get_parameter(name), expected[name], rtol=0, atol=1e-6)
+
+
+def test_import_selectune_stays_light_and_names_the_api():
+    import subprocess
+    import sys
+
+    code = ("import sys, selectune; assert 'torch' not in sys.modules; "
+            "assert callable(selectune.load_delta) and selectune.TaskSwitcher and selectune.Delta; "
+            "assert 'torch' in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        selectune.nope  # noqa: B018
