@@ -184,6 +184,16 @@ def test_head_swap_to_another_label_count(num_labels):
     assert model(**batch()).logits.shape == (4, 2)
 
 
+def test_indices_and_values_of_other_lengths_are_refused():
+    model = tiny_bert()
+    delta = random_delta(model, "sparse", 0)
+    key = LAYER.format(0) + "attention.self.key.weight::values"
+    delta.tensors[key] = delta.tensors[key][:-1]
+    with pytest.raises(SelectuneError, match="indices but"):
+        delta.apply(model)
+    assert active(model) is None
+
+
 def test_a_base_tensor_of_another_shape_is_refused():
     model = tiny_bert()
     delta = random_delta(model, "dense", 0)

@@ -108,6 +108,9 @@ class SparseEntries(Form):
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         super().check(name, parts, param)
         idx = parts["indices"]
+        if parts["values"].shape != idx.shape:
+            raise SelectuneError(f"task delta: '{name}' has {idx.numel():,} indices but {parts['values'].numel():,} "
+                                 f"values")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= param.numel()):
             raise SelectuneError(f"task delta: '{name}' has indices outside its {param.numel():,} entries "
                                  f"(a delta for another base model?)")
