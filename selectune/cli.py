@@ -4,6 +4,7 @@
     selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]         sensitivity maps, no training
     selectune eval run=<run dir or delta file> [task=glue/<name>]        score a stored delta
     selectune export run=<run dir or delta file> out=<dir> [dtype=...]   merge into a plain HF model
+        [format=peft]                                                    (or: a peft adapter folder)
     selectune report <run dirs or a multirun dir> [out=<dir>] [pair=A:B] table + plots; A − B on common seeds
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
@@ -148,7 +149,7 @@ def _export(cfg) -> None:
 
     require(cfg, "export", "run", "run=<run dir or delta file> out=<dir>")
     require(cfg, "export", "out", "run=<run dir or delta file> out=<dir>")
-    export(cfg.run, cfg.out, cfg.dtype, cfg.force)
+    export(cfg.run, cfg.out, cfg.dtype, cfg.force, cfg.format)
 
 
 def require(cfg, command: str, key: str, usage: str) -> None:

@@ -20,7 +20,9 @@ from omegaconf import OmegaConf
 
 from selectune import runfs
 from selectune.errors import SelectuneError
+from selectune.peft_export import export_peft, peft_kind
 
+FORMATS = ("merged", "peft")  # peft: a LoRA / AdaLoRA adapter folder (selectune.peft_export)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +63,7 @@ def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor])
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt: str = "merged") -> dict[str, Any]:
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
@@ -71,6 +73,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
 
     if dtype not in DTYPES:
         raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise SelectuneError(f"format={fmt}: use one of {', '.join(FORMATS)}")
     target = Path(out)
     runfs.check_folder(target, "out")
     if target.is_symlink():
@@ -78,6 +82,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     if target.exists() and any(target.iterdir()):
         raise SelectuneError(f"out={target} exists and is not empty; choose another folder")
     delta = TaskDelta.load(run)
+    if fmt == "peft":
+        peft_kind(delta)  # refuse a sparse / SPT delta before loading the model
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
     task_cfg: TaskConfig = spec.task
     task = vtab_spec(task_cfg.name, task_cfg.num_classes) if task_cfg.family == "vtab" else glue_spec(task_cfg.name)
@@ -86,6 +92,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False) -> d
     if found != delta.meta["base_hash"] and not force:
         raise SelectuneError(f"base model '{backbone.name}' has weights hash {found}, but the delta was trained on "
                              f"{delta.meta['base_hash']}; pass force=true to merge anyway")
+    if fmt == "peft":
+        return export_peft(delta, backbone, target, DTYPES[dtype])
     model = backbone.model
     touched = set(delta.by_parameter()) - backbone.head_names
     before = {n: model.get_parameter(n).detach().clone() for n in touched}

@@ -31,6 +31,7 @@ from selectune.evaluation import evaluate, predict, save_outputs
 from selectune.methods.base import Method
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, train_batches
+from selectune.tb import open_sink
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a grad scaler). Method state stays fp32
     progress: bool = True  # the rich progress bar (stderr)
+    tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard events (extra [tensorboard])
 
     def validate(self) -> None:
         if self.select not in ("last", "best"):
@@ -181,6 +183,7 @@ class Trainer:
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         method.plan(self.total_steps, self.steps_per_epoch)  # schedules are validated before any step
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        self.sink = open_sink(run_dir, cfg.tensorboard and ctx.main)
 
     # ------------------------------------------------------------------ helpers
     def _multiplier(self, group: dict[str, Any], step: int) -> float:
@@ -249,11 +252,15 @@ class Trainer:
             return
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink.write(record)
 
     def _truncate_jsonl(self, step: int) -> None:
         """On resume, drop the records a killed run wrote after its last checkpoint."""
         if not self.ctx.main:
             return
+        if self.sink is not None:
+            self.sink.resume_at(step)
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -376,6 +383,8 @@ class Trainer:
             save_outputs(self.run_dir, outputs)
         if main:
             method.write_artifacts(self.run_dir)
+        if self.sink is not None:
+            self.sink.close()
         if best is None and cfg.select == "best":
             raise SelectuneError("trainer.select=best found no evaluation of a storable delta; evaluate after "
                                  "the method's final form exists (trainer.eval_every) or use select=last")

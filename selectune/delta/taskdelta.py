@@ -35,6 +35,7 @@ from torch import nn
 
 from selectune.delta.adapter import KINDS as ADAPTER_KINDS
 from selectune.delta.adapter import AdapterLinear
+from selectune.delta.forms import forms_of
 from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
@@ -109,21 +110,9 @@ class TaskDelta:
                                  f"be merged into weights; they are exported as modules (adapters.safetensors)")
         self.check_fits(model)
         for name, parts in self.by_parameter().items():
-            param = params[name]
-            if "set" in parts:
-                param.copy_(parts["set"].to(param.device, param.dtype))
-            if "indices" in parts:
-                flat = param.data.view(-1)
-                idx = parts["indices"].long().to(param.device)
-                flat[idx] = (flat[idx].float() + parts["values"].float().to(param.device)).to(param.dtype)
-            if "svd_P" in parts:
-                p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
-                delta = (p * e) @ q * parts["svd_scale"].float()
-                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
-            if "lora_A" in parts:
-                a, b = parts["lora_A"].float(), parts["lora_B"].float()
-                delta = (b @ a) * parts["lora_scale"].float()
-                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+            for form in forms_of(name, parts):
+                if form.merges:
+                    form.merge(params[name], parts)
 
     # ----------------------------------------------------------------------------- file
     def save(self, path: str | Path, compact: str | None = None) -> int:

@@ -1,0 +1,251 @@
+"""Delta forms as stored: each form owns the TaskDelta kinds it writes and merges / un-merges itself.
+
+A TaskDelta groups its entries per parameter (`<name>::<kind>`); which form a group holds is told by
+one marker kind (`set`, `indices`, `svd_P`, `lora_A`, `adapter_up_weight`). Every form here
+    declares   `kinds` (what it stores) and `value_kinds` (which of them count as stored numbers),
+    checks     a group against the model's parameter before anything is written,
+    merges     the group into the parameter in place, in fp32 (export and `TaskDelta.merge_into`),
+    applies    the same merge and returns an `Undo` holding exactly what restores the base bit for bit:
+               the base values at the touched indices (sparse), the replaced tensor (dense, low-rank,
+               SVD) or the replaced module (Adapters, which cannot merge and are attached instead).
+Undoing never subtracts: W0 + Δ − Δ is not W0 in floating point, a copy of W0's touched part is.
+`TaskDelta` and the in-place API (`selectune.api`) dispatch through `FORMS` (peft's
+`get_delta_weight`/`merge`/`unmerge` split); a new stored form is one subclass registered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from selectune.backbone import HEAD_PREFIXES
+from selectune.delta.adapter import KINDS as ADAPTER_KINDS
+from selectune.delta.adapter import AdapterLinear
+from selectune.delta.wrapping import replace_module
+from selectune.errors import SelectuneError
+
+Parts = dict[str, torch.Tensor]
+
+
+@dataclass
+class Undo:
+    """What one applied group needs to be taken back; `restore()` puts the base back exactly."""
+
+    name: str
+    restore: Callable[[], None]
+    held: int  # bytes kept to undo (what an active delta costs beyond its own tensors)
+
+
+class Form:
+    """One stored delta form. Subclasses set the class attributes and `merge` (and `apply` when
+    a plain copy of the parameter is not the cheapest exact undo)."""
+
+    marker: ClassVar[str]  # the kind whose presence says a group holds this form
+    kinds: ClassVar[tuple[str, ...]]
+    value_kinds: ClassVar[tuple[str, ...]]
+    merges: ClassVar[bool] = True  # False: a module, attached rather than written into the weight
+
+    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
+        """Raise a SelectuneError if the group cannot be written into `param` (shape, missing kinds);
+        `resize_head`: a head of another shape may replace the model's (in-place apply, not merge)."""
+        missing = [k for k in self.kinds if k not in parts]
+        if missing:
+            raise SelectuneError(f"task delta: '{name}' lacks {', '.join(missing)} (a {self.marker} entry needs them)")
+
+    def merge(self, param: torch.Tensor, parts: Parts) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, name: str, parts: Parts) -> Undo:
+        """Merge in place, keeping a copy of the parameter to restore."""
+        param = model.get_parameter(name)
+        saved = param.detach().clone()
+        self.merge(param, parts)
+        return Undo(name, lambda: param.data.copy_(saved), _nbytes(saved))
+
+
+class DenseSet(Form):
+    """`::set`: the tensor's new value, whole (the head, full fine-tuning, BitFit biases). A head of
+    another label count replaces the classifier's Parameter (shape and all); the old one is kept."""
+
+    marker, kinds, value_kinds = "set", ("set",), ("set",)
+
+    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
+        if not (resize_head and name.startswith(HEAD_PREFIXES)):
+            check_shape(name, parts["set"].shape, param.shape)
+
+    def merge(self, param: torch.Tensor, parts: Parts) -> None:
+        param.copy_(parts["set"].to(param.device, param.dtype))
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, name: str, parts: Parts) -> Undo:
+        param = model.get_parameter(name)
+        if tuple(parts["set"].shape) == tuple(param.shape):
+            return super().apply(model, name, parts)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        new = nn.Parameter(parts["set"].to(param.device, param.dtype).clone(), requires_grad=param.requires_grad)
+        setattr(module, attr, new)
+        _resize_linear(module)
+
+        def restore() -> None:
+            setattr(module, attr, param)
+            _resize_linear(module)
+
+        return Undo(name, restore, 0)  # the old Parameter is kept as it was, not copied
+
+
+class SparseEntries(Form):
+    """`::indices` + `::values`: W.flat[indices] += values (sorted int32 flat indices, fp32 values).
+    Undo keeps the base values at those indices only."""
+
+    marker, kinds, value_kinds = "indices", ("indices", "values"), ("values",)
+
+    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
+        super().check(name, parts, param)
+        idx = parts["indices"]
+        if parts["values"].shape != idx.shape:
+            raise SelectuneError(f"task delta: '{name}' has {idx.numel():,} indices but {parts['values'].numel():,} "
+                                 f"values")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= param.numel()):
+            raise SelectuneError(f"task delta: '{name}' has indices outside its {param.numel():,} entries "
+                                 f"(a delta for another base model?)")
+
+    def merge(self, param: torch.Tensor, parts: Parts) -> None:
+        flat = param.data.view(-1)
+        idx = parts["indices"].long().to(param.device)
+        flat[idx] = (flat[idx].float() + parts["values"].float().to(param.device)).to(param.dtype)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, name: str, parts: Parts) -> Undo:
+        param = model.get_parameter(name)
+        idx = parts["indices"].long().to(param.device)
+        saved = param.data.view(-1)[idx].clone()
+        self.merge(param, parts)
+
+        def restore() -> None:  # the indices are the delta's own: only the base values are held
+            param.data.view(-1)[parts["indices"].long().to(param.device)] = saved.to(param.device)
+
+        return Undo(name, restore, _nbytes(saved))
+
+
+class _Factored(Form):
+    """A dense ΔW made of factors: W += ΔW, in fp32, then cast back to the weight's dtype."""
+
+    def delta_weight(self, parts: Parts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
+        super().check(name, parts, param)
+        check_shape(name, self.delta_shape(parts), param.shape)
+
+    def delta_shape(self, parts: Parts) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def merge(self, param: torch.Tensor, parts: Parts) -> None:
+        delta = self.delta_weight(parts)
+        param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+
+
+class LowRank(_Factored):
+    """`::lora_A` (r × in), `::lora_B` (out × r), `::lora_scale`: ΔW = scale · B A (LoRA)."""
+
+    marker, kinds, value_kinds = "lora_A", ("lora_A", "lora_B", "lora_scale"), ("lora_A", "lora_B")
+
+    def delta_weight(self, parts: Parts) -> torch.Tensor:
+        return (parts["lora_B"].float() @ parts["lora_A"].float()) * parts["lora_scale"].float()
+
+    def delta_shape(self, parts: Parts) -> tuple[int, int]:
+        return parts["lora_B"].shape[0], parts["lora_A"].shape[-1]
+
+
+class SVDTriplets(_Factored):
+    """`::svd_P` (out × r), `::svd_E` (r), `::svd_Q` (r × in), `::svd_scale`: ΔW = scale · P diag(E) Q (AdaLoRA)."""
+
+    marker = "svd_P"
+    kinds, value_kinds = ("svd_P", "svd_E", "svd_Q", "svd_scale"), ("svd_P", "svd_E", "svd_Q")
+
+    def delta_weight(self, parts: Parts) -> torch.Tensor:
+        p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
+        return (p * e) @ q * parts["svd_scale"].float()
+
+    def delta_shape(self, parts: Parts) -> tuple[int, int]:
+        return parts["svd_P"].shape[0], parts["svd_Q"].shape[-1]
+
+
+class Adapter(Form):
+    """`::adapter_*`: a bottleneck Adapter beside a Linear. Not linear in x, so it never merges: applying
+    attaches an `AdapterLinear` sharing the Linear's own weight and bias; undo puts the Linear back."""
+
+    marker, kinds, value_kinds, merges = "adapter_up_weight", ADAPTER_KINDS, ADAPTER_KINDS, False
+
+    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
+        super().check(name, parts, param)
+        check_shape(name, (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1]), param.shape)
+
+    def merge(self, param: torch.Tensor, parts: Parts) -> None:
+        raise SelectuneError("an Adapter cannot be merged into a weight; attach it (apply) instead")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, name: str, parts: Parts) -> Undo:
+        module_name = name.rpartition(".")[0]
+        linear = model.get_submodule(module_name)
+        replace_module(model, module_name, AdapterLinear.from_entries(linear, parts))
+        return Undo(name, lambda: replace_module(model, module_name, linear), 0)
+
+
+# Application order: a whole new value first, then what adds to a weight.
+FORMS: dict[str, Form] = {}
+
+
+def register(form: Form) -> Form:
+    """Add a stored form; its marker and kinds must not clash with a registered one."""
+    taken = {k for f in FORMS.values() for k in f.kinds}
+    if form.marker in FORMS or taken & set(form.kinds):
+        raise ValueError(f"delta form {type(form).__name__}: kinds {form.kinds} clash with a registered form")
+    FORMS[form.marker] = form
+    return form
+
+
+for _form in (DenseSet(), SparseEntries(), SVDTriplets(), LowRank(), Adapter()):
+    register(_form)
+
+
+def kinds() -> tuple[str, ...]:
+    """Every stored kind of every registered form."""
+    return tuple(k for form in FORMS.values() for k in form.kinds)
+
+
+def value_kinds() -> tuple[str, ...]:
+    return tuple(k for form in FORMS.values() for k in form.value_kinds)
+
+
+def forms_of(name: str, parts: Parts) -> list[Form]:
+    """The forms one parameter's group holds, in application order; a kind no form claims is an error."""
+    found = [form for marker, form in FORMS.items() if marker in parts]
+    claimed = {k for form in found for k in form.kinds}
+    stray = sorted(set(parts) - claimed)
+    if stray:
+        raise SelectuneError(f"task delta: '{name}' has {', '.join(stray)} without the entries that go with them")
+    return found
+
+
+def check_shape(name: str, got: tuple[int, ...] | torch.Size, want: tuple[int, ...] | torch.Size) -> None:
+    if tuple(got) != tuple(want):
+        raise SelectuneError(f"task delta: '{name}' has shape {tuple(got)} but the model's is {tuple(want)} "
+                             f"(a delta for another base model?)")
+
+
+def _resize_linear(module: nn.Module) -> None:
+    """Keep a Linear's `out_features` in step with a swapped head weight (its repr and shape checks)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
