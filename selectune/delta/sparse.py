@@ -111,6 +111,8 @@ class SparseDeltaModule(nn.Module):
         object.__setattr__(self, "wrapped", base)  # not a submodule: its names stay the parent's
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
+        for name, child in base.named_children():  # a module owning tensors and submodules (ViT embeddings)
+            self.add_module(name, child)  # keeps its children's names and parameters in the model
         self.delta_names = sorted(indices)
         empty = torch.zeros(0)
         for name, idx in indices.items():
