@@ -5,8 +5,8 @@
 #   2. final:  the lr with the best val accuracy (ties: the recipe's), train800val200 -> test, seed 42
 #              (dtd10: seeds 42-44); then `selectune report` with both VTAB averages.
 # Nothing is chosen on test. Cost (docs/results.md "Vision with the DINOv2 ViT-S/14 backbone"): 120 select runs
-# and 60 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) at most ~72 CPU-hours
-# (~20 at the quiet-machine rate of 1.7 s/step). Two instances side by side on 2 cores with different TASKS=...
+# and 60 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) ~72 CPU-hours (~100 at
+# LoRA's in-run 8.4 s/step on a busier machine; ~20 at the quiet-machine rate of 1.7 s/step). Two instances side by side on 2 cores with different TASKS=...
 #
 #   python scripts/vtab_digits.py runs/vtab_data && SELECTUNE_DATA=runs/vtab_data bash scripts/vtab_dinov2.sh runs/dinov2
 #   STAGE=select bash scripts/vtab_dinov2.sh runs/dinov2      # stage 1 only (TASKS=..., METHODS=... narrow it)
