@@ -168,8 +168,21 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         raise SelectuneError(f"model '{cfg.name_or_path}' has no new classification head to train")
     model.float()
     names = frozenset(n for n, _ in model.named_parameters())
-    size = (cfg.image_size or config.image_size) if vision else None
+    size = _image_size(cfg, config, vision)
     return Backbone(model, tokenizer, label(cfg), head, names - head, size)
+
+
+def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:
+    """The side images are resized to: model.image_size, else the config's; at least one patch."""
+    if cfg.image_size is None:
+        return config.image_size if vision else None
+    if not vision:
+        raise SelectuneError(f"model.image_size={cfg.image_size}: model '{cfg.name_or_path}' takes text, not images")
+    patch = getattr(config, "patch_size", 1)
+    if not isinstance(cfg.image_size, int) or cfg.image_size < patch:
+        raise SelectuneError(f"model.image_size={cfg.image_size}: give a side in pixels of at least the "
+                             f"{patch}-pixel patch")
+    return cfg.image_size
 
 
 def is_vision(config: Any) -> bool:

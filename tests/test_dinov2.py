@@ -121,3 +121,14 @@ def test_every_method_trains_and_exports_on_dinov2(method, tmp_path):
     split = ImageSplit([r.path for r in rows], torch.tensor([r.label for r in rows]), 28)
     exported = predict(model, split, 8, torch.device("cpu"))
     assert np.abs(exported - np.load(tmp_path / "run" / "outputs_val.npy")).max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [0, 10])
+def test_image_size_below_one_patch_is_refused(size):
+    from selectune.backbone import ModelConfig, load_backbone
+
+    cfg = ModelConfig("config:dinov2", random_init=True, image_size=size,
+                      config_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "image_size": 28, "patch_size": 14})
+    with pytest.raises(SelectuneError, match=f"model.image_size={size}: .* 14-pixel patch"):
+        load_backbone(cfg, 3, False, None, 0)
