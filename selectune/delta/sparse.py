@@ -192,6 +192,8 @@ class SparseDeltaModule(nn.Module):
         object.__setattr__(self, "wrapped", base)  # not a submodule: its names stay the parent's
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
+        for name, child in base.named_children():  # a module owning tensors and submodules (ViT embeddings)
+            self.add_module(name, child)  # keeps its children's names and parameters in the model
         self.delta_names = sorted(indices)
         self.grad_mode = grad_mode
         self._csr: dict[str, torch.Tensor] = {}  # name -> csr_pattern (a cache: not a buffer, DDP broadcasts those)

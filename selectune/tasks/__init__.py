@@ -56,7 +56,7 @@ class Task:
         if isinstance(self.spec, vtab.VtabSpec):
             import torch
 
-            size = backbone.model.config.image_size
+            size = backbone.image_size
             return ImageSplit([e.path for e in examples], torch.tensor([e.label for e in examples]), size)
         return encode_text(backbone.tokenizer, examples, self.max_seq_length, self.spec.is_regression)
 
