@@ -43,6 +43,9 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_hidden_layers: 2}
     reinit_head: bool = False  # allow a checkpoint whose classification head has another label count
     image_size: Optional[int] = None  # image models: input side in px (None: the config's image_size)
+    # pretrained modules trained densely and stored whole with the head, e.g. [bert.pooler]: a frozen
+    # pooler the checkpoint never trained for [CLS] can starve every method that freezes it
+    train_with_head: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Backbone:
     head_names: frozenset[str]  # parameters new to this task: trained densely, stored whole
     base_names: frozenset[str]  # the pretrained parameters (fixed at load, before any method adds its own)
     image_size: Optional[int] = None  # image models: the side images are resized to (px)
+    promoted: frozenset[str] = frozenset()  # pretrained parameters trained as part of the head (train_with_head)
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """The pretrained parameters (everything the loaded model had but the head), by name."""
@@ -67,7 +71,9 @@ class Backbone:
         return sum(p.numel() for p in self.base_parameters().values())
 
     def base_hash(self) -> str:
-        return weights_hash(self.base_parameters())
+        """Over every pretrained tensor, promoted ones included: the base is the same checkpoint whichever
+        of its modules a run trains with the head."""
+        return weights_hash({n: self.model.get_parameter(n) for n in self.base_names | self.promoted})
 
 
 def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -171,8 +177,9 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         raise SelectuneError(f"model '{cfg.name_or_path}' has no new classification head to train")
     model.float()
     names = frozenset(n for n, _ in model.named_parameters())
-    size = _image_size(cfg, config, vision)
-    return Backbone(model, tokenizer, label(cfg), head, names - head, size)
+    promoted = _promoted(cfg, names - head)
+    return Backbone(model, tokenizer, label(cfg), head | promoted, names - head - promoted,
+                    image_size=_image_size(cfg, config, vision), promoted=promoted)
 
 
 def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:
@@ -186,6 +193,20 @@ def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:
         raise SelectuneError(f"model.image_size={cfg.image_size}: give a side in pixels of at least the "
                              f"{patch}-pixel patch")
     return cfg.image_size
+
+
+def _promoted(cfg: ModelConfig, pretrained: frozenset[str]) -> frozenset[str]:
+    """The pretrained parameters under the `train_with_head` module prefixes; a prefix that names
+    nothing is a typo, not a no-op."""
+    promoted: set[str] = set()
+    for prefix in cfg.train_with_head:
+        found = {n for n in pretrained if n.startswith(prefix.rstrip(".") + ".")}
+        if not found:
+            modules = sorted({n.rsplit(".", 2)[0] for n in pretrained})[:8]
+            raise SelectuneError(f"model.train_with_head: no pretrained parameters under '{prefix}' "
+                                 f"(modules look like: {', '.join(modules)}, ...)")
+        promoted |= found
+    return frozenset(promoted)
 
 
 def is_vision(config: Any) -> bool:

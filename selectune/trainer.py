@@ -267,7 +267,7 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _primary(self, metrics: dict[str, dict[str, float | None]]) -> float:
-        value = metrics[self.task.eval_splits[0]][self.task.spec.primary]
+        value = metrics[self.task.select_split][self.task.spec.primary]
         return -math.inf if value is None else value
 
     # ------------------------------------------------------------------ the loop
@@ -392,7 +392,8 @@ class Trainer:
         if main:
             checkpoint.remove(self.run_dir)
         distributed = {"world": self.ctx.world, "in_sync": self.ctx.in_sync(self.model)} if self.ctx.active else None
-        return {"selection": cfg.select, "selected_step": chosen["step"], "metrics": chosen["metrics"],
+        return {"selection": cfg.select, "selected_on": self.task.select_split, "selected_step": chosen["step"],
+                "metrics": chosen["metrics"],
                 "final": evals[-1], "evals": evals, "steps": step, "delta_bytes": delta_bytes,
                 "train_time_s": round(train_time, 2), "step_time_s": round(train_time / max(step, 1), 4),
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from selectune.errors import SelectuneError
-from selectune.tasks import glue, metrics, vtab
+from selectune.tasks import glue, metrics, validation, vtab
 from selectune.tasks.batches import EncodedSplit, ImageSplit, encode_text
 
 
@@ -27,6 +27,9 @@ class TaskConfig:
     num_classes: Optional[int] = None  # vtab: for a task folder outside the 19
     max_train_examples: Optional[int] = None  # the first N rows (quick runs, tests)
     max_eval_examples: Optional[int] = None
+    # glue: hold out a fraction (0-1) or a count of the training rows as split `val` (fixed seed,
+    # stratified); choices (trainer.select=best, sweeps) are made on it, dev is only reported
+    validation: Optional[float] = None
 
 
 @dataclass
@@ -44,6 +47,12 @@ class Task:
     @property
     def eval_splits(self) -> list[str]:
         return [s for s in self.splits if s != "train"]
+
+    @property
+    def select_split(self) -> str:
+        """The split choices are made on: the carved validation split when there is one (GLUE dev is
+        then only reported), else the first evaluation split (VTAB's val200 under `protocol=select`)."""
+        return validation.SPLIT if validation.SPLIT in self.splits else self.eval_splits[0]
 
     def score(self, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
         """Official metrics from raw model outputs (logits, or one score per example)."""
@@ -64,13 +73,16 @@ class Task:
 def load_task(cfg: TaskConfig) -> Task:
     root = cfg.data_root or os.environ.get("SELECTUNE_DATA")
     if cfg.family == "vtab":
+        if cfg.validation is not None:
+            raise SelectuneError("task.validation is for GLUE: VTAB-1k holds out val200 itself "
+                                 "(task.protocol=select trains on train800 and scores val200)")
         spec = vtab.vtab_spec(cfg.name, cfg.num_classes)
         limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples}
         splits = vtab.read_local(spec, root, cfg.protocol, limits)
         task = Task(spec, splits)
     elif cfg.family == "glue":
         gspec = glue.glue_spec(cfg.name)
-        limits = {"train": cfg.max_train_examples}
+        limits = {"train": None if cfg.validation is not None else cfg.max_train_examples}
         limits.update({split: cfg.max_eval_examples for split, _ in gspec.dev_files})
         if cfg.source == "local":
             splits = glue.read_local(gspec, root, limits)
@@ -78,6 +90,11 @@ def load_task(cfg: TaskConfig) -> Task:
             splits = glue.read_hub(gspec, cfg.hub_path, limits)
         else:
             raise SelectuneError(f"unknown task.source '{cfg.source}' (use local or hub)")
+        if cfg.validation is not None:  # carved from the whole file, then the limits apply
+            train, val = validation.carve(splits["train"], [e.label for e in splits["train"]],
+                                          cfg.validation, stratified=not gspec.is_regression)
+            splits["train"] = train[:cfg.max_train_examples]
+            splits[validation.SPLIT] = val[:cfg.max_eval_examples]
         task = Task(gspec, splits, cfg.max_seq_length or gspec.max_seq_length)
     else:
         raise SelectuneError(f"unknown task family '{cfg.family}' (known: glue, vtab)")
