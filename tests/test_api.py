@@ -66,7 +66,7 @@ def random_delta(model, kind: str, seed: int, num_labels: int = 2, regression: b
             t[f"{name}::adapter_down_bias"] = torch.randn(4, generator=gen) * 0.1
             t[f"{name}::adapter_up_weight"] = torch.randn(out, 4, generator=gen) * 0.1
             t[f"{name}::adapter_up_bias"] = torch.randn(out, generator=gen) * 0.1
-    meta = {"base_hash": base_hash(model), "task": f"t{seed}", "method": kind}
+    meta = {"base_hash": base_hash(model), "task": f"t{seed}", "method": kind, "config": {}}
     return selectune.Delta(t, meta)
 
 
