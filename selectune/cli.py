@@ -267,49 +267,68 @@ def main(argv: list[str] | None = None) -> None:
         print()
         rest = ["--help" if a == "help" else a for a in rest]
     try:
-        if command == "ls":
-            from selectune.config import print_recipes
-
-            print_recipes()
-        elif command == "report":
-            from selectune.report import parse_pair, report
-
-            folders = [Path(a) for a in rest if not a.startswith(("out=", "pair="))]
-            out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
-            if out is not None:
-                from selectune.runfs import check_folder
-
-                check_folder(out, "out")
-            pairs = [parse_pair(a[5:]) for a in rest if a.startswith("pair=")]
-            if not folders:
-                raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
-            report(folders, out, pairs)
-        elif command in ("cat", "validate"):
-            from omegaconf import OmegaConf
-
-            from selectune.config import compose
-
-            rest = _recipe_args(rest)
-            if not any(a.startswith("recipe=") for a in rest):
-                raise SelectuneError(f"which recipe? selectune {command} <recipe> (selectune ls lists them)")
-            cfg = compose("train", rest)
-            from selectune.commands import RunSpec
-
-            RunSpec.from_config(cfg)
-            if command == "cat":
-                print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-            else:
-                from selectune.commands import validate
-
-                validate(cfg)
-        else:
-            if command in ("train", "probe"):
-                _precheck(command, rest)
-            sys.argv = [f"selectune {command}", *rest]
-            body = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}[command]
-            run_hydra(command, body, rest)
+        LOCAL_COMMANDS.get(command, _hydra_command)(command, rest)
     except SelectuneError as err:
         fail(err, debug)
+
+
+def _ls(command: str, rest: list[str]) -> None:
+    from selectune.config import print_recipes
+
+    print_recipes()
+
+
+def _report(command: str, rest: list[str]) -> None:
+    from selectune.report import parse_pair, report
+
+    folders = [Path(a) for a in rest if not a.startswith(("out=", "pair="))]
+    out = next((Path(a[4:]) for a in rest if a.startswith("out=")), None)
+    if out is not None:
+        from selectune.runfs import check_folder
+
+        check_folder(out, "out")
+    pairs = [parse_pair(a[5:]) for a in rest if a.startswith("pair=")]
+    if not folders:
+        raise SelectuneError("which runs? selectune report <run dirs or a multirun dir> [out=<dir>]")
+    report(folders, out, pairs)
+
+
+def _compose_recipe(command: str, rest: list[str]):
+    """`cat` and `validate`: the recipe composed and checked as `train` would, with nothing written."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+
+    rest = _recipe_args(rest)
+    if not any(a.startswith("recipe=") for a in rest):
+        raise SelectuneError(f"which recipe? selectune {command} <recipe> (selectune ls lists them)")
+    cfg = compose("train", rest)
+    RunSpec.from_config(cfg)
+    return cfg
+
+
+def _cat(command: str, rest: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(_compose_recipe(command, rest), resolve=True), end="")
+
+
+def _validate(command: str, rest: list[str]) -> None:
+    from selectune.commands import validate
+
+    validate(_compose_recipe(command, rest))
+
+
+def _hydra_command(command: str, rest: list[str]) -> None:
+    if command in ("train", "probe"):
+        _precheck(command, rest)
+    sys.argv = [f"selectune {command}", *rest]
+    run_hydra(command, HYDRA_BODIES[command], rest)
+
+
+# what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
+HYDRA_BODIES: dict[str, Callable] = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}
+LOCAL_COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
+    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate}
 
 
 def run_hydra(command: str, body: Callable, rest: list[str]) -> None:
