@@ -170,10 +170,10 @@ def _task_head(delta: Delta) -> tuple[int, bool, tuple[str, ...] | None] | None:
     task = (delta.meta.get("config") or {}).get("task")
     if not task:
         return None
-    from selectune.tasks.glue import glue_spec
-    from selectune.tasks.vtab import vtab_spec
+    from selectune.tasks import TaskConfig, task_spec
 
-    spec = vtab_spec(task["name"], task.get("num_classes")) if task.get("family") == "vtab" else glue_spec(task["name"])
+    spec = task_spec(TaskConfig(name=task["name"], family=task.get("family", "glue"),
+                                num_classes=task.get("num_classes")))
     return spec.num_labels, spec.is_regression, (None if spec.is_regression else spec.labels)
 
 

@@ -67,9 +67,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
-    from selectune.tasks import TaskConfig
-    from selectune.tasks.glue import glue_spec
-    from selectune.tasks.vtab import vtab_spec
+    from selectune.tasks import task_spec
 
     if dtype not in DTYPES:
         raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
@@ -85,8 +83,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     if fmt == "peft":
         peft_kind(delta)  # refuse a sparse / SPT delta before loading the model
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
-    task_cfg: TaskConfig = spec.task
-    task = vtab_spec(task_cfg.name, task_cfg.num_classes) if task_cfg.family == "vtab" else glue_spec(task_cfg.name)
+    task = task_spec(spec.task)
     backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed)
     found = backbone.base_hash()
     if found != delta.meta["base_hash"] and not force:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ class Task:
     spec: glue.GlueSpec | vtab.VtabSpec
     splits: dict[str, list[Any]]
     max_seq_length: int = 128
+    family: str = "glue"  # its entry in FAMILIES: how its splits become model inputs
 
     @property
     def name(self) -> str:
@@ -60,44 +62,85 @@ class Task:
         return metrics.compute(self.spec.metrics, preds, labels)
 
     def encode(self, split: str, backbone: Any) -> EncodedSplit:
-        """Tokenised text, or images at the backbone's input size."""
-        examples = self.splits[split]
-        if isinstance(self.spec, vtab.VtabSpec):
-            import torch
+        """The split as model inputs, the family's way (tokenised text, images at the backbone's size)."""
+        return FAMILIES[self.family].encode(self, split, backbone)
 
-            size = backbone.image_size
-            return ImageSplit([e.path for e in examples], torch.tensor([e.label for e in examples]), size)
-        return encode_text(backbone.tokenizer, examples, self.max_seq_length, self.spec.is_regression)
+
+# ---------------------------------------------------------------------- families
+def _glue_spec(cfg: TaskConfig) -> glue.GlueSpec:
+    return glue.glue_spec(cfg.name)
+
+
+def _glue_read(cfg: TaskConfig, spec: glue.GlueSpec, root: Optional[str]) -> Task:
+    limits = {"train": None if cfg.validation is not None else cfg.max_train_examples}
+    limits.update({split: cfg.max_eval_examples for split, _ in spec.dev_files})
+    if cfg.source == "local":
+        splits = glue.read_local(spec, root, limits)
+    elif cfg.source == "hub":
+        splits = glue.read_hub(spec, cfg.hub_path, limits)
+    else:
+        raise SelectuneError(f"unknown task.source '{cfg.source}' (use local or hub)")
+    if cfg.validation is not None:  # carved from the whole file, then the limits apply
+        train, val = validation.carve(splits["train"], [e.label for e in splits["train"]],
+                                      cfg.validation, stratified=not spec.is_regression)
+        splits["train"] = train[:cfg.max_train_examples]
+        splits[validation.SPLIT] = val[:cfg.max_eval_examples]
+    return Task(spec, splits, cfg.max_seq_length or spec.max_seq_length, "glue")
+
+
+def _glue_encode(task: Task, split: str, backbone: Any) -> EncodedSplit:
+    return encode_text(backbone.tokenizer, task.splits[split], task.max_seq_length, task.spec.is_regression)
+
+
+def _vtab_spec(cfg: TaskConfig) -> vtab.VtabSpec:
+    return vtab.vtab_spec(cfg.name, cfg.num_classes)
+
+
+def _vtab_read(cfg: TaskConfig, spec: vtab.VtabSpec, root: Optional[str]) -> Task:
+    if cfg.validation is not None:
+        raise SelectuneError("task.validation is for GLUE: VTAB-1k holds out val200 itself "
+                             "(task.protocol=select trains on train800 and scores val200)")
+    limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples}
+    return Task(spec, vtab.read_local(spec, root, cfg.protocol, limits), family="vtab")
+
+
+def _vtab_encode(task: Task, split: str, backbone: Any) -> EncodedSplit:
+    import torch
+
+    examples = task.splits[split]
+    return ImageSplit([e.path for e in examples], torch.tensor([e.label for e in examples]), backbone.image_size)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One benchmark family: how a task config names its spec (labels, metrics: no data read, so export
+    can size the head), reads its splits, and turns a split into model inputs."""
+
+    spec: Callable[[TaskConfig], Any]
+    read: Callable[[TaskConfig, Any, Optional[str]], Task]
+    encode: Callable[[Task, str, Any], EncodedSplit]
+
+
+FAMILIES: dict[str, Family] = {
+    "glue": Family(_glue_spec, _glue_read, _glue_encode),
+    "vtab": Family(_vtab_spec, _vtab_read, _vtab_encode),
+}
+
+
+def family(cfg: TaskConfig) -> Family:
+    if cfg.family not in FAMILIES:
+        raise SelectuneError(f"unknown task family '{cfg.family}' (known: {', '.join(FAMILIES)})")
+    return FAMILIES[cfg.family]
+
+
+def task_spec(cfg: TaskConfig) -> glue.GlueSpec | vtab.VtabSpec:
+    """The task's spec (labels, metrics) without reading its data."""
+    return family(cfg).spec(cfg)
 
 
 def load_task(cfg: TaskConfig) -> Task:
-    root = cfg.data_root or os.environ.get("SELECTUNE_DATA")
-    if cfg.family == "vtab":
-        if cfg.validation is not None:
-            raise SelectuneError("task.validation is for GLUE: VTAB-1k holds out val200 itself "
-                                 "(task.protocol=select trains on train800 and scores val200)")
-        spec = vtab.vtab_spec(cfg.name, cfg.num_classes)
-        limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples}
-        splits = vtab.read_local(spec, root, cfg.protocol, limits)
-        task = Task(spec, splits)
-    elif cfg.family == "glue":
-        gspec = glue.glue_spec(cfg.name)
-        limits = {"train": None if cfg.validation is not None else cfg.max_train_examples}
-        limits.update({split: cfg.max_eval_examples for split, _ in gspec.dev_files})
-        if cfg.source == "local":
-            splits = glue.read_local(gspec, root, limits)
-        elif cfg.source == "hub":
-            splits = glue.read_hub(gspec, cfg.hub_path, limits)
-        else:
-            raise SelectuneError(f"unknown task.source '{cfg.source}' (use local or hub)")
-        if cfg.validation is not None:  # carved from the whole file, then the limits apply
-            train, val = validation.carve(splits["train"], [e.label for e in splits["train"]],
-                                          cfg.validation, stratified=not gspec.is_regression)
-            splits["train"] = train[:cfg.max_train_examples]
-            splits[validation.SPLIT] = val[:cfg.max_eval_examples]
-        task = Task(gspec, splits, cfg.max_seq_length or gspec.max_seq_length)
-    else:
-        raise SelectuneError(f"unknown task family '{cfg.family}' (known: glue, vtab)")
+    fam = family(cfg)
+    task = fam.read(cfg, fam.spec(cfg), cfg.data_root or os.environ.get("SELECTUNE_DATA"))
     for split, examples in task.splits.items():
         if not examples:
             raise SelectuneError(f"{cfg.family} {cfg.name} split '{split}' has no examples")
