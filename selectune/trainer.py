@@ -1,4 +1,4 @@
-"""The training loop: one loop for every method (design.md, "Flow of one run").
+"""The training loop: one loop for every method (docs/design.md, "Flow of one run").
 
 Read it top to bottom: set-up (optimiser, schedule, resume), then per step
     forward -> task loss + method.penalty() -> backward -> clip -> optimiser step -> method.after_step(t)
@@ -14,7 +14,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from selectune import checkpoint
 from selectune.distributed import Context, device_for
@@ -160,6 +160,29 @@ class LossWatch:
         return value
 
 
+@dataclass
+class RunState:
+    """What changes as a run goes: the step, the optimiser built for what trains now, the evaluations, the
+    chosen one. A checkpoint saves it (with the weights and the method's state); a resume rebuilds it."""
+
+    watch: LossWatch
+    step: int = 0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best: Optional[dict[str, Any]] = None
+    delta_bytes: Optional[int] = None
+    train_time: float = 0.0
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    forward_model: Optional[torch.nn.Module] = None
+    built_for: int = -1  # the method's trainable_version the optimiser was built for
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the last evaluation's predictions
+    bar: Optional[TaskID] = None  # the progress bar's line
+    window_n: int = 0  # rows trained since the last metrics record
+    window_t0: float = 0.0
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
                  run_dir: Path, save_delta, console: Console | None = None,
@@ -272,133 +295,164 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        cfg, model, method, task = self.cfg, self.model, self.method, self.task
+        """Train to `total_steps` (from the checkpoint when resuming), evaluating, logging and saving at their
+        step counts, then store the chosen delta. Every method runs these same steps."""
+        run = self._restore()
+        self.model.train()
+        with self._progress(run) as progress:
+            while run.step < self.total_steps:
+                extra, penalty, rows = self._step(run)
+                run.window_n += rows
+                step = run.step
+                if (step % self.cfg.log_every == 0 or step == self.total_steps or step % self.eval_every == 0
+                        or step % self.checkpoint_every == 0):  # nothing non-finite is evaluated or saved
+                    run.watch.check(self.cfg.lr)
+                if step % self.cfg.log_every == 0 or step == self.total_steps:
+                    self._log_window(run, extra, penalty, progress)
+                progress.update(run.bar, completed=step)
+                if step % self.eval_every == 0 or step == self.total_steps:
+                    self._evaluate_and_select(run, progress)
+                if step % self.checkpoint_every == 0 and step < self.total_steps and self.ctx.main:
+                    self._checkpoint(run)
+        return self._finish(run)
+
+    def _restore(self) -> RunState:
+        """A fresh run, or the one the checkpoint in run_dir left (weights, optimiser, schedule, RNG, data
+        position, evaluations so far); metrics.jsonl is cut back to the checkpoint's step."""
+        cfg, method = self.cfg, self.method
         state = checkpoint.read(self.run_dir) if cfg.resume and checkpoint.exists(self.run_dir) else None
-        step, evals, best, delta_bytes, train_time = 0, [], None, None, 0.0
+        run = RunState(watch=LossWatch(self.device))
         if state is not None:
             method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
-            step, evals, best, delta_bytes, train_time = (state["step"], state["evals"], state["best"],
-                                                          state["delta_bytes"], state["train_time"])
-        params = method.trainable()
-        optimizer, scheduler = self._optimizer(step)
-        forward_model = self._forward_model()
-        built_for = method.trainable_version
-        main = self.ctx.main
-        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+            run.step, run.evals, run.best, run.delta_bytes, run.train_time = (
+                state["step"], state["evals"], state["best"], state["delta_bytes"], state["train_time"])
+        self._build_optimizer(run)
+        run.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is not None:
-            checkpoint.restore(self.run_dir, params, state)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            self._truncate_jsonl(step)
-            if main:
-                self.console.print(f"resumed from step {step}/{self.total_steps} ({self.run_dir / checkpoint.NAME})")
-        elif cfg.resume and main:
+            checkpoint.restore(self.run_dir, run.params, state)
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            run.scaler.load_state_dict(state["scaler"])
+            self._truncate_jsonl(run.step)
+            if self.ctx.main:
+                self.console.print(f"resumed from step {run.step}/{self.total_steps} "
+                                   f"({self.run_dir / checkpoint.NAME})")
+        elif cfg.resume and self.ctx.main:
             self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
-        train = self.splits["train"]
+        return run
 
+    def _build_optimizer(self, run: RunState) -> None:
+        """Optimiser, schedule and (DDP) forward model for what the method trains now, at run.step."""
+        run.params = self.method.trainable()
+        run.optimizer, run.scheduler = self._optimizer(run.step)
+        run.forward_model = self._forward_model()
+        run.built_for = self.method.trainable_version
+
+    def _progress(self, run: RunState) -> Progress:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
                                        "{task.fields[eps]:.1f} ex/s"), TimeRemainingColumn(),
-                            console=self.console, disable=not (cfg.progress and main), transient=False)
-        bar = progress.add_task(f"{task.name} · {method.cfg.name}", total=self.total_steps, completed=step,
-                                loss=float("nan"), lr=scheduler.get_last_lr()[0], eps=0.0)
-        model.train()
-        window_n, window_t0 = 0, time.perf_counter()
-        watch = LossWatch(self.device)
-        with progress:
-            while step < self.total_steps:
-                t0 = time.perf_counter()
-                epoch, offset = divmod(step, self.steps_per_epoch)
-                global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
-                rows = self.ctx.shard(global_rows)
-                batch = self._to_device(train.batch(rows))
-                labels = batch.pop("labels")
-                with self.autocast():
-                    loss = task_loss(forward_model(**batch).logits, labels, task.spec.is_regression)
-                # DDP averages gradients over ranks: weigh each rank's mean by its share of the global batch
-                share = len(rows) * self.ctx.world / len(global_rows)
-                penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
-                total = loss * share if penalty is None else loss * share + penalty
-                watch.add(loss, total, len(rows), step + 1)  # on the device: read back only at log_every
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-                if cfg.max_grad_norm > 0:
-                    self._clip(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                extra = method.after_step(step)  # before zero_grad: AdaLoRA's importance reads the gradients
-                optimizer.zero_grad(set_to_none=True)
-                if method.trainable_version != built_for:  # the method changed what trains (re-selection)
-                    params = method.trainable()
-                    optimizer, scheduler = self._optimizer(step)
-                    forward_model = self._forward_model()
-                    built_for = method.trainable_version
-                train_time += time.perf_counter() - t0
+                            console=self.console, disable=not (self.cfg.progress and self.ctx.main),
+                            transient=False)
+        run.bar = progress.add_task(f"{self.task.name} · {self.method.cfg.name}", total=self.total_steps,
+                                    completed=run.step, loss=float("nan"), lr=run.scheduler.get_last_lr()[0],
+                                    eps=0.0)
+        run.window_t0 = time.perf_counter()
+        return progress
 
-                window_n += len(rows)
-                if (step % cfg.log_every == 0 or step == self.total_steps or step % self.eval_every == 0
-                        or step % self.checkpoint_every == 0):  # nothing non-finite is evaluated or saved
-                    watch.check(cfg.lr)
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_t0
-                    window_loss, window_n = self.ctx.sum(watch.take()), self.ctx.sum(window_n)
-                    record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                              "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                              "examples_per_s": window_n / elapsed,
-                              "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
-                    if penalty is not None:
-                        record["penalty"] = penalty.item()
-                    self._write_jsonl(record)
-                    progress.update(bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
-                    if cfg.progress and main and not self.console.is_terminal:  # a log file gets plain lines instead
-                        self.console.print(f"step {step}/{self.total_steps} · loss {record['loss']:.4f} · "
-                                           f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
-                    window_n, window_t0 = 0, time.perf_counter()
-                progress.update(bar, completed=step)
+    def _step(self, run: RunState) -> tuple[dict[str, Any], Optional[torch.Tensor], int]:
+        """One optimiser step on the next batch: forward, task loss + method.penalty(), backward, clip, step,
+        method.after_step. Returns what after_step logged, the penalty and this process's row count."""
+        cfg, method, train = self.cfg, self.method, self.splits["train"]
+        t0 = time.perf_counter()
+        epoch, offset = divmod(run.step, self.steps_per_epoch)
+        global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
+        rows = self.ctx.shard(global_rows)
+        batch = self._to_device(train.batch(rows))
+        labels = batch.pop("labels")
+        with self.autocast():
+            loss = task_loss(run.forward_model(**batch).logits, labels, self.task.spec.is_regression)
+        # DDP averages gradients over ranks: weigh each rank's mean by its share of the global batch
+        share = len(rows) * self.ctx.world / len(global_rows)
+        penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
+        total = loss * share if penalty is None else loss * share + penalty
+        run.watch.add(loss, total, len(rows), run.step + 1)  # on the device: read back only at log_every
+        run.scaler.scale(total).backward()
+        run.scaler.unscale_(run.optimizer)
+        if cfg.max_grad_norm > 0:
+            self._clip(run.optimizer)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        run.step += 1
+        extra = method.after_step(run.step)  # before zero_grad: AdaLoRA's importance reads the gradients
+        run.optimizer.zero_grad(set_to_none=True)
+        if method.trainable_version != run.built_for:  # the method changed what trains (re-selection)
+            self._build_optimizer(run)
+        run.train_time += time.perf_counter() - t0
+        return extra, penalty, len(rows)
 
-                if step % self.eval_every == 0 or step == self.total_steps:
-                    metrics, outputs = self._evaluate()
-                    evals.append({"step": step, "metrics": metrics})
-                    self._write_jsonl({"step": step, "eval": metrics})
-                    if main:
-                        progress.console.print(f"step {step}: " + format_metrics(metrics))
-                    improved = best is None or self._primary(metrics) > self._primary(best["metrics"])
-                    if cfg.select == "best" and method.storable and improved:
-                        best = {"step": step, "metrics": metrics}
-                        if main:
-                            delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
-                            save_outputs(self.run_dir, outputs)
-                if step % self.checkpoint_every == 0 and step < self.total_steps and main:
-                    checkpoint.save(self.run_dir, params, {
-                        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "method": method.state(), "evals": evals, "best": best, "delta_bytes": delta_bytes,
-                        "train_time": train_time})
+    def _log_window(self, run: RunState, extra: dict[str, Any], penalty: Optional[torch.Tensor],
+                    progress: Progress) -> None:
+        """One metrics.jsonl record for the steps since the last one (their mean loss: one host read)."""
+        elapsed = time.perf_counter() - run.window_t0
+        window_loss, window_n = self.ctx.sum(run.watch.take()), self.ctx.sum(run.window_n)
+        record = {"step": run.step, "epoch": round(run.step / self.steps_per_epoch, 4),
+                  "loss": window_loss / window_n, "lr": run.scheduler.get_last_lr()[0],
+                  "examples_per_s": window_n / elapsed,
+                  "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
+        if penalty is not None:
+            record["penalty"] = penalty.item()
+        self._write_jsonl(record)
+        progress.update(run.bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
+        if self.cfg.progress and self.ctx.main and not self.console.is_terminal:  # a log file gets plain lines
+            self.console.print(f"step {run.step}/{self.total_steps} · loss {record['loss']:.4f} · "
+                               f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
+        run.window_n, run.window_t0 = 0, time.perf_counter()
 
+    def _evaluate_and_select(self, run: RunState, progress: Progress) -> None:
+        """Score the eval splits; with select=best, store the delta when the selection split improved."""
+        metrics, run.outputs = self._evaluate()
+        run.evals.append({"step": run.step, "metrics": metrics})
+        self._write_jsonl({"step": run.step, "eval": metrics})
+        if self.ctx.main:
+            progress.console.print(f"step {run.step}: " + format_metrics(metrics))
+        improved = run.best is None or self._primary(metrics) > self._primary(run.best["metrics"])
+        if self.cfg.select == "best" and self.method.storable and improved:
+            run.best = {"step": run.step, "metrics": metrics}
+            if self.ctx.main:
+                run.delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+                save_outputs(self.run_dir, run.outputs)
+
+    def _checkpoint(self, run: RunState) -> None:
+        checkpoint.save(self.run_dir, run.params, {
+            "step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "method": self.method.state(), "evals": run.evals,
+            "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time})
+
+    def _finish(self, run: RunState) -> dict[str, Any]:
+        """Store the delta (select=last), the method's artifacts, drop the checkpoint; the run's results."""
+        cfg, main = self.cfg, self.ctx.main
         if cfg.select == "last" and main:
-            delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
-            save_outputs(self.run_dir, outputs)
+            run.delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
+            save_outputs(self.run_dir, run.outputs)
         if main:
-            method.write_artifacts(self.run_dir)
+            self.method.write_artifacts(self.run_dir)
         if self.sink is not None:
             self.sink.close()
-        if best is None and cfg.select == "best":
+        if run.best is None and cfg.select == "best":
             raise SelectuneError("trainer.select=best found no evaluation of a storable delta; evaluate after "
                                  "the method's final form exists (trainer.eval_every) or use select=last")
-        chosen = evals[-1] if cfg.select == "last" else best
+        chosen = run.evals[-1] if cfg.select == "last" else run.best
         if main:
             checkpoint.remove(self.run_dir)
         distributed = {"world": self.ctx.world, "in_sync": self.ctx.in_sync(self.model)} if self.ctx.active else None
         return {"selection": cfg.select, "selected_on": self.task.select_split, "selected_step": chosen["step"],
                 "metrics": chosen["metrics"],
-                "final": evals[-1], "evals": evals, "steps": step, "delta_bytes": delta_bytes,
-                "train_time_s": round(train_time, 2), "step_time_s": round(train_time / max(step, 1), 4),
+                "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
+                "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
                 "distributed": distributed}
-
 
 def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:
     parts = []
