@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import selectune
 from selectune.api import active, base_hash
 from selectune.delta import forms
-from selectune.delta.taskdelta import KINDS, VALUE_KINDS, TaskDelta
+from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 
 LAYER = "bert.encoder.layer.{}."
@@ -233,9 +233,14 @@ def test_switcher_refuses_a_delta_for_another_base():
         selectune.TaskSwitcher(model, {"x": random_delta(tiny_bert(seed=5), "lora", 0)})
 
 
-def test_the_registry_covers_every_stored_kind():
-    assert set(forms.kinds()) == set(KINDS)
-    assert set(forms.value_kinds()) == set(VALUE_KINDS)
+def test_the_registry_is_what_a_delta_accepts():
+    """The forms registry is the one list of stored kinds: TaskDelta knows exactly its kinds."""
+    kinds = forms.kinds()
+    assert len(kinds) == len(set(kinds)) and set(forms.value_kinds()) <= set(kinds)
+    assert {"set", "indices", "values", "lora_A", "svd_P", "adapter_up_weight"} <= set(kinds)
+    assert set(TaskDelta({f"w::{k}": torch.zeros(1) for k in kinds}).by_parameter()["w"]) == set(kinds)
+    with pytest.raises(SelectuneError, match="unknown entry 'w::bogus'"):
+        TaskDelta({"w::bogus": torch.zeros(1)}).by_parameter()
     with pytest.raises(ValueError, match="clash"):
         forms.register(forms.LowRank())
 

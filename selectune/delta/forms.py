@@ -2,8 +2,9 @@
 
 A TaskDelta groups its entries per parameter (`<name>::<kind>`); which form a group holds is told by
 one marker kind (`set`, `indices`, `svd_P`, `lora_A`, `adapter_up_weight`). Every form here
-    declares   `kinds` (what it stores) and `value_kinds` (which of them count as stored numbers),
-    checks     a group against the model's parameter before anything is written,
+    declares   `ranks` (the kinds it stores, with their dimensions) and `value_kinds` (which count),
+    checks     a group read from a file on its own (`check_alone`) and against the model (`check_fit`),
+    checks     a group against the model's parameter before an in-place apply (`check`),
     merges     the group into the parameter in place, in fp32 (export and `TaskDelta.merge_into`),
     applies    the same merge and returns an `Undo` holding exactly what restores the base bit for bit:
                the base values at the touched indices (sparse), the replaced tensor (dense, low-rank,
@@ -29,6 +30,7 @@ from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
 Parts = dict[str, torch.Tensor]
+MAX_INDEX = 2**31 - 1  # sparse indices are stored as int32
 
 
 @dataclass
@@ -42,12 +44,32 @@ class Undo:
 
 class Form:
     """One stored delta form. Subclasses set the class attributes and `merge` (and `apply` when
-    a plain copy of the parameter is not the cheapest exact undo)."""
+    a plain copy of the parameter is not the cheapest exact undo); `check_alone` and `check_fit` are
+    what a delta file read from disk must pass before anything is written (`TaskDelta.checked`)."""
 
     marker: ClassVar[str]  # the kind whose presence says a group holds this form
-    kinds: ClassVar[tuple[str, ...]]
-    value_kinds: ClassVar[tuple[str, ...]]
+    ranks: ClassVar[dict[str, int | None]]  # every kind it stores, with its number of dimensions (None: any)
+    value_kinds: ClassVar[tuple[str, ...]]  # the kinds whose numbers count as stored
     merges: ClassVar[bool] = True  # False: a module, attached rather than written into the weight
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.ranks)
+
+    def check_alone(self, name: str, parts: Parts, where: str) -> None:
+        """The lengths and inner dimensions that must agree within the group (no model needed); the
+        kinds are all present with their ranks and finite values by then."""
+
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        """(what, shape) of the weight this group changes, to compare with the model's tensor."""
+        return None
+
+    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module, where: str) -> None:
+        """The group against the model's tensor (`TaskDelta.check_fits`)."""
+        fit = self.fit_shape(parts)
+        if fit is not None and tuple(fit[1]) != tuple(param.shape):
+            raise SelectuneError(f"{where}: '{name}' ({fit[0]}) has shape {tuple(fit[1])} but the model's is "
+                                 f"{tuple(param.shape)} (a delta for another base model?)")
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         """Raise a SelectuneError if the group cannot be written into `param` (shape, missing kinds);
@@ -72,7 +94,10 @@ class DenseSet(Form):
     """`::set`: the tensor's new value, whole (the head, full fine-tuning, BitFit biases). A head of
     another label count replaces the classifier's Parameter (shape and all); the old one is kept."""
 
-    marker, kinds, value_kinds = "set", ("set",), ("set",)
+    marker, ranks, value_kinds = "set", {"set": None}, ("set",)
+
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        return "set", tuple(parts["set"].shape)
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         if not (resize_head and name.startswith(HEAD_PREFIXES)):
@@ -103,7 +128,28 @@ class SparseEntries(Form):
     """`::indices` + `::values`: W.flat[indices] += values (sorted int32 flat indices, fp32 values).
     Undo keeps the base values at those indices only."""
 
-    marker, kinds, value_kinds = "indices", ("indices", "values"), ("values",)
+    marker, ranks, value_kinds = "indices", {"indices": 1, "values": 1}, ("values",)
+
+    def check_alone(self, name: str, parts: Parts, where: str) -> None:
+        idx = parts["indices"]
+        if idx.numel() != parts["values"].numel():
+            raise mismatch(where, name, parts, "indices", "values")
+        if idx.numel():
+            if int(idx.min()) < 0:
+                raise SelectuneError(f"{where}: '{name}::indices' holds a negative index ({int(idx.min())})")
+            if int(idx.max()) > MAX_INDEX:
+                raise SelectuneError(f"{where}: '{name}::indices' holds {int(idx.max())}, beyond int32")
+            steps = idx[1:] > idx[:-1]
+            if not bool(steps.all()):
+                at = int((~steps).nonzero()[0])
+                problem = "duplicated" if int(idx[at]) == int(idx[at + 1]) else "not sorted"
+                raise SelectuneError(f"{where}: '{name}::indices' are {problem} (position {at + 1}: "
+                                     f"{int(idx[at])} then {int(idx[at + 1])})")
+
+    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module, where: str) -> None:
+        if parts["indices"].numel() and int(parts["indices"].max()) >= param.numel():
+            raise SelectuneError(f"{where}: '{name}::indices' holds index {int(parts['indices'].max())}, but the "
+                                 f"model's tensor has {param.numel()} entries (a delta for another base model?)")
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         super().check(name, parts, param)
@@ -154,7 +200,14 @@ class _Factored(Form):
 class LowRank(_Factored):
     """`::lora_A` (r × in), `::lora_B` (out × r), `::lora_scale`: ΔW = scale · B A (LoRA)."""
 
-    marker, kinds, value_kinds = "lora_A", ("lora_A", "lora_B", "lora_scale"), ("lora_A", "lora_B")
+    marker, ranks, value_kinds = "lora_A", {"lora_A": 2, "lora_B": 2, "lora_scale": 0}, ("lora_A", "lora_B")
+
+    def check_alone(self, name: str, parts: Parts, where: str) -> None:
+        if parts["lora_B"].shape[1] != parts["lora_A"].shape[0]:
+            raise mismatch(where, name, parts, "lora_B", "lora_A")
+
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        return "lora_B @ lora_A", (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
 
     def delta_weight(self, parts: Parts) -> torch.Tensor:
         return (parts["lora_B"].float() @ parts["lora_A"].float()) * parts["lora_scale"].float()
@@ -167,7 +220,17 @@ class SVDTriplets(_Factored):
     """`::svd_P` (out × r), `::svd_E` (r), `::svd_Q` (r × in), `::svd_scale`: ΔW = scale · P diag(E) Q (AdaLoRA)."""
 
     marker = "svd_P"
-    kinds, value_kinds = ("svd_P", "svd_E", "svd_Q", "svd_scale"), ("svd_P", "svd_E", "svd_Q")
+    ranks, value_kinds = {"svd_P": 2, "svd_E": 1, "svd_Q": 2, "svd_scale": 0}, ("svd_P", "svd_E", "svd_Q")
+
+    def check_alone(self, name: str, parts: Parts, where: str) -> None:
+        rank = parts["svd_E"].numel()
+        if parts["svd_P"].shape[1] != rank:
+            raise mismatch(where, name, parts, "svd_P", "svd_E")
+        if parts["svd_Q"].shape[0] != rank:
+            raise mismatch(where, name, parts, "svd_Q", "svd_E")
+
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        return "svd_P @ svd_Q", (parts["svd_P"].shape[0], parts["svd_Q"].shape[1])
 
     def delta_weight(self, parts: Parts) -> torch.Tensor:
         p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
@@ -181,7 +244,27 @@ class Adapter(Form):
     """`::adapter_*`: a bottleneck Adapter beside a Linear. Not linear in x, so it never merges: applying
     attaches an `AdapterLinear` sharing the Linear's own weight and bias; undo puts the Linear back."""
 
-    marker, kinds, value_kinds, merges = "adapter_up_weight", ADAPTER_KINDS, ADAPTER_KINDS, False
+    marker, value_kinds, merges = "adapter_up_weight", ADAPTER_KINDS, False
+    ranks = {"adapter_down_weight": 2, "adapter_down_bias": 1, "adapter_up_weight": 2, "adapter_up_bias": 1}
+
+    def check_alone(self, name: str, parts: Parts, where: str) -> None:
+        width = parts["adapter_down_weight"].shape[0]
+        out = parts["adapter_up_weight"].shape[0]
+        if parts["adapter_down_bias"].numel() != width:
+            raise mismatch(where, name, parts, "adapter_down_bias", "adapter_down_weight")
+        if parts["adapter_up_weight"].shape[1] != width:
+            raise mismatch(where, name, parts, "adapter_up_weight", "adapter_down_weight")
+        if parts["adapter_up_bias"].numel() != out:
+            raise mismatch(where, name, parts, "adapter_up_bias", "adapter_up_weight")
+
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        return "adapter", (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1])
+
+    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module, where: str) -> None:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if not isinstance(module, nn.Linear) or name.rpartition(".")[2] != "weight":
+            raise SelectuneError(f"{where}: '{name}' has an Adapter but is not a Linear layer's weight")
+        super().check_fit(name, parts, param, model, where)
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         super().check(name, parts, param)
@@ -215,23 +298,36 @@ for _form in (DenseSet(), SparseEntries(), SVDTriplets(), LowRank(), Adapter()):
     register(_form)
 
 
+def registered() -> dict[str, Form]:
+    """Every stored form: the ones above and those a method module registers beside its method (importing
+    `selectune.methods` imports every method module), so a delta of any registered method reads back."""
+    import selectune.methods  # noqa: F401 (registers the forms method modules define)
+
+    return FORMS
+
+
 def kinds() -> tuple[str, ...]:
     """Every stored kind of every registered form."""
-    return tuple(k for form in FORMS.values() for k in form.kinds)
+    return tuple(k for form in registered().values() for k in form.kinds)
 
 
 def value_kinds() -> tuple[str, ...]:
-    return tuple(k for form in FORMS.values() for k in form.value_kinds)
+    return tuple(k for form in registered().values() for k in form.value_kinds)
 
 
 def forms_of(name: str, parts: Parts) -> list[Form]:
     """The forms one parameter's group holds, in application order; a kind no form claims is an error."""
-    found = [form for marker, form in FORMS.items() if marker in parts]
+    found = [form for marker, form in registered().items() if marker in parts]
     claimed = {k for form in found for k in form.kinds}
     stray = sorted(set(parts) - claimed)
     if stray:
         raise SelectuneError(f"task delta: '{name}' has {', '.join(stray)} without the entries that go with them")
     return found
+
+
+def mismatch(where: str, name: str, parts: Parts, a: str, b: str) -> SelectuneError:
+    return SelectuneError(f"{where}: '{name}::{a}' {tuple(parts[a].shape)} does not match "
+                          f"'::{b}' {tuple(parts[b].shape)}")
 
 
 def check_shape(name: str, got: tuple[int, ...] | torch.Size, want: tuple[int, ...] | torch.Size) -> None:

@@ -38,9 +38,5 @@ class LowRankLinear(nn.Module):
         return {f"{weight_name}::lora_A": self.lora_A, f"{weight_name}::lora_B": self.lora_B,
                 f"{weight_name}::lora_scale": torch.tensor(self.scale, dtype=torch.float32)}
 
-    def merged_delta(self) -> torch.Tensor:
-        """ΔW = scale · B A, in the weight's shape."""
-        return (self.lora_B @ self.lora_A) * self.scale
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"

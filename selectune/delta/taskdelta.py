@@ -6,6 +6,8 @@ Keys are `<parameter name>::<kind>`:
     ::indices ::values               W.flat[indices] += values (sorted int32 flat indices, fp32 values)
     ::svd_P ::svd_E ::svd_Q ::svd_scale   W += scale · P diag(E) Q (AdaLoRA)
     ::adapter_*                      an Adapter module (cannot be merged; attached by apply_to)
+and the kinds of any form a method module registers (selectune.delta.forms: each form checks, merges
+and undoes its own group).
 The compact form (`compact=True`) stores sparse entries as `::index_gaps` (first index, then
 differences; uint16 where every gap fits, else int32) and half-precision `::values`: 4 bytes per
 stored number instead of 8. Loading turns it back into the plain form.
@@ -33,30 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from selectune.delta.adapter import KINDS as ADAPTER_KINDS
+from selectune.delta import forms
 from selectune.delta.adapter import AdapterLinear
-from selectune.delta.forms import forms_of
 from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
 FORMAT = "selectune.taskdelta/1"
-KINDS = ("set", "lora_A", "lora_B", "lora_scale", "indices", "values", "svd_P", "svd_E", "svd_Q", "svd_scale",
-         *ADAPTER_KINDS)
-# kinds whose numbers count as stored
-VALUE_KINDS = ("set", "lora_A", "lora_B", "values", "svd_P", "svd_E", "svd_Q", *ADAPTER_KINDS)
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# The forms a parameter's entries take: the kinds that must come together, with each one's number of
-# dimensions (None: any; `set` has the parameter's own shape).
-FORMS: dict[str, dict[str, int | None]] = {
-    "set": {"set": None},
-    "sparse": {"indices": 1, "values": 1},
-    "lora": {"lora_A": 2, "lora_B": 2, "lora_scale": 0},
-    "svd": {"svd_P": 2, "svd_E": 1, "svd_Q": 2, "svd_scale": 0},
-    "adapter": {"adapter_down_weight": 2, "adapter_down_bias": 1, "adapter_up_weight": 2, "adapter_up_bias": 1},
-}
+# The stored kinds, which of them count as stored numbers, and how each form's group is checked are the
+# registered forms' own (selectune.delta.forms: `kinds()`, `value_kinds()`, `Form.check_alone/check_fit`).
 INDEX_DTYPES = (torch.int32, torch.int64)  # ::indices (int32 as written; int64 accepted)
 GAP_DTYPES = (torch.uint16, torch.int32, torch.int64)  # ::index_gaps of the compact form
-MAX_INDEX = 2**31 - 1  # indices are stored as int32
 REQUIRED_META = {"config": dict, "base_hash": str, "method": str}  # what eval and export read
 
 
@@ -70,8 +59,8 @@ class TaskDelta:
         grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, tensor in self.tensors.items():
             name, sep, kind = key.rpartition("::")
-            if not sep or kind not in KINDS:
-                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(KINDS)})")
+            if not sep or kind not in forms.kinds():
+                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(forms.kinds())})")
             grouped[name][kind] = tensor
         return dict(grouped)
 
@@ -82,7 +71,8 @@ class TaskDelta:
 
     @property
     def stored(self) -> int:
-        return sum(t.numel() for k, t in self.tensors.items() if k.rpartition("::")[2] in VALUE_KINDS)
+        counted = forms.value_kinds()
+        return sum(t.numel() for k, t in self.tensors.items() if k.rpartition("::")[2] in counted)
 
     def sparse_indices(self) -> dict[str, torch.Tensor]:
         """The mask of the sparse entries: flat indices per weight (only weights with ::indices)."""
@@ -110,7 +100,7 @@ class TaskDelta:
                                  f"be merged into weights; they are exported as modules (adapters.safetensors)")
         self.check_fits(model)
         for name, parts in self.by_parameter().items():
-            for form in forms_of(name, parts):
+            for form in forms.forms_of(name, parts):
                 if form.merges:
                     form.merge(params[name], parts)
 
@@ -185,7 +175,8 @@ class TaskDelta:
             if name not in params:
                 raise SelectuneError(f"{where}: '{name}' is changed by the delta, but this model does not have it "
                                      f"(trained on base '{self.meta.get('base_model')}')")
-            _check_fit(name, parts, params[name], model, where)
+            for form in forms.forms_of(name, parts):
+                form.check_fit(name, parts, params[name], model, where)
 
 
 def _check_meta(meta: Any, where: str) -> None:
@@ -202,8 +193,8 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
     converts anything, so integer `values` are refused rather than silently cast)."""
     for key, tensor in tensors.items():
         kind = key.rpartition("::")[2]
-        if kind not in (*KINDS, "index_gaps"):
-            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(KINDS)})")
+        if kind not in (*forms.kinds(), "index_gaps"):
+            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(forms.kinds())})")
         allowed = {"indices": INDEX_DTYPES, "index_gaps": GAP_DTYPES}.get(kind)
         if allowed is None and not tensor.is_floating_point():
             raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype}, not a floating-point type")
@@ -216,14 +207,14 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> None:
     """One parameter's entries, on their own (without the model): see `TaskDelta.check`."""
-    for form, ranks in FORMS.items():
-        present = [kind for kind in ranks if kind in parts]
+    for form in forms.registered().values():
+        present = [kind for kind in form.ranks if kind in parts]
         if not present:
             continue
-        missing = [kind for kind in ranks if kind not in parts]
+        missing = [kind for kind in form.ranks if kind not in parts]
         if missing:
             raise SelectuneError(f"{where}: '{name}::{present[0]}' comes without '::{missing[0]}'")
-        for kind, rank in ranks.items():
+        for kind, rank in form.ranks.items():
             tensor = parts[kind]
             if rank is not None and tensor.dim() != rank:
                 raise SelectuneError(f"{where}: '{name}::{kind}' has shape {tuple(tensor.shape)} "
@@ -231,68 +222,7 @@ def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> N
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise SelectuneError(f"{where}: '{name}::{kind}' holds {bad} NaN or infinite values")
-        _check_form(name, form, parts, where)
-
-
-def _check_form(name: str, form: str, parts: dict[str, torch.Tensor], where: str) -> None:
-    """The lengths and inner dimensions that must agree within one form."""
-    def mismatch(a: str, b: str) -> SelectuneError:
-        return SelectuneError(f"{where}: '{name}::{a}' {tuple(parts[a].shape)} does not match "
-                              f"'::{b}' {tuple(parts[b].shape)}")
-
-    if form == "sparse":
-        idx = parts["indices"]
-        if idx.numel() != parts["values"].numel():
-            raise mismatch("indices", "values")
-        if idx.numel():
-            if int(idx.min()) < 0:
-                raise SelectuneError(f"{where}: '{name}::indices' holds a negative index ({int(idx.min())})")
-            if int(idx.max()) > MAX_INDEX:
-                raise SelectuneError(f"{where}: '{name}::indices' holds {int(idx.max())}, beyond int32")
-            steps = idx[1:] > idx[:-1]
-            if not bool(steps.all()):
-                at = int((~steps).nonzero()[0])
-                problem = "duplicated" if int(idx[at]) == int(idx[at + 1]) else "not sorted"
-                raise SelectuneError(f"{where}: '{name}::indices' are {problem} (position {at + 1}: "
-                                     f"{int(idx[at])} then {int(idx[at + 1])})")
-    elif form == "lora" and parts["lora_B"].shape[1] != parts["lora_A"].shape[0]:
-        raise mismatch("lora_B", "lora_A")
-    elif form == "svd":
-        rank = parts["svd_E"].numel()
-        if parts["svd_P"].shape[1] != rank:
-            raise mismatch("svd_P", "svd_E")
-        if parts["svd_Q"].shape[0] != rank:
-            raise mismatch("svd_Q", "svd_E")
-    elif form == "adapter":
-        width = parts["adapter_down_weight"].shape[0]
-        out = parts["adapter_up_weight"].shape[0]
-        if parts["adapter_down_bias"].numel() != width:
-            raise mismatch("adapter_down_bias", "adapter_down_weight")
-        if parts["adapter_up_weight"].shape[1] != width:
-            raise mismatch("adapter_up_weight", "adapter_down_weight")
-        if parts["adapter_up_bias"].numel() != out:
-            raise mismatch("adapter_up_bias", "adapter_up_weight")
-
-
-def _check_fit(name: str, parts: dict[str, torch.Tensor], param: torch.Tensor, model: nn.Module, where: str) -> None:
-    """One parameter's entries against the model's tensor: see `TaskDelta.check_fits`."""
-    shapes = {"set": parts["set"].shape if "set" in parts else None}
-    if "lora_A" in parts:
-        shapes["lora_B @ lora_A"] = (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
-    if "svd_P" in parts:
-        shapes["svd_P @ svd_Q"] = (parts["svd_P"].shape[0], parts["svd_Q"].shape[1])
-    if "adapter_up_weight" in parts:
-        module = model.get_submodule(name.rpartition(".")[0])
-        if not isinstance(module, nn.Linear) or name.rpartition(".")[2] != "weight":
-            raise SelectuneError(f"{where}: '{name}' has an Adapter but is not a Linear layer's weight")
-        shapes["adapter"] = (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1])
-    for what, shape in shapes.items():
-        if shape is not None and tuple(shape) != tuple(param.shape):
-            raise SelectuneError(f"{where}: '{name}' ({what}) has shape {tuple(shape)} but the model's is "
-                                 f"{tuple(param.shape)} (a delta for another base model?)")
-    if "indices" in parts and parts["indices"].numel() and int(parts["indices"].max()) >= param.numel():
-        raise SelectuneError(f"{where}: '{name}::indices' holds index {int(parts['indices'].max())}, but the "
-                             f"model's tensor has {param.numel()} entries (a delta for another base model?)")
+        form.check_alone(name, parts, where)
 
 
 def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
