@@ -55,11 +55,12 @@ def selectune_run(task: str, seed: int, args, out: Path) -> tuple[float, list[in
 
 
 def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
+    import peft_adalora  # beside this script
+
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits
     from selectune.config import compose
     from selectune.evaluation import evaluate
-    from selectune.methods import adalora_peft
     from selectune.tasks import load_task
 
     overrides = [f"recipe=glue/{task}_adalora", f"trainer.seed={seed}", f"trainer.lr={args.lr}"]
@@ -73,10 +74,10 @@ def peft_run(task: str, seed: int, args) -> tuple[float, list[int]]:
     steps_per_epoch = -(-len(splits["train"]) // spec.trainer.batch_size)
     total = spec.trainer.max_steps or int(spec.trainer.epochs * steps_per_epoch)
     fraction = lambda v: int(round(v * total)) if 0 < v < 1 else int(v)  # noqa: E731
-    model = adalora_peft.build(backbone.model, init_r=args.init_rank, target_r=args.target_rank,
+    model = peft_adalora.build(backbone.model, init_r=args.init_rank, target_r=args.target_rank,
                                tinit=fraction(args.t_init), tfinal=fraction(args.t_final), delta_t=args.delta_t,
                                orth_weight=args.orth, total_step=total, alpha=args.alpha)
-    curve = adalora_peft.train(model, splits["train"], steps=total, batch_size=spec.trainer.batch_size, seed=seed,
+    curve = peft_adalora.train(model, splits["train"], steps=total, batch_size=spec.trainer.batch_size, seed=seed,
                                lr=args.lr, weight_decay=spec.trainer.weight_decay,
                                warmup_ratio=spec.trainer.warmup_ratio,
                                max_grad_norm=spec.trainer.max_grad_norm, regression=task_obj.spec.is_regression)

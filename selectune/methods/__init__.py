@@ -1,31 +1,20 @@
-"""Method registry: `method.name` in a config -> the class that implements it."""
+"""Method registry: `method.name` in a config -> the class that implements it.
+
+Every module in this package is imported here and registers its classes (`@register` in base.py),
+so a new method is a new module: nothing here or in the loop names it."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Optional
 
 from selectune.config import typed
 from selectune.errors import SelectuneError
-from selectune.methods.adalora import AdaLoRA
-from selectune.methods.base import Method, MethodConfig
-from selectune.methods.baselines import BitFit, FullFineTune, LinearProbe
-from selectune.methods.diffpruning import DiffPruning
-from selectune.methods.lora import LoRA
-from selectune.methods.sara import SaRA
-from selectune.methods.spt import SPT
+from selectune.methods.base import METHODS, Method, MethodConfig
 
-METHODS: dict[str, type[Method]] = {
-    "full": FullFineTune,
-    "bitfit": BitFit,
-    "linear": LinearProbe,
-    "lora": LoRA,
-    "sara": SaRA,
-    "udiff": DiffPruning,
-    "sdiff": DiffPruning,
-    "spt_lora": SPT,
-    "spt_adapter": SPT,
-    "adalora": AdaLoRA,
-}
+for _module in pkgutil.iter_modules(__path__):  # each registers its methods (and delta forms) with @register
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def method_config(node: Any) -> MethodConfig:

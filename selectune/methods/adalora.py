@@ -1,12 +1,10 @@
-"""AdaLoRA (Zhang et al., ICLR 2023), methods.md §5, with the rank schedule owned by the loop.
+"""AdaLoRA (Zhang et al., ICLR 2023), docs/methods.md, AdaLoRA, with the rank schedule owned by the loop.
 
 ΔW = P diag(λ) Q on every target matrix (SVDLinear), loss = task + γ Σ_k R_k (orthogonality).
 R comes in two forms: the paper's Σ_k (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) (`orth_form=paper`) and the
-official code's and peft's mean of the unsquared norms (`reference`, the default). The paper's form
-is large at the start (γ Σ_k R_k = 24.5 logged at step 10 on MiniLM with r = 6, against a task loss
-of 0.69); its gradients fill Adam's second moments for P and Q in the first ~50 steps, after which
-P and Q barely move: on MRPC (seed 42) the paper's form stayed at the majority class (F1 81.22 /
-acc 68.38) where the reference form learned (82.30 / 72.06), everything else equal (docs/results.md).
+official code's and peft's mean of the unsquared norms (`reference`, the default): the paper's form is
+large at the start, fills Adam's second moments for P and Q, and then P and Q barely move (measured:
+docs/results.md, "Why the diff-pruning and AdaLoRA defaults are what they are").
 After every optimiser step (gradients still in place):
     I = |w · g|,  Ī ← β1 Ī + (1−β1) I,  U = |I − Ī|,  Ū ← β2 Ū + (1−β2) U,  s = Ī · Ū
     triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
@@ -31,7 +29,7 @@ from selectune.backbone import Backbone
 from selectune.delta.svd import SVDLinear, orthogonality_terms
 from selectune.delta.wrapping import ALL_LINEARS, find_linears, replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 from selectune.selection import select_k
 from selectune.sensitivity import TYPE_ORDER, layer_index, module_type
 
@@ -53,7 +51,7 @@ class AdaLoRAConfig(MethodConfig):
 
 
 def budget_at(t: int, b0: int, bT: int, t_init: int, t_final: int, total: int) -> int:
-    """b(t) of methods.md §5 (numerator t − t_init, as the paper and the reference code)."""
+    """b(t) of docs/methods.md, AdaLoRA (numerator t − t_init, as the paper and the reference code)."""
     if t < t_init:
         return b0
     if t >= total - t_final:
@@ -62,6 +60,7 @@ def budget_at(t: int, b0: int, bT: int, t_init: int, t_final: int, total: int) -
     return int(bT + (b0 - bT) * progress**3)
 
 
+@register("adalora")
 class AdaLoRA(Method):
     Config = AdaLoRAConfig
     uses_budget = True

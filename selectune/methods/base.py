@@ -1,4 +1,4 @@
-"""The one interface every method implements (design.md, "Flow of one run").
+"""The one interface every method implements (docs/design.md, "Flow of one run").
 
     attach(backbone)      freeze the base, insert the method's delta forms, mark what trains
     param_groups(lr, wd)  what the optimiser sees, each group with its own learning rate
@@ -8,7 +8,8 @@
 
 The task head (the parameters the checkpoint did not have) is trained densely and stored whole by
 every method, so the base class handles it. A new method is one module with a `Config` dataclass and
-a subclass of `Method`, registered in `selectune.methods.METHODS` — the training loop never changes.
+a subclass of `Method` decorated with `@register("<name>")` (the `method.name` configs use): the package
+imports every module beside this one, so the training loop, the registry and the tests never change.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ class MethodConfig:
                 value = getattr(self, key, None)
                 if value is not None and not holds(value):
                     raise SelectuneError(f"method.{key}={value}: {rule} (method {self.name})")
+
+
+# method.name -> the class that implements it; filled by @register as selectune.methods imports its modules
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a Method subclass the implementation of `method=<name>`."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method '{name}' is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+        METHODS[name] = cls
+        return cls
+
+    return add
 
 
 class Method(ABC):

@@ -1,4 +1,4 @@
-"""The baselines every comparison needs (methods.md §6): full fine-tuning, BitFit, linear probe.
+"""The baselines every comparison needs (docs/methods.md, baselines): full fine-tuning, BitFit, linear probe.
 
 They make selective results meaningful: a row without its baseline proves nothing.
 """
@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from selectune.backbone import Backbone
-from selectune.methods.base import Method, ProbeBatches
+from selectune.methods.base import Method, ProbeBatches, register
 
 
+@register("full")
 class FullFineTune(Method):
     """Every parameter trains; the delta stores every tensor whole."""
 
@@ -23,6 +24,7 @@ class FullFineTune(Method):
         return {f"{n}::set": p for n, p in self.backbone.base_parameters().items()}
 
 
+@register("bitfit")
 class BitFit(Method):
     """Only the bias terms (and the head) train — Ben Zaken et al., 2022."""
 
@@ -35,6 +37,7 @@ class BitFit(Method):
         return {f"{n}::set": p for n, p in self.backbone.base_parameters().items() if n.endswith(".bias")}
 
 
+@register("linear")
 class LinearProbe(Method):
     """Only the head trains: the floor any tuning method must beat."""
 

@@ -1,4 +1,4 @@
-"""Diff pruning (Guo, Rush, Kim, ACL 2021): U-Diff (`udiff`) and S-Diff (`sdiff`), methods.md §1-2.
+"""Diff pruning (Guo, Rush, Kim, ACL 2021): U-Diff (`udiff`) and S-Diff (`sdiff`), docs/methods.md, U- and S-Diff-Pruning.
 
 One run holds both phases of the paper, so the stored delta is sparse from the start:
 
@@ -7,19 +7,14 @@ task + λ · E‖δ‖₀; w and α in separate groups (w: method lr, linear sch
 as the reference's never-stepped α schedule), gradients clipped separately. S-Diff adds one gate per
 group. Its penalty is by default the released code's Σ_i σ(α_i − c) + Σ_j σ(α^j − c), one penalty
 unit per group (`group_penalty=reference`); `group_penalty=paper` is the paper's Σ_j Σ_{i∈g(j)}
-σ(α_i − c) σ(α^j − c). Under Adam the paper's gradient on a group logit is the sum over its whole
-group, so group gates close before w has grown: on MRPC 65% (batch 32) and 91% (batch 8) of the
-tensors were off at step 50, and phase 1 never left the majority class (docs/results.md).
-Phase-1 length matters: α moves from α_init = 5 at Adam's pace, so the recipes use the paper's
-batch of 8 (4× the steps of batch 32 per epoch); at batch 32, phase 1 ended at 18% density, not
-the paper's 0.6–3.3%, and the projection to 0.5% cost 8 F1 that phase 2 did not win back.
-λ matters as much: the paper's 1.25e-7 (the default) leaves MiniLM's phase 1 at ~15% density on STS-B
-(MSE on 0-5 labels outweighs the penalty) and closes RTE's and CoLA's gates before w has learnt
-(0.2-0.4%), so those three recipes set their own λ (1.25e-6; 6.25e-8; docs/results.md, "Diff pruning:
-lambda per task").
+σ(α_i − c) σ(α^j − c), whose group gates close early under Adam (the group logit's gradient is the sum
+over its whole group). α moves from α_init at Adam's pace, so phase 1's length in steps (batch size)
+and λ decide the density it ends at: the recipes use the paper's batch of 8 and set λ per task where
+the default does not reach the budget; why, with the measurements: docs/results.md, "Why the diff-pruning
+and AdaLoRA defaults are what they are".
 Projection (paper §4.3): δ = z_eval ⊙ w, keep the top-k |δ| with k = budget − head (0.5% of the
 backbone with the head counted, by default; exact, stable tie-break). When phase 1 ends sparser than
-the budget (RTE on MiniLM at the paper's λ ends it at ~0.4% expected density), all nonzero δ are kept
+the budget, all nonzero δ are kept
 and the rest of k goes to the zero-δ entries with the largest log P(z > 0); the projection record counts them.
 Phase 2: only those k entries train, on the SparseDelta form with the mask fixed, at `phase2_lr`
 with their own warm-up and decay over the remaining steps; w and α are dropped.
@@ -44,7 +39,7 @@ from selectune.delta import sparse
 from selectune.delta.hardconcrete import FlatGates, HardConcreteModule
 from selectune.delta.wrapping import by_module, replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 from selectune.selection import mask_hash, select_k
 
 log = logging.getLogger(__name__)
@@ -65,8 +60,15 @@ class DiffPruningConfig(MethodConfig):
     phase2_lr: float = 5.0e-5
     log_every: int = 50  # steps between density statistics in metrics.jsonl (they scan every α)
     compile: str = "auto"  # torch.compile the flat gate math: auto (CUDA with Triton only) | true | false
+    structured: bool = False  # S-Diff: one more gate per group (a tensor, or group_rows rows) scales its entries'
 
 
+@dataclass
+class StructuredDiffPruningConfig(DiffPruningConfig):
+    structured: bool = True
+
+
+@register("udiff")
 class DiffPruning(Method):
     Config = DiffPruningConfig
     uses_budget = True
@@ -75,7 +77,7 @@ class DiffPruning(Method):
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
         if self.budget is None:
             raise SelectuneError(f"{self.cfg.name} projects onto an exact budget: give budget=0_5pct or budget.count")
-        self.structured = self.cfg.name == "sdiff"
+        self.structured = self.cfg.structured
         if self.cfg.group_penalty not in ("paper", "reference"):
             raise SelectuneError(f"method.group_penalty={self.cfg.group_penalty}: use paper or reference")
         compile_mode = str(self.cfg.compile).lower()
@@ -253,3 +255,11 @@ class DiffPruning(Method):
             raise SelectuneError(f"{self.cfg.name}: the delta is sparse only after the projection at step "
                                  f"{self.switch_step}; evaluate with trainer.select=last or after phase 1")
         return sparse.delta_entries(self.wrappers)
+
+
+@register("sdiff")
+class StructuredDiffPruning(DiffPruning):
+    """S-Diff-Pruning (`method=sdiff`): diff pruning whose config defaults to `structured: true`, so a run
+    stored before the field existed still reads as S-Diff."""
+
+    Config = StructuredDiffPruningConfig

@@ -15,7 +15,7 @@ from selectune.backbone import Backbone
 from selectune.delta.lowrank import LowRankLinear
 from selectune.delta.wrapping import find_linears, replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 
 
 @dataclass
@@ -26,6 +26,7 @@ class LoRAConfig(MethodConfig):
     targets: list[str] = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
 
 
+@register("lora")
 class LoRA(Method):
     Config = LoRAConfig
     uses_budget = True

@@ -1,4 +1,4 @@
-"""SaRA: fine-tune the pretrained entries that matter least to the pretrained model (methods.md §3;
+"""SaRA: fine-tune the pretrained entries that matter least to the pretrained model (docs/methods.md, SaRA;
 Hu et al., ICLR 2025, arXiv 2409.06633 — not SoRA, arXiv 2311.11696).
 
     M = 1{|W0| < threshold},   W = W0 + scatter(M, values)   (only `values` train)
@@ -26,7 +26,7 @@ from selectune.backbone import Backbone
 from selectune.delta import sparse
 from selectune.delta.wrapping import ALL_LINEARS, find_linears
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 from selectune.selection import count, mask_hash, select_below, select_k
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class SaRAConfig(MethodConfig):
     sparse_grad: str = "auto"  # weight-gradient path: auto (dense on CUDA, sddmm elsewhere) | dense | sddmm
 
 
+@register("sara")
 class SaRA(Method):
     Config = SaRAConfig
     uses_budget = True

@@ -1,4 +1,4 @@
-"""SPT: sensitivity-aware parameter-efficient tuning (He et al., ICCV 2023), methods.md §4.
+"""SPT: sensitivity-aware parameter-efficient tuning (He et al., ICCV 2023), docs/methods.md, SPT.
 
 1. Sensitivity s = Σ g² over `probe_batches` training batches (fixed order, seeded).
 2. Allocation under a budget B of stored numbers (head counted): take the global top-τ entries; a
@@ -27,7 +27,7 @@ from selectune.delta.adapter import AdapterLinear
 from selectune.delta.lowrank import LowRankLinear
 from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 from selectune.selection import mask_hash
 from selectune.sensitivity import Ranking, candidates, probe
 
@@ -43,6 +43,17 @@ class SPTConfig(MethodConfig):
     probe_batches: int = 16
     include_embeddings: bool = False
     sparse_grad: str = "auto"  # weight-gradient path of the entries tuned alone (see SaRA's option)
+    form: str = "lora"  # what tunes a structurally selected matrix: lora | adapter
+
+    def validate(self) -> None:
+        super().validate()
+        if self.form not in ("lora", "adapter"):
+            raise SelectuneError(f"method.form={self.form}: use lora or adapter (method {self.name})")
+
+
+@dataclass
+class SPTAdapterConfig(SPTConfig):
+    form: str = "adapter"
 
 
 @dataclass
@@ -117,6 +128,7 @@ def allocate(scores: dict[str, torch.Tensor], budget: int, module_cost, alpha: f
     return Allocation(lo, sorted(structured), sorted(whole), entries, total)
 
 
+@register("spt_lora")
 class SPT(Method):
     Config = SPTConfig
     uses_budget = True
@@ -127,7 +139,7 @@ class SPT(Method):
             raise SelectuneError("SPT allocates a budget: give budget.count=N or budget.fraction=F")
         if probe_batches is None:
             raise SelectuneError("SPT needs training batches to probe sensitivity")
-        self.adapter = self.cfg.name == "spt_adapter"
+        self.adapter = self.cfg.form == "adapter"
         model = backbone.model
         names = candidates(model, backbone.head_names, self.cfg.include_embeddings)
         linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -167,3 +179,11 @@ class SPT(Method):
             out[f"{name}::set"] = self.model.get_parameter(name)
         out.update(sparse.delta_entries(self.sparse))
         return out
+
+
+@register("spt_adapter")
+class SPTAdapter(SPT):
+    """SPT-Adapter (`method=spt_adapter`): SPT whose config defaults to `form: adapter`, so a run stored
+    before the field existed still reads as SPT-Adapter."""
+
+    Config = SPTAdapterConfig
