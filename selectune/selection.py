@@ -2,7 +2,7 @@
 
 Budgets are exact: `select_k` returns exactly k entries (a stable tie-break by tensor name, then flat
 index, so two runs agree bit for bit), and every selection has a short hash that runs log, so two
-runs' masks can be compared at a glance (design.md, "Budget").
+runs' masks can be compared at a glance (docs/design.md, "Budget").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parameter sensitivity from a few training batches (design.md "Sensitivity"; methods.md §4).
+"""Parameter sensitivity from a few training batches (docs/design.md "Sensitivity"; docs/methods.md, SPT).
 
     grad2      Σ_b g_b²            SPT's first-order Taylor sensitivity (FISH's Fisher diagonal)
     taylor     Σ_b |w · g_b|        first-order Taylor importance

@@ -3,7 +3,7 @@ operations per step, and the sparse weight-gradient paths equal to each other.
 
 Counted with selectune.profiling (a TorchDispatchMode) on the tiny random model: a sync-prone operation
 (bincount, nonzero, item, boolean-mask indexing, unique, ...) stalls a CUDA host, and every kernel-like
-operation is at least one launch there (docs/gpu.md).
+operation is at least one launch there (docs/benchmarks.md, "Selective steps shaped for a GPU").
 """
 
 from __future__ import annotations

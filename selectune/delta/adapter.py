@@ -1,4 +1,4 @@
-"""A bottleneck Adapter in parallel to a frozen Linear (SPT-Adapter, methods.md §4):
+"""A bottleneck Adapter in parallel to a frozen Linear (SPT-Adapter, docs/methods.md, SPT):
 
     y = W x + b + up(GELU(down(x)))      down: in -> r, up: r -> out (zero-init: training starts at the base)
 

@@ -1,4 +1,4 @@
-"""The hard-concrete delta form of diff pruning's first phase (methods.md §1-2; Louizos et al. 2018).
+"""The hard-concrete delta form of diff pruning's first phase (docs/methods.md, U- and S-Diff-Pruning; Louizos et al. 2018).
 
     θ = θ0 + z ⊙ w          (U-diff)        θ = θ0 + z ⊙ z_g ⊙ w     (S-diff: z_g one gate per group)
     z = min(1, max(0, s·(r − l) + l)),  s = σ(log u − log(1 − u) + α),  u ~ U(0, 1)   (training)
@@ -13,7 +13,7 @@ Two paths compute the same thing. A module on its own gates its tensors one by o
 ~15-27 small ops per tensor). Inside a model, `FlatGates` gates every tensor of every module in one pass
 per forward (one noise draw, one autograd Function with its backward written out, one penalty
 reduction): on a GPU the per-tensor path is a launch storm of thousands of tiny kernels per step
-(docs/gpu.md §2), while the flat pass costs about as many kernels as one tensor.
+(docs/benchmarks.md, "Selective steps shaped for a GPU"), while the flat pass costs about as many kernels as one tensor.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class HardConcreteModule(nn.Module):
         return self.mask(name, training) * getattr(self, f"{name}_w")
 
     def expected_l0(self, name: str) -> torch.Tensor:
-        """Σ_i P(z_i > 0) (· P(z_g(i) > 0) when structured): methods.md §1 and §2. With
+        """Σ_i P(z_i > 0) (· P(z_g(i) > 0) when structured): docs/methods.md, U- and S-Diff-Pruning. With
         group_penalty="reference", the released code's form instead: Σ_i P(z_i > 0) + Σ_j P(z^j > 0),
         where a group logit's penalty gradient no longer scales with its group's size."""
         p = p_nonzero(getattr(self, f"{name}_alpha"), self.l, self.r)
@@ -402,7 +402,7 @@ class FlatGates:
         return torch.segment_reduce(blocks, "sum", lengths=self.lengths(flat.device), unsafe=True)
 
     def expected_l0(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None) -> torch.Tensor:
-        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (methods.md §1-2).
+        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (docs/methods.md, U- and S-Diff-Pruning).
         In place on `group_alpha` (a fresh concatenation)."""
         p = (alpha - self.c).sigmoid_()
         if group_alpha is None:

@@ -1,4 +1,4 @@
-"""The SVD-form delta of AdaLoRA (methods.md §5): ΔW = P diag(λ) Q · scale.
+"""The SVD-form delta of AdaLoRA (docs/methods.md, AdaLoRA): ΔW = P diag(λ) Q · scale.
 
 P (out × r) and Q (r × in) ~ N(0, 0.02), λ = 0 at the start (so training starts at the base);
 scale = alpha / r with r the initial rank (the reference's `ranknum`, kept constant). Pruning a
