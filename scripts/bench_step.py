@@ -14,7 +14,7 @@ same count spread over all six matrix types. sdiff_phase1 / udiff_phase1 = diff 
 r=8's count; its probe runs before timing) and adalora (importance EMAs after every step) are the
 other rows; the loop calls method.after_step as the trainer does. lora_all = LoRA r=8 on the six matrix
 types AdaLoRA adapts (its forward/backward twin: AdaLoRA's own bookkeeping is what differs). The step
-itself is selectune.profiling.StepBench (AdamW as the trainer builds it: fused on CUDA, foreach elsewhere);
+itself is selectune.profiling.StepBench (AdamW as the trainer builds it: fused on CUDA and CPU);
 --count-ops counts it with selectune.profiling.OpCounter; --model-path measures a local copy of the
 model's weights (e.g. fp16 weights carried to a GPU machine, trained in fp32).
 """
@@ -69,7 +69,7 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
     from selectune.profiling import count_steps, prepare
 
     bench = prepare(method_overrides(method, model), seq, batch=32, n_batches=steps + 2, device=device_name,
-                    precision=precision, model_path=model_path)
+                    precision=precision, model_path=model_path, adamw_mode="foreach" if ops_only else "trainer")
     if ops_only:  # the second step (the first builds the optimiser state)
         counter = count_steps(bench, [1])[0]
         return {"method": method, "seq": seq, "ops": counter.total, "kernels": counter.kernels,
@@ -192,8 +192,9 @@ def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
     body = (f"### Tensor operations per training step\n\n`{command.strip()}`: model `{args.model}`"
             f"{' from ' + args.model_path if args.model_path else ''}, {args.precision}, device {args.device}, "
             f"batch 32 x {args.seqs[0]} tokens, the second step (forward, penalty, backward, AdamW as the trainer "
-            "builds it: foreach here, fused on CUDA, after_step). Kernel-like = every dispatched operation but "
-            "views, aliases and detach: on a GPU each is at least one kernel launch. Sync-prone = operations "
+            "builds it, but foreach: the unit of the op budgets, after_step). Kernel-like = every dispatched "
+            "operation but views, aliases and detach: on a GPU each is at least one kernel launch. Sync-prone = "
+            "operations "
             "whose CUDA kernel makes the host wait (bincount, nonzero, item, boolean-mask indexing, "
             "repeat_interleave without output_size, unique), counted by `selectune.profiling.OpCounter`.\n\n"
             + "\n".join(lines))

@@ -91,6 +91,7 @@ class StepBench:
     dtype: torch.dtype | None
     built_for: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    adamw_mode: str = "trainer"  # "trainer": as selectune.trainer builds it; "foreach": the counting convention
 
     def step(self, i: int) -> None:
         """Training step i (1-based step number i + 1 for the method's schedule) on batch i."""
@@ -103,7 +104,7 @@ class StepBench:
         self.method.after_step(i + 1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.method.trainable_version != self.built_for:  # re-selection: the trainer rebuilds it too
-            self.optimizer = _adamw(self.method, self.device)
+            self.optimizer = _adamw(self.method, self.device, self.adamw_mode)
             self.built_for = self.method.trainable_version
 
     def count(self, i: int) -> OpCounter:
@@ -120,15 +121,18 @@ class StepBench:
                 and not self.optimizer.defaults.get("fused")]
 
 
-def _adamw(method: Any, device: torch.device) -> torch.optim.Optimizer:
+def _adamw(method: Any, device: torch.device, mode: str = "trainer") -> torch.optim.Optimizer:
+    """The trainer's AdamW (fused on CPU and CUDA: timings), or foreach AdamW (operation counts: the unit the
+    op budgets were set in, which a fused step would shrink to one operation per group for every method)."""
     from selectune.trainer import adamw
 
-    return adamw(method.param_groups(1e-4, 0.01), 1e-4, device)
+    groups = method.param_groups(1e-4, 0.01)
+    return torch.optim.AdamW(groups, lr=1e-4, foreach=True) if mode == "foreach" else adamw(groups, 1e-4, device)
 
 
 def prepare(overrides: Sequence[str], seq: int, batch: int = 32, n_batches: int = 8, device: str = "cpu",
             precision: str = "fp32", total_steps: int = 1000, seed: int = 0,
-            model_path: str | None = None) -> StepBench:
+            model_path: str | None = None, adamw_mode: str = "trainer") -> StepBench:
     """Compose a train config from `overrides` (a recipe plus model=...), attach its method to the model
     and return the step harness. `model_path` replaces the model's weights folder (an offline copy, e.g.
     fp16 weights carried to another machine: loaded as fp32). SPT's probe runs here (a one-off)."""
@@ -156,7 +160,8 @@ def prepare(overrides: Sequence[str], seq: int, batch: int = 32, n_batches: int 
     method.plan(total_steps, 100)
     model.train()
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return StepBench(method, model, _adamw(method, dev), batches, dev, dtype, method.trainable_version)
+    return StepBench(method, model, _adamw(method, dev, adamw_mode), batches, dev, dtype, method.trainable_version,
+                     adamw_mode=adamw_mode)
 
 
 def count_steps(bench: StepBench, steps: Sequence[int]) -> list[OpCounter]:

@@ -1,4 +1,4 @@
-"""The hard-concrete delta form of diff pruning's first phase (docs/methods.md, U- and S-Diff-Pruning; Louizos et al. 2018).
+"""The hard-concrete delta form of diff pruning's first phase (Louizos et al. 2018; docs/methods.md, U-Diff-Pruning).
 
     θ = θ0 + z ⊙ w          (U-diff)        θ = θ0 + z ⊙ z_g ⊙ w     (S-diff: z_g one gate per group)
     z = min(1, max(0, s·(r − l) + l)),  s = σ(log u − log(1 − u) + α),  u ~ U(0, 1)   (training)
@@ -402,7 +402,7 @@ class FlatGates:
         return torch.segment_reduce(blocks, "sum", lengths=self.lengths(flat.device), unsafe=True)
 
     def expected_l0(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None) -> torch.Tensor:
-        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (docs/methods.md, U- and S-Diff-Pruning).
+        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (docs/methods.md, diff pruning).
         In place on `group_alpha` (a fresh concatenation)."""
         p = (alpha - self.c).sigmoid_()
         if group_alpha is None:

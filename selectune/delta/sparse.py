@@ -12,7 +12,8 @@ computed per device (`method.sparse_grad`, "auto" by default):
     (a dtype or device without it) the same sum is computed by gathering token columns in chunks.
   - `dense` (auto on CUDA): the dense product dyᵀx, then an index_select of the entries — what SpIEL and
     SHiRA do. On a GPU the extra GEMM costs what full fine-tuning pays for these matrices, while
-    cuSPARSE's SDDMM pays a set-up per call (docs/benchmarks.md, "Selective steps shaped for a GPU"); under bf16 autocast it accumulates in fp32.
+    cuSPARSE's SDDMM pays a set-up per call (docs/benchmarks.md, "Selective steps shaped for a GPU"); under
+    bf16 autocast it accumulates in fp32.
 Everything index-shaped is prepared once per selection (`set_entries`: at wrapping, SaRA's
 re-selection, resume, diff pruning's projection) as non-persistent buffers that follow `.to()`: the int64
 flat index, and for Linear weights the rows, columns and CSR row pointer. A step does no index

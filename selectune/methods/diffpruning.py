@@ -1,4 +1,4 @@
-"""Diff pruning (Guo, Rush, Kim, ACL 2021): U-Diff (`udiff`) and S-Diff (`sdiff`), docs/methods.md, U- and S-Diff-Pruning.
+"""Diff pruning (Guo, Rush, Kim, ACL 2021): U-Diff (`udiff`) and S-Diff (`sdiff`); docs/methods.md, diff pruning.
 
 One run holds both phases of the paper, so the stored delta is sparse from the start:
 
