@@ -21,6 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from selectune.report import metrics_file, metrics_lines
+
 sys.path.insert(0, str(Path(__file__).parent))
 from docsection import write_section
 
@@ -30,7 +32,8 @@ PROJECTION = re.compile(r"projection: (\d+) nonzero -> (\d+) kept")
 def row(run: Path) -> str:
     """One table row. A run cut before its end (no results.json) still has phase 1 and the projection
     in metrics.jsonl / train.log: its row says how far phase 2 got instead of the final metric."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    path = metrics_file(run)
+    records = [json.loads(line) for line in metrics_lines(path)] if path is not None else []
     config = OmegaConf.load(run / "config.yaml")
     finished = (run / "results.json").is_file()
     result = json.loads((run / "results.json").read_text()) if finished else None

@@ -97,10 +97,29 @@ def read_run(path: Path) -> dict[str, Any]:
     return result
 
 
+def metrics_file(run_dir: Path) -> Path | None:
+    """A run's metrics.jsonl, or the gzip-compressed copy a kept run has (results/: scripts/keep_runs.sh)."""
+    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def metrics_lines(path: Path) -> list[str]:
+    """The lines of a metrics.jsonl, plain or .gz."""
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", errors="replace") as handle:
+            return handle.read().splitlines()
+    return path.read_text(errors="replace").splitlines()
+
+
 def read_losses(path: Path) -> list[tuple[int, float]]:
-    """(step, training loss) from a metrics.jsonl; a line that is no such record is skipped with a warning."""
+    """(step, training loss) from a metrics.jsonl (or .gz); a line that is no such record is skipped with a
+    warning."""
     steps = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(metrics_lines(path), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -360,8 +379,8 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        path = Path(run["run_dir"]) / "metrics.jsonl"
-        if path.exists():
+        path = metrics_file(Path(run["run_dir"]))
+        if path is not None:
             steps = read_losses(path)
             if steps:
                 ax.plot(*zip(*steps, strict=True), label=f"{run['task']} {run['method']} s{run['seed']}", lw=1)

@@ -126,3 +126,21 @@ def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fail
     assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
     result = run_cli("report", str(runs), "pair=sdiff", cwd=tmp_path)
     assert result.returncode != 0 and "pair= takes two method labels" in result.stderr
+
+
+def test_a_kept_runs_compressed_curve_reads_as_the_plain_one(tmp_path):
+    """results/ keeps metrics.jsonl gzip-compressed (scripts/keep_runs.sh): the report reads both alike."""
+    import gzip
+
+    from selectune.report import metrics_file, read_losses
+
+    lines = [json.dumps({"step": 1, "loss": 0.7}), "not json", json.dumps({"step": 2, "eval": {}}),
+             json.dumps({"step": 3, "loss": 0.5})]
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    plain.mkdir()
+    kept.mkdir()
+    (plain / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(kept / "metrics.jsonl.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    assert metrics_file(kept).name == "metrics.jsonl.gz" and metrics_file(tmp_path) is None
+    assert read_losses(metrics_file(plain)) == read_losses(metrics_file(kept)) == [(1, 0.7), (3, 0.5)]
