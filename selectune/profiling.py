@@ -12,7 +12,7 @@ A foreach/fused operation counts once, as on CUDA (on CPU its per-tensor fallbac
 
 `StepBench` builds one method on one model with fixed random token batches and runs the same step the
 trainer runs (forward under autocast, penalty, backward, AdamW as the trainer builds it, after_step,
-zero_grad); `scripts/bench_step.py` times it and the tests count it.
+zero_grad); `scripts/bench/bench_step.py` times it and the tests count it.
 """
 
 from __future__ import annotations

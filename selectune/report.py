@@ -98,7 +98,8 @@ def read_run(path: Path) -> dict[str, Any]:
 
 
 def metrics_file(run_dir: Path) -> Path | None:
-    """A run's metrics.jsonl, or the gzip-compressed copy a kept run has (results/: scripts/keep_runs.sh)."""
+    """A run's metrics.jsonl, or the gzip-compressed copy a kept run has (results/, written by
+    scripts/reproduction/keep_runs.sh)."""
     for name in ("metrics.jsonl", "metrics.jsonl.gz"):
         if (run_dir / name).is_file():
             return run_dir / name
@@ -295,7 +296,7 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
 
 
 def parse_pair(text: str) -> tuple[str, str]:
-    """`sdiff:full` -> ("sdiff", "full"): the form of `pair=` (CLI) and `--pair` (scripts/results_table.py)."""
+    """`sdiff:full` -> ("sdiff", "full"): the form of `pair=` (CLI) and `--pair` (scripts/analysis/results_table.py)."""
     first, _, second = text.partition(":")
     if not first or not second:
         raise SelectuneError("pair= takes two method labels as the report names them: pair=sdiff:full")

@@ -116,7 +116,7 @@ def adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torc
     CUDA and CPU, foreach (a handful of multi-tensor kernels) elsewhere, never the per-tensor loop whose
     launches dominate a GPU step that trains many small tensors (SparseDelta values, AdaLoRA triplets, gates).
     On a 2-core CPU one fused step over MiniLM's 22.7M parameters took 14-18 ms, foreach 87-99 ms and the
-    loop 116-135 ms (`python scripts/bench_adamw.py`, 3 rounds)."""
+    loop 116-135 ms (`python scripts/bench/bench_adamw.py`, 3 rounds)."""
     if device.type in ("cuda", "cpu"):
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     return torch.optim.AdamW(groups, lr=lr, foreach=True)

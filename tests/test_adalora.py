@@ -141,7 +141,7 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
 
     from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "scripts" / "reproduction"))
     import peft_adalora  # the reference side of the parity checks
 
     from selectune.tasks import load_task

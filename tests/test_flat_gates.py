@@ -273,7 +273,7 @@ def phase1_step_ops(recipe: str, layers: int, *overrides: str) -> tuple[int, dic
 
     from conftest import REPO, compose_run
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "scripts" / "bench"))
     from phase1_ops import op_counter
 
     spec = RunSpec.from_config(compose_run(recipe, f"model.config_overrides.num_hidden_layers={layers}", *overrides))

@@ -129,7 +129,7 @@ def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fail
 
 
 def test_a_kept_runs_compressed_curve_reads_as_the_plain_one(tmp_path):
-    """results/ keeps metrics.jsonl gzip-compressed (scripts/keep_runs.sh): the report reads both alike."""
+    """results/ keeps metrics.jsonl gzip-compressed (scripts/reproduction/keep_runs.sh): the report reads both alike."""
     import gzip
 
     from selectune.report import metrics_file, read_losses

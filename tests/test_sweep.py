@@ -1,4 +1,4 @@
-"""scripts/sweep.py: the winner is chosen on validation scores and written into a recipe that composes."""
+"""scripts/reproduction/sweep.py: the winner is chosen on validation scores and written into a recipe that composes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sweep", REPO / "scripts" / "sweep.py")
+spec = importlib.util.spec_from_file_location("sweep", REPO / "scripts" / "reproduction" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)
 sys.modules["sweep"] = sweep  # dataclasses look their module up
 spec.loader.exec_module(sweep)

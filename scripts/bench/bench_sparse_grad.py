@@ -1,6 +1,6 @@
 """The sparse weight gradient, three ways: why SparseDelta uses a sampled matrix product (SDDMM).
 
-    python scripts/bench_sparse_grad.py [--device cuda] [--write docs/benchmarks.md]
+    python scripts/bench/bench_sparse_grad.py [--device cuda] [--write docs/benchmarks.md]
 
 For MiniLM-shaped Linear weights and 0.5%-4% of their entries selected, times (median of 10) the
 gradient of the selected entries computed as (a) torch.sparse.sampled_addmm on the entries' CSR
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from selectune.delta import sparse
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 CASES = [(2048, 384, 384, 0.04), (2048, 1536, 384, 0.005), (4096, 384, 1536, 0.005), (4096, 768, 768, 0.0208)]
@@ -74,7 +76,7 @@ def main() -> None:
             "|---|---|---|---|---|---|"]
     rows += [measure(*case, device) for case in CASES]
     where = f"CUDA ({torch.cuda.get_device_name(device)})" if on_gpu else "CPU"
-    body = (f"### Sparse weight gradient{', on a GPU' if on_gpu else ''}\n\n`python scripts/bench_sparse_grad.py"
+    body = (f"### Sparse weight gradient{', on a GPU' if on_gpu else ''}\n\n`python scripts/bench/bench_sparse_grad.py"
             f"{' --device ' + args.device if on_gpu else ''}` (fp32, {where}, torch {torch.__version__}; "
             f"median of 10):\n\n" + "\n".join(rows))
     print(body)

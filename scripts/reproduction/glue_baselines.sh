@@ -3,7 +3,7 @@
 # full FT on MRPC and RTE, one epoch of SST-2 full FT, and BitFit / LoRA / linear probe on MRPC,
 # all with the offline MiniLM and seed 42, then the results table in docs/results.md.
 #
-#   SELECTUNE_DATA=../shared/data bash scripts/glue_baselines.sh [runs root, default runs/baselines]
+#   SELECTUNE_DATA=../shared/data bash scripts/reproduction/glue_baselines.sh [runs root, default runs/baselines]
 #
 # Run time on the 2-core CPU machine this was measured on: about 70 minutes in total.
 set -euo pipefail
@@ -20,5 +20,5 @@ run mrpc_bitfit recipe=glue/mrpc_bitfit
 run mrpc_lora   recipe=glue/mrpc_lora
 run mrpc_linear recipe=glue/mrpc_linear
 run sst2_full_1epoch recipe=glue/sst2_full trainer.epochs=1
-python scripts/results_table.py "$root" --title "GLUE baselines, offline MiniLM, seed 42" \
-  --command "SELECTUNE_DATA=../shared/data bash scripts/glue_baselines.sh $root"
+python scripts/analysis/results_table.py "$root" --title "GLUE baselines, offline MiniLM, seed 42" \
+  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduction/glue_baselines.sh $root"

@@ -3,8 +3,8 @@
 # config.yaml, metrics.jsonl gzip-compressed, AdaLoRA's final ranks; no deltas, no checkpoints), so the docs tables can
 # be regenerated from committed files and later sessions add seeds to the same table.
 #
-#   bash scripts/keep_runs.sh /work/runs/mrpc42 results/glue_minilm
-#   python scripts/results_table.py results/glue_minilm --section reproduce --title ... --command ...
+#   bash scripts/reproduction/keep_runs.sh /work/runs/mrpc42 results/glue_minilm
+#   python scripts/analysis/results_table.py results/glue_minilm --section reproduce --title ... --command ...
 set -euo pipefail
 src="${1:?runs folder}"; dest="${2:?destination folder}"
 find "$src" -name results.json | while read -r result; do

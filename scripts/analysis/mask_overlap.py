@@ -1,6 +1,6 @@
 """Did two runs change the same weights? Overlap of the sparse masks of stored deltas, pair by pair.
 
-    python scripts/mask_overlap.py <run A> <run B> [<run A> <run B> ...] [--write docs/results.md]
+    python scripts/analysis/mask_overlap.py <run A> <run B> [<run A> <run B> ...] [--write docs/results.md]
 
 For each pair (run directories or delta files): the entries each stored, the entries both stored against
 what two uniform random masks of that size would share (k_A·k_B / N), and the tensors only one of the two
@@ -10,6 +10,7 @@ touched with the entries it spent there. The dense task head is not a mask and i
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -18,6 +19,7 @@ from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 from selectune.selection import overlap
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 
@@ -61,7 +63,7 @@ def main() -> None:
                        *rows])
     print(table)
     if args.write:
-        command = "python scripts/mask_overlap.py " + " ".join(str(r) for r in args.runs)
+        command = "python scripts/analysis/mask_overlap.py " + " ".join(str(r) for r in args.runs)
         write_section(args.write, "mask_overlap", "### Which weights the stored deltas changed (mask overlap)\n\n"
                       f"Made by `{command}` (run directories of the diff-pruning grid).\n\n" + table)
 

@@ -8,11 +8,11 @@
 # and 60 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) ~72 CPU-hours (~100 at
 # LoRA's in-run 8.4 s/step on a busier machine; ~20 at the quiet-machine rate of 1.7 s/step). Two instances side by side on 2 cores with different TASKS=...
 #
-#   python scripts/vtab_digits.py runs/vtab_data && SELECTUNE_DATA=runs/vtab_data bash scripts/vtab_dinov2.sh runs/dinov2
-#   STAGE=select bash scripts/vtab_dinov2.sh runs/dinov2      # stage 1 only (TASKS=..., METHODS=... narrow it)
+#   python scripts/reproduction/vtab_digits.py runs/vtab_data && SELECTUNE_DATA=runs/vtab_data bash scripts/reproduction/vtab_dinov2.sh runs/dinov2
+#   STAGE=select bash scripts/reproduction/vtab_dinov2.sh runs/dinov2      # stage 1 only (TASKS=..., METHODS=... narrow it)
 set -euo pipefail
 root="${1:-runs/dinov2}"
-: "${SELECTUNE_DATA:?set SELECTUNE_DATA to the <root> written by python scripts/vtab_digits.py <root>}"
+: "${SELECTUNE_DATA:?set SELECTUNE_DATA to the <root> written by python scripts/reproduction/vtab_digits.py <root>}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 TASKS="${TASKS:-dtd10 cifar10_1k fashion_mnist_1k digits}"
 METHODS="${METHODS:-full linear bitfit lora spt_lora spt_adapter sara udiff sdiff adalora}"

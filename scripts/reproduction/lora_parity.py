@@ -1,7 +1,8 @@
 """LoRA parity: selectune's `glue/<task>_lora` recipe vs peft + transformers' Trainer at the same settings.
 
     pip install -c constraints.txt -e ".[dev]"   # peft (and the accelerate it pulls) are test-only extras
-    SELECTUNE_DATA=../shared/data OMP_NUM_THREADS=1 python scripts/lora_parity.py --task rte --seeds 42 43 44 \\
+    SELECTUNE_DATA=../shared/data OMP_NUM_THREADS=1 python scripts/reproduction/lora_parity.py --task rte \\
+        --seeds 42 43 44 \\
         --out runs/lora_parity [--only selectune|peft] [--max-steps N] [--write docs/results.md]
 
 The peer is written the way a peft user writes it, not with selectune's loop: `LoraConfig(r, lora_alpha,
@@ -118,11 +119,12 @@ def main() -> None:
         rows.append(f"| selectune − peft (paired) | | {statistics.mean(diffs):+.2f} ± {std:.2f} | "
                     f"{' / '.join(f'{d:+.2f}' for d in diffs)} |")
     body = (f"### LoRA parity with peft + transformers' Trainer ({args.task})\n\n"
-            "`SELECTUNE_DATA=../shared/data python scripts/lora_parity.py " + " ".join(sys.argv[1:]) + "`\n\n"
+            "`SELECTUNE_DATA=../shared/data python scripts/reproduction/lora_parity.py "
+            + " ".join(sys.argv[1:]) + "`\n\n"
             + "\n".join(rows))
     print(body)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
         from docsection import write_section
 
         write_section(args.write, "results:lora_parity", body)

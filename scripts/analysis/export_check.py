@@ -1,6 +1,6 @@
 """Exported model vs in-training model: do their dev-set logits agree?
 
-    SELECTUNE_DATA=../shared/data python scripts/export_check.py <run dir> [--write docs/results.md]
+    SELECTUNE_DATA=../shared/data python scripts/analysis/export_check.py <run dir> [--write docs/results.md]
 
 Loads the run's `outputs_<split>.npy` (the logits the in-training model — delta forms attached —
 produced at the selected evaluation, written by `selectune train` with trainer.select=last), exports
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 
@@ -67,7 +68,7 @@ def main() -> None:
                 rows.append(f"| {dtype} | {split} ({len(encoded)} rows) | {diff:.2e} | {changed} | {lost} |")
     title = "Exported model = in-training model" + ("" if backbone.tokenizer else f" ({backbone.name})")
     body = (f"### {title}\n\n"
-            f"`python scripts/export_check.py {args.run}` on the {results['method']} run of {results['task']} "
+            f"`python scripts/analysis/export_check.py {args.run}` on the {results['method']} run of {results['task']} "
             f"(seed {results['seed']}): dev logits of the in-training model (delta forms attached) vs the merged, "
             f"saved and reloaded plain transformers model.\n\n" + "\n".join(rows))
     print(body)

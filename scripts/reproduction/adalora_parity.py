@@ -1,7 +1,7 @@
 """AdaLoRA parity: selectune's AdaLoRA vs the maintained `peft` implementation, same configuration.
 
     pip install -c constraints.txt -e ".[dev]"   # peft is a test-only dependency (dev extra)
-    SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
+    SELECTUNE_DATA=../shared/data python scripts/reproduction/adalora_parity.py --tasks mrpc rte --seeds 1 2 3 \\
         [--max-steps N] [--out runs/parity] [--kept-only] [--write docs/results.md]
 
 With `--out`, each (task, seed, implementation) result is kept there and not recomputed, so seeds can
@@ -139,11 +139,12 @@ def main() -> None:
                 std = statistics.stdev(scores) if len(scores) > 1 else 0.0
                 rows.append(f"| {task} | {name} | {','.join(map(str, seeds))} | {statistics.mean(scores):.2f} ± "
                             f"{std:.2f} | {' / '.join(f'{x:.2f}' for x in scores)} | {max(gaps)} |")
-    body = ("### AdaLoRA parity with peft\n\n`SELECTUNE_DATA=../shared/data python scripts/adalora_parity.py "
+    body = ("### AdaLoRA parity with peft\n\n"
+            "`SELECTUNE_DATA=../shared/data python scripts/reproduction/adalora_parity.py "
             + " ".join(sys.argv[1:]) + "`\n\n" + "\n".join(rows))
     print(body)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
         from docsection import write_section
 
         write_section(args.write, "results:adalora_parity", body)

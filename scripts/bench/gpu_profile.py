@@ -1,7 +1,8 @@
 """Per-method profile of one training step: kernels, host syncs, GPU-busy fraction and peak memory.
 
-    python scripts/gpu_profile.py --device cuda [--model minilm] [--seq 128] [--steps 5] [--write docs/benchmarks.md]
-    python scripts/gpu_profile.py --device cpu --model tiny_random --seq 16 --steps 2   (a dry run)
+    python scripts/bench/gpu_profile.py --device cuda [--model minilm] [--seq 128] [--steps 5]
+                                        [--write docs/benchmarks.md]
+    python scripts/bench/gpu_profile.py --device cpu --model tiny_random --seq 16 --steps 2   (a dry run)
 
 Each method is built by selectune.profiling.prepare (the step bench_step.py times), warmed up for 3 steps
 (the first builds AdamW's state, SPT probes before), then measured over `--steps` steps:
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from bench_step import METHODS, method_overrides
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 
@@ -120,7 +122,7 @@ def main() -> None:
                      f"{r['peak_mb']:.0f} |")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (dry run: no GPU columns)"
     model = args.model + (f" from {args.model_path}" if args.model_path else "")
-    body = (f"### Per-method step profile\n\nGenerated {datetime.date.today()} by `python scripts/gpu_profile.py "
+    body = (f"### Per-method step profile\n\nGenerated {datetime.date.today()} by `python scripts/bench/gpu_profile.py "
             f"{' '.join(sys.argv[1:])}` on {device}, torch {torch.__version__}, {os.cpu_count()} CPU cores. Model "
             f"`{model}`, fp32, batch {args.batch} x {args.seq} tokens; counts of step 4, profiler over {args.steps} "
             "steps, sync debug mode over the next ones; peak memory over the profiled steps.\n\n" + "\n".join(lines))

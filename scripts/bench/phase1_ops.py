@@ -1,7 +1,7 @@
 """Diff pruning's phase-1 step against full fine-tuning: dispatched ops, host-sync-prone ops, saved-for-backward
 bytes, step time and peak RSS, one process per variant.
 
-    python scripts/phase1_ops.py [--model minilm] [--batch 8] [--seq 64] [--steps 4]
+    python scripts/bench/phase1_ops.py [--model minilm] [--batch 8] [--seq 64] [--steps 4]
 
 One step = forward, task loss + method.penalty(), backward, gradient clipping per family and AdamW with
 foreach=True (what CUDA uses by default; the CPU default would loop per tensor and hide the count).

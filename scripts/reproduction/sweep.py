@@ -1,7 +1,7 @@
 """Selection sweep: per method × task, a small grid of learning rates and epoch counts, chosen on a
 validation split carved from train (`task.validation`), never on GLUE dev.
 
-    SELECTUNE_DATA=../shared/data OMP_NUM_THREADS=1 python scripts/sweep.py --tasks cola mrpc stsb rte \\
+    SELECTUNE_DATA=../shared/data OMP_NUM_THREADS=1 python scripts/reproduction/sweep.py --tasks cola mrpc stsb rte \\
         --methods lora bitfit linear --out runs/sweep --jobs 2 [--plan] [--write docs/results.md] [--write-recipes]
 
 Each candidate is one `selectune train recipe=glue/<task>_<method> trainer.lr=<lr> trainer.epochs=<e>
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # learning-rate grids per method: full FT around BERT's 2e-5, the PEFT methods one to two decades higher
 LRS = {"full": [1e-5, 2e-5, 5e-5], "bitfit": [1e-4, 5e-4, 2e-3], "linear": [1e-3, 5e-3, 2e-2],
        "lora": [2e-4, 5e-4, 1e-3], "adalora": [5e-4, 1e-3, 2e-3], "spt_lora": [2e-4, 5e-4, 1e-3],
@@ -150,11 +150,12 @@ def main() -> None:
         results = dict(zip(cands, pool.map(lambda c: run(c, args), cands), strict=True))
     scores = {c: None if r is None else val_score(c, r) for c, r in results.items()}
     body, winners = table(scores)
-    body = ("### Selection sweep on the validation split\n\n`SELECTUNE_DATA=../shared/data python scripts/sweep.py "
+    body = ("### Selection sweep on the validation split\n\n"
+            "`SELECTUNE_DATA=../shared/data python scripts/reproduction/sweep.py "
             + " ".join(sys.argv[1:]) + "`\n\n" + body)
     print(body)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
         from docsection import write_section
 
         write_section(args.write, "results:sweep", body)

@@ -1,6 +1,6 @@
 """How task-specific is sensitivity? Probe two GLUE tasks with the offline MiniLM and compare.
 
-    SELECTUNE_DATA=../shared/data python scripts/probe_overlap.py [--tasks sst2 rte] [--write docs/results.md]
+    SELECTUNE_DATA=../shared/data python scripts/analysis/probe_overlap.py [--tasks sst2 rte] [--write docs/results.md]
 
 Runs `selectune probe` (16 batches of 32, grad², budget 0.5% of the backbone) for each task, copies the
 heat maps to docs/, and reports the overlap of the two tasks' global top-τ sets (|A ∩ B| / τ and the
@@ -23,9 +23,10 @@ from selectune.probe import GRID_COLUMNS, share_grid
 from selectune.selection import select_k
 from selectune.sensitivity import layer_index
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def main() -> None:
@@ -57,7 +58,8 @@ def main() -> None:
     rows = ["| task | τ | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for task in args.tasks:
         rows.append(f"| {task} | {taus[task]:,} | " + " | ".join(f"{100 * v:.1f}%" for v in shares[task]) + " |")
-    body = (f"### Sensitivity maps: {a} vs {b}\n\n`SELECTUNE_DATA=../shared/data python scripts/probe_overlap.py "
+    body = (f"### Sensitivity maps: {a} vs {b}\n\n"
+            "`SELECTUNE_DATA=../shared/data python scripts/analysis/probe_overlap.py "
             f"--tasks {a} {b}`: grad² over 16 training batches of 32 (fixed order, seed 42), offline MiniLM, "
             f"candidates = encoder matrices and vectors (no embeddings, no head), τ = 0.5% of the backbone.\n\n"
             f"Overlap of the two top-τ sets: {common:,} of {taus[a]:,} entries ({100 * common / taus[a]:.1f}%), "

@@ -1,6 +1,6 @@
 """Diff pruning's two phases, per run: how dense phase 1 ends, what the projection costs, what phase 2 recovers.
 
-    python scripts/diffpruning_phases.py results/glue_minilm_mrpc/{udiff,sdiff,sdiff_reference}/mrpc_s42 \\
+    python scripts/analysis/diffpruning_phases.py results/glue_minilm_mrpc/{udiff,sdiff,sdiff_reference}/mrpc_s42 \\
         [--write docs/results.md]
 
 Read from each run's metrics.jsonl and results.json (written by `selectune train`): the last logged
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from selectune.report import metrics_file, metrics_lines
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 PROJECTION = re.compile(r"projection: (\d+) nonzero -> (\d+) kept")
@@ -73,7 +73,7 @@ def main() -> None:
              "nonzero → kept at the projection | dev before projection | dev just after | dev at the end | "
              "tensors untouched by the stored delta |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(run) for run in args.runs]
-    body = ("### Diff pruning, phase by phase\n\n`python scripts/diffpruning_phases.py "
+    body = ("### Diff pruning, phase by phase\n\n`python scripts/analysis/diffpruning_phases.py "
             + " ".join(str(r) for r in args.runs) + "`\n\n" + "\n".join(lines))
     print(body)
     if args.write:

@@ -2,7 +2,8 @@
 shared dtd10 textures (600 real photos) written into the VTAB-1k folder layout, and the shared
 cifar10_1k and fashion_mnist_1k (already in that layout) linked beside them: one data root for the four.
 
-    python scripts/vtab_digits.py <root>            # writes <root>/vtab-1k/{digits,dtd10,cifar10_1k,fashion_mnist_1k}
+    python scripts/reproduction/vtab_digits.py <root>
+        # writes <root>/vtab-1k/{digits,dtd10,cifar10_1k,fashion_mnist_1k}
     SELECTUNE_DATA=<root> selectune train recipe=vtab/dtd_lora model=vit_micro_random task=vtab/custom \\
         task.name=digits task.num_classes=10 task.protocol=final trainer=vtab_short
 
@@ -81,7 +82,7 @@ def link_shared(root: Path, shared: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     args = parser.parse_args()
     digits(args.root)
     dtd10(args.root, args.shared)

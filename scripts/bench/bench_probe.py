@@ -1,6 +1,6 @@
 """Probe cost: sensitivity over 16 batches vs 16 forward+backward passes of full fine-tuning.
 
-    python scripts/bench_probe.py [--rounds 3] [--seq 64] [--write docs/benchmarks.md]
+    python scripts/bench/bench_probe.py [--rounds 3] [--seq 64] [--write docs/benchmarks.md]
 
 One process, the offline MiniLM, the same 16 random-token batches of 32 for both; rounds alternate the
 order; medians. Full FT here = forward + backward with every parameter requiring a gradient (no
@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from selectune.backbone import ModelConfig, load_backbone
 from selectune.sensitivity import candidates, probe
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 
@@ -62,7 +64,7 @@ def main() -> None:
             out.append(fn())
         print(f"round {r + 1}: probe {probe_t[-1]:.2f} s, 16 x full FT fwd+bwd {full_t[-1]:.2f} s", flush=True)
     p, f = statistics.median(probe_t), statistics.median(full_t)
-    body = (f"### Probe time\n\nGenerated {datetime.date.today()} by `python scripts/bench_probe.py --rounds "
+    body = (f"### Probe time\n\nGenerated {datetime.date.today()} by `python scripts/bench/bench_probe.py --rounds "
             f"{args.rounds} --seq {args.seq}` on {platform.machine()}, {os.cpu_count()} CPU cores, torch "
             f"{torch.__version__}: offline MiniLM, 16 batches of 32 x {args.seq} tokens, median of "
             f"{args.rounds} rounds.\n\n| probe (grad², 16 batches) | 16 x full-FT forward+backward | ratio |\n"

@@ -1,6 +1,6 @@
 """Step time and peak memory of the delta forms, measured in one run on the same batches.
 
-    python scripts/bench_step.py [--seqs 64 128] [--rounds 3] [--steps 6] [--write docs/benchmarks.md]
+    python scripts/bench/bench_step.py [--seqs 64 128] [--rounds 3] [--steps 6] [--write docs/benchmarks.md]
 
 Each (method, sequence length) runs in its own process (so peak memory is that method's alone): the
 offline MiniLM, batch 32, random token batches from a fixed seed (identical for every method), AdamW,
@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ head) of the model benchmarked
@@ -163,7 +164,7 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
                + (f" ({torch.cuda.get_device_name()})" if on_gpu else ""))
-    command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench/bench_step.py " + " ".join(sys.argv[1:])
     body = (f"### Step time and memory per delta form{', on a GPU' if on_gpu else ''}\n\n"
             f"Generated {datetime.date.today()} by "
             f"`{command.strip()}` on {machine}. Model `{args.model}`, {args.precision}, batch 32, "
@@ -188,7 +189,7 @@ def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
                      f"{c['kernels'] / lora:.2f} | " if lora else f"| {method} | {c['trainable']:,} | "
                      f"{c['ops']:,} | {c['kernels']:,} | n/a | ")
         lines[-1] += (f"{c['kernels'] / full:.2f} | " if full else "n/a | ") + f"{syncs} |"
-    command = "python scripts/bench_step.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench/bench_step.py " + " ".join(sys.argv[1:])
     body = (f"### Tensor operations per training step\n\n`{command.strip()}`: model `{args.model}`"
             f"{' from ' + args.model_path if args.model_path else ''}, {args.precision}, device {args.device}, "
             f"batch 32 x {args.seqs[0]} tokens, the second step (forward, penalty, backward, AdamW as the trainer "

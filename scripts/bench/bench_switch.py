@@ -1,6 +1,6 @@
 """One base model in memory, many task deltas: switch time, memory, and exactness against exported models.
 
-    SELECTUNE_DATA=../shared/data python scripts/bench_switch.py runs/bench/* [--rounds 3] [--write docs/api.md]
+    SELECTUNE_DATA=../shared/data python scripts/bench/bench_switch.py runs/bench/* [--rounds 3] [--write docs/api.md]
 
 Loads the stored deltas (run directories), one base model (the first run's model config) and, for
 comparison, every delta exported with `selectune export` and loaded side by side as plain Hugging Face
@@ -20,6 +20,7 @@ import argparse
 import datetime
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from selectune.evaluation import predict
 from selectune.export import export
 from selectune.tasks import load_task
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
 CPU = torch.device("cpu")

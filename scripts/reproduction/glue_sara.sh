@@ -3,7 +3,7 @@
 # query/value), offline MiniLM, GLUE dev, last-step selection. Seeds and tasks are arguments because a
 # full 3-seed x 4-task sweep takes ~5 CPU hours on 2 cores (about 10 minutes per MRPC/RTE run).
 #
-#   SELECTUNE_DATA=../shared/data bash scripts/glue_sara.sh runs/sara "mrpc rte cola stsb" "42 43 44"
+#   SELECTUNE_DATA=../shared/data bash scripts/reproduction/glue_sara.sh runs/sara "mrpc rte cola stsb" "42 43 44"
 set -euo pipefail
 root="${1:-runs/sara}"; tasks="${2:-mrpc rte}"; seeds="${3:-42}"
 : "${SELECTUNE_DATA:?set SELECTUNE_DATA to the folder holding glue/<TASK>/train.tsv}"
@@ -17,5 +17,5 @@ for seed in $seeds; do
     done
   done
 done
-python scripts/results_table.py "$root" --title "SaRA vs LoRA at 0.5% of the backbone, offline MiniLM" \
-  --command "SELECTUNE_DATA=../shared/data bash scripts/glue_sara.sh $root \"$tasks\" \"$seeds\""
+python scripts/analysis/results_table.py "$root" --title "SaRA vs LoRA at 0.5% of the backbone, offline MiniLM" \
+  --command "SELECTUNE_DATA=../shared/data bash scripts/reproduction/glue_sara.sh $root \"$tasks\" \"$seeds\""

@@ -1,6 +1,7 @@
 """Put `selectune report`'s table for a runs folder into docs/results.md (and its plot into docs/).
 
-    python scripts/results_table.py runs/baselines [more runs folders] --title "..." --command "..." [--section name]
+    python scripts/analysis/results_table.py runs/baselines [more runs folders] --title "..." --command "..."
+                                             [--section name]
                                     [--pair sdiff:full --pair sdiff:udiff]   (A − B per task on common seeds)
 
 The table replaces the text between `<!-- results:<section> -->` and `<!-- /results:<section> -->`
@@ -14,6 +15,7 @@ import datetime
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,9 +23,10 @@ import torch
 from selectune.errors import SelectuneError
 from selectune.report import collect, glue_matrix, markdown, paired, parse_pair, plots, summarise, vtab_averages
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import write_section
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def method_pair(text: str) -> tuple[str, str]:
@@ -53,7 +56,8 @@ def main() -> None:
     sources = ", ".join(f"`{root}/**/results.json`" for root in args.roots)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                f"torch {torch.__version__}")
-    body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/results_table.py` (selectune report) "
+    body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/analysis/results_table.py` "
+            "(selectune report) "
             f"from {sources}.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
             + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
                "training, `trainer.select=last`); nothing is chosen on the test split. "
