@@ -182,6 +182,8 @@ class SparseEntries(Form):
 class _Factored(Form):
     """A dense ΔW made of factors: W += ΔW, in fp32, then cast back to the weight's dtype."""
 
+    product: ClassVar[str]  # how the factors make ΔW, named in a shape refusal
+
     def delta_weight(self, parts: Parts) -> torch.Tensor:
         raise NotImplementedError
 
@@ -192,6 +194,9 @@ class _Factored(Form):
     def delta_shape(self, parts: Parts) -> tuple[int, int]:
         raise NotImplementedError
 
+    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
+        return self.product, self.delta_shape(parts)
+
     def merge(self, param: torch.Tensor, parts: Parts) -> None:
         delta = self.delta_weight(parts)
         param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
@@ -201,13 +206,12 @@ class LowRank(_Factored):
     """`::lora_A` (r × in), `::lora_B` (out × r), `::lora_scale`: ΔW = scale · B A (LoRA)."""
 
     marker, ranks, value_kinds = "lora_A", {"lora_A": 2, "lora_B": 2, "lora_scale": 0}, ("lora_A", "lora_B")
+    product = "lora_B @ lora_A"
 
     def check_alone(self, name: str, parts: Parts, where: str) -> None:
         if parts["lora_B"].shape[1] != parts["lora_A"].shape[0]:
             raise mismatch(where, name, parts, "lora_B", "lora_A")
 
-    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
-        return "lora_B @ lora_A", (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
 
     def delta_weight(self, parts: Parts) -> torch.Tensor:
         return (parts["lora_B"].float() @ parts["lora_A"].float()) * parts["lora_scale"].float()
@@ -221,6 +225,7 @@ class SVDTriplets(_Factored):
 
     marker = "svd_P"
     ranks, value_kinds = {"svd_P": 2, "svd_E": 1, "svd_Q": 2, "svd_scale": 0}, ("svd_P", "svd_E", "svd_Q")
+    product = "svd_P @ svd_Q"
 
     def check_alone(self, name: str, parts: Parts, where: str) -> None:
         rank = parts["svd_E"].numel()
@@ -229,8 +234,6 @@ class SVDTriplets(_Factored):
         if parts["svd_Q"].shape[0] != rank:
             raise mismatch(where, name, parts, "svd_Q", "svd_E")
 
-    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
-        return "svd_P @ svd_Q", (parts["svd_P"].shape[0], parts["svd_Q"].shape[1])
 
     def delta_weight(self, parts: Parts) -> torch.Tensor:
         p, e, q = parts["svd_P"].float(), parts["svd_E"].float(), parts["svd_Q"].float()
@@ -268,7 +271,7 @@ class Adapter(Form):
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         super().check(name, parts, param)
-        check_shape(name, (parts["adapter_up_weight"].shape[0], parts["adapter_down_weight"].shape[1]), param.shape)
+        check_shape(name, self.fit_shape(parts)[1], param.shape)
 
     def merge(self, param: torch.Tensor, parts: Parts) -> None:
         raise SelectuneError("an Adapter cannot be merged into a weight; attach it (apply) instead")

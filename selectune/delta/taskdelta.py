@@ -57,10 +57,11 @@ class TaskDelta:
     # ----------------------------------------------------------------------------- structure
     def by_parameter(self) -> dict[str, dict[str, torch.Tensor]]:
         grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        known = forms.kinds()
         for key, tensor in self.tensors.items():
             name, sep, kind = key.rpartition("::")
-            if not sep or kind not in forms.kinds():
-                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(forms.kinds())})")
+            if not sep or kind not in known:
+                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(known)})")
             grouped[name][kind] = tensor
         return dict(grouped)
 
@@ -191,10 +192,11 @@ def _check_meta(meta: Any, where: str) -> None:
 def _check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Known kinds only; indices are integers and everything else floats (checked before `_expand`
     converts anything, so integer `values` are refused rather than silently cast)."""
+    known = forms.kinds()
     for key, tensor in tensors.items():
         kind = key.rpartition("::")[2]
-        if kind not in (*forms.kinds(), "index_gaps"):
-            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(forms.kinds())})")
+        if kind not in (*known, "index_gaps"):
+            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(known)})")
         allowed = {"indices": INDEX_DTYPES, "index_gaps": GAP_DTYPES}.get(kind)
         if allowed is None and not tensor.is_floating_point():
             raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype}, not a floating-point type")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selectune.backbone import Backbone
-from selectune.delta.forms import Form, Parts, check_shape, register
+from selectune.delta.forms import Form, Parts, register
 from selectune.delta.wrapping import find_linears, replace_module
 from selectune.errors import SelectuneError
 from selectune.methods.base import Method, MethodConfig, ProbeBatches
@@ -77,7 +77,7 @@ class IA3Scale(Form):
     def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
         return None  # one side only: checked in check_fit
 
-    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module, where: str) -> None:
+    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module | None, where: str) -> None:
         axis = int(parts["ia3_axis"])
         if param.dim() != 2 or param.shape[axis] != parts["ia3_scale"].numel():
             raise SelectuneError(f"{where}: '{name}::ia3_scale' has {parts['ia3_scale'].numel()} entries but the "
@@ -85,8 +85,7 @@ class IA3Scale(Form):
 
     def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
         super().check(name, parts, param)
-        axis = int(parts["ia3_axis"])
-        check_shape(name, (param.shape[axis] if param.dim() == 2 else -1,), parts["ia3_scale"].shape)
+        self.check_fit(name, parts, param, None, "task delta")
 
     def merge(self, param: torch.Tensor, parts: Parts) -> None:
         scale = parts["ia3_scale"].float().to(param.device)
