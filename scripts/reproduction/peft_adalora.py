@@ -2,10 +2,11 @@
 
 One copy of the reference side, shared by the step-for-step test (tests/test_adalora.py) and the dev-set
 comparison (scripts/reproduction/adalora_parity.py, beside this file), so the two cannot drift apart. What
-has to match selectune for a fair comparison lives here: the same batches (`train_batches`), AdamW with weight decay on matrices
-only (none on λ and biases), linear warm-up then decay, gradient clipping, and peft's orthogonality term,
-which peft adds only when the model has a task type (a `PeftModel` without one calls the wrapped model
-directly and trains with no orthogonality term at all — the mistake this module guards against).
+has to match selectune for a fair comparison lives here: the same batches (`train_batches`), AdamW with
+weight decay on matrices only (none on λ and biases), linear warm-up then decay, gradient clipping, and
+peft's orthogonality term, which peft adds only when the model has a task type (a `PeftModel` without one
+calls the wrapped model directly and trains with no orthogonality term at all — the mistake this module
+guards against).
 """
 
 from __future__ import annotations
