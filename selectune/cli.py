@@ -58,6 +58,11 @@ def is_debug(args: list[str]) -> bool:
 def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
     import hydra
 
+    from selectune.recipes import register
+
+    # the recipes composed from a preset and a task that the command line (or the line being completed) names
+    register(sys.argv[1:] + os.environ.get("COMP_LINE", "").split())
+
     @hydra.main(version_base="1.3", config_path="pkg://selectune.conf", config_name=config_name)
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -169,7 +174,8 @@ def _precheck(config_name: str, args: list[str]) -> None:
     from selectune.commands import RunSpec
     from selectune.config import check_group_overrides, compose
 
-    overrides = [o for o in _overrides(args) if not o.lstrip("+~").startswith("hydra")]
+    overrides = [o for o in _overrides(args)
+                 if not o.lstrip("+~").startswith("hydra") or o.lstrip("+~").startswith("hydra.searchpath=")]
     if any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in args):
         check_group_overrides(overrides)
         return
@@ -213,7 +219,7 @@ def _recipe_args(args: list[str]) -> list[str]:
 
 def completion(args: list[str]) -> None:
     """Bash completion: subcommands and `recipe=` values here, the rest by the subcommand's Hydra app."""
-    from selectune.config import list_recipes
+    from selectune.recipes import list_recipes
 
     sys.argv = ["selectune", "-sc", *args]  # Hydra names the completed program after argv[0]
     line = os.environ.get("COMP_LINE", "")
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _ls(command: str, rest: list[str]) -> None:
-    from selectune.config import print_recipes
+    from selectune.recipes import print_recipes
 
     print_recipes()
 

@@ -59,20 +59,27 @@ def group_options(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
-def list_recipes() -> list[str]:
-    """Recipe names as users type them after `recipe=` (`glue/mrpc_full`, ...)."""
-    return group_options("recipe")
+def searched_folders(overrides: list[str]) -> list[Path]:
+    """The `file://` folders a `hydra.searchpath=[...]` override adds: where users keep their own recipes."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "hydra.searchpath":
+            entries = (entry.strip() for entry in value.strip().strip("[]").split(","))
+            return [Path(entry[len("file://"):]) for entry in entries if entry.startswith("file://")]
+    return []
 
 
-def recipe_path(name: str) -> Path:
-    """The YAML file behind a recipe name; raises with close matches if there is none."""
-    check_choice("recipe", name)
-    return conf_dir() / "recipe" / f"{name}.yaml"
+def check_choice(group: str, value: str, folders: list[Path] | None = None) -> None:
+    """Fail with suggestions when `group=value` names no option (Hydra's message lists them all).
+    `folders`: users' own config folders (searched_folders), whose `<group>/` options count too."""
+    if group == "recipe":
+        from selectune.recipes import list_recipes  # recipes.py builds on this module
 
-
-def check_choice(group: str, value: str) -> None:
-    """Fail with suggestions when `group=value` names no option (Hydra's message lists them all)."""
-    options = group_options(group)
+        options = list_recipes()
+    else:
+        options = group_options(group)
+    for folder in folders or []:
+        options += [str(p.relative_to(folder / group).with_suffix("")) for p in (folder / group).rglob("*.yaml")]
     if value in options or value in ("null", ""):
         return
     close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
@@ -82,6 +89,7 @@ def check_choice(group: str, value: str) -> None:
 
 def check_group_overrides(overrides: list[str]) -> None:
     """Check `recipe=`, `task=`, `model=`, ... overrides (multirun lists too) before Hydra sees them."""
+    folders = searched_folders(overrides)
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.lstrip("+~")
@@ -89,7 +97,7 @@ def check_group_overrides(overrides: list[str]) -> None:
             continue
         for choice in value.split(","):
             if not choice.startswith(("choice(", "range(", "glob(")):
-                check_choice(key, choice.strip())
+                check_choice(key, choice.strip(), folders)
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -98,7 +106,10 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import initialize_config_module
     from hydra.errors import HydraException
 
+    from selectune.recipes import register
+
     check_group_overrides(overrides)
+    register(overrides)
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
@@ -133,22 +144,3 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return text.strip()
-
-
-def recipe_description(name: str) -> str:
-    """The recipe header's first line, after the em dash (`glue/mrpc_full — <this>`)."""
-    path = conf_dir() / "recipe" / f"{name}.yaml"
-    for line in path.read_text().splitlines():
-        text = line.lstrip("#").strip()
-        if line.startswith("#") and text and not text.startswith("@package"):
-            return text.split(" — ", 1)[-1]
-    return ""
-
-
-def print_recipes() -> None:
-    """`selectune ls`: every recipe with the first line of its header comment."""
-    names = list_recipes()
-    width = max(map(len, names), default=0)
-    for name in names:
-        print(f"{name:<{width}}  {recipe_description(name)}")
-    print(f"\n{len(names)} recipes · run one: selectune train recipe=<recipe> · see it: selectune cat <recipe>")

@@ -195,7 +195,8 @@ def _recipe_settings(run: dict[str, Any], cache: dict[str, dict[str, str] | None
         return None
     name = f"{run.get('family', 'glue')}/{run['task']}_{run['method']}"
     if name not in cache:
-        from selectune.config import compose, list_recipes
+        from selectune.config import compose
+        from selectune.recipes import list_recipes
 
         cache[name] = None
         if name in list_recipes():

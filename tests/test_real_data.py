@@ -58,5 +58,7 @@ def test_recipes_ship_inside_the_wheel(tmp_path):
     (wheel,) = tmp_path.glob("selectune-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     recipes = {n for n in names if n.startswith("selectune/conf/recipe/glue/")}
-    assert "selectune/conf/recipe/glue/mrpc_full.yaml" in recipes and len(recipes) >= 36
+    assert "selectune/conf/recipe/glue/cola_sdiff.yaml" in recipes and len(recipes) >= 10
+    presets = {n for n in names if n.startswith("selectune/conf/preset/")}
+    assert "selectune/conf/preset/glue/full.yaml" in presets and len(presets) >= 31  # the names are composed from these
     assert "selectune/conf/train.yaml" in names and "selectune/conf/hydra/job_logging/selectune.yaml" in names

@@ -38,6 +38,17 @@ def test_written_recipe_composes_with_the_choice(tmp_path, monkeypatch):
     assert "1e-3" not in text and "lr: 0.001" in text and "0.0002/3ep 70.25" in text
     sweep.write_recipe(winner, {winner: 80.5}, 0.1)  # written twice: one block, not two
     assert path.read_text().count("lr:") == 1 and path.read_text().count("validation:") == 1
+    assert not (REPO / "recipes" / "glue" / "mrpc_lora.yaml").exists()  # a composed name: the file is made
     cfg = OmegaConf.load(path)  # a recipe is a global-package overlay: these keys override the groups
-    assert cfg.defaults == OmegaConf.load(REPO / "recipes" / "glue" / "mrpc_lora.yaml").defaults
+    assert list(cfg.defaults) == ["/preset/glue/lora", {"override /task": "glue/mrpc"}]
     assert (cfg.trainer.lr, cfg.trainer.epochs, cfg.trainer.select, cfg.task.validation) == (1e-3, 10, "best", 0.1)
+
+
+def test_a_recipe_file_keeps_its_per_task_values_when_the_choice_is_written(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "recipes" / "glue", tmp_path / "recipes" / "glue")
+    monkeypatch.setattr(sweep, "REPO", tmp_path)
+    winner = sweep.Candidate("rte", "sdiff", 1e-4, 8)
+    cfg = OmegaConf.load(sweep.write_recipe(winner, {winner: 60.0}, 0.1))
+    assert cfg.method.l0_weight == 6.25e-8  # RTE's own λ stays
+    assert list(cfg.defaults) == ["/preset/glue/sdiff", {"override /task": "glue/rte"}]
+    assert (cfg.trainer.lr, cfg.trainer.epochs) == (1e-4, 8)

@@ -11,7 +11,9 @@ score is its best epoch on `val`. The sweep is resumable: a candidate with resul
 with a checkpoint is resumed (`trainer.resume=true`), the rest are started, `--jobs` at a time.
 `--plan` prints the candidates and an estimate of their cost (steps × `--step-seconds`) and runs nothing.
 `--write-recipes` puts the winner's lr and epochs into recipes/glue/<task>_<method>.yaml with
-`task.validation` and `select: best`, and a comment line listing every candidate's validation score.
+`task.validation` and `select: best`, and a comment line listing every candidate's validation score; where
+that name had no file (a recipe composed from preset/glue/<method> and the task), the file is made, on top of
+the same preset.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def write_recipe(winner: Candidate, scores: dict[Candidate, float | None], valid
     path = REPO / "recipes" / "glue" / f"{winner.task}_{winner.method}.yaml"
     tried = ", ".join(f"{c.lr:g}/{c.epochs}ep {s:.2f}" for c, s in scores.items()
                       if (c.task, c.method) == (winner.task, winner.method) and s is not None)
-    text = path.read_text()
+    text = path.read_text() if path.exists() else on_its_preset(winner)
     head, sep, trainer = text.partition("\ntrainer:\n")
     if not sep:
         raise SystemExit(f"{path}: no top-level 'trainer:' block to write into")
@@ -126,6 +128,14 @@ def write_recipe(winner: Candidate, scores: dict[Candidate, float | None], valid
         body += f"task:\n  validation: {validation:g}  # best epoch chosen on this split, dev only reported\n"
     path.write_text(body)
     return path
+
+
+def on_its_preset(winner: Candidate) -> str:
+    """A recipe file for a name that had none: the preset and the task it was composed from, nothing else yet."""
+    name = f"glue/{winner.task}_{winner.method}"
+    return (f"# @package _global_\n# {name} — preset/glue/{winner.method} with lr and epochs chosen on validation\n"
+            f"#   run:       selectune train recipe={name}\n"
+            f"defaults:\n  - /preset/glue/{winner.method}\n  - override /task: glue/{winner.task}\n\ntrainer:\n")
 
 
 def main() -> None:

@@ -1,0 +1,84 @@
+"""Recipe names: files and the names composed from a preset and a task, listed, described and composed alike."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from selectune import recipes
+from selectune.commands import RunSpec
+from selectune.config import compose, conf_dir, group_options
+from selectune.tasks import vtab
+
+from conftest import run_cli
+
+
+def test_every_listed_recipe_composes_into_a_typed_run():
+    names = recipes.list_recipes()
+    assert len(names) >= 304  # every glue/<task>_<method> and vtab/<task>_<method> name users typed before presets
+    for name in names:
+        spec = RunSpec.from_config(compose("train", [f"recipe={name}"]))
+        folder, _, leaf = name.partition("/")
+        assert leaf == f"{spec.task.name}_{spec.method.name}" and spec.task.family == folder, name
+
+
+def test_a_composed_name_is_its_preset_with_its_task():
+    made = recipes.composed()
+    assert made["glue/cola_lora"] == ("glue/lora", "glue/cola")
+    assert made["vtab/eurosat_sdiff"] == ("vtab/sdiff", "vtab/eurosat")
+    assert made["vtab/dtd10_lora"] == ("vtab_dinov2/lora", "vtab/dtd10")
+    assert "glue/cola_sdiff" not in made  # a file with CoLA's own λ takes the name
+    cfg = compose("train", ["recipe=vtab/dtd10_lora"])
+    assert (cfg.model.name_or_path, cfg.task.name, cfg.method.name, cfg.trainer.epochs) == (
+        compose("train", ["recipe=vtab/digits_lora"]).model.name_or_path, "dtd10", "lora", 10)
+
+
+def test_every_recipe_file_sits_on_the_preset_and_task_its_name_says_and_adds_something():
+    for name in group_options("recipe"):
+        folder, _, leaf = name.partition("/")
+        recipe_set, task = next((s, t) for s in recipes.SETS for t in s.tasks
+                                if s.folder == folder and leaf.startswith(f"{t}_"))
+        method = leaf[len(task) + 1:]
+        cfg = OmegaConf.load(conf_dir() / "recipe" / f"{name}.yaml")
+        assert list(cfg.defaults) == [f"/preset/{recipe_set.preset}/{method}", {"override /task": f"{folder}/{task}"}]
+        assert set(cfg) - {"defaults"}, f"{name} adds nothing to its preset: delete it, the name is composed"
+
+
+def test_the_sets_name_existing_tasks_and_vtab_1k_is_the_papers_19():
+    assert sorted(recipes.VTAB_1K) == sorted(t for group in vtab.GROUPS.values() for t in group)
+    tasks = set(group_options("task"))
+    for recipe_set in recipes.SETS:
+        assert {f"{recipe_set.folder}/{t}" for t in recipe_set.tasks} <= tasks
+        assert any(p.startswith(f"{recipe_set.preset}/") for p in group_options("preset"))
+
+
+def test_ls_describes_composed_names_with_the_tasks_title(capsys):
+    recipes.print_recipes()
+    out = capsys.readouterr().out
+    assert "{task}" not in out
+    line = next(line for line in out.splitlines() if line.startswith("vtab/eurosat_lora "))
+    assert "LoRA r=8" in line and "VTAB-1k eurosat (specialized, 10 classes)" in line
+    assert "on MRPC, offline MiniLM" in next(line for line in out.splitlines() if line.startswith("glue/mrpc_full "))
+    assert f"{len(recipes.list_recipes())} recipes" in out
+
+
+@pytest.mark.parametrize("preset", group_options("preset"))
+def test_every_preset_names_its_task_in_its_header(preset):
+    text = (conf_dir() / "preset" / f"{preset}.yaml").read_text()
+    assert text.startswith("# @package _global_\n") and "{task}" in recipes.header(text)
+    assert "override /task" not in text  # the recipe name picks the task
+
+
+def test_an_own_recipe_folder_on_the_searchpath_builds_on_a_shipped_preset(tmp_path):
+    (tmp_path / "recipe" / "mine").mkdir(parents=True)
+    (tmp_path / "recipe" / "mine" / "x.yaml").write_text(
+        "# @package _global_\n# mine/x — my LoRA on RTE at r=4\n"
+        "defaults:\n  - /preset/glue/lora\n  - override /task: glue/rte\nmethod:\n  r: 4\n")
+    searchpath = f"hydra.searchpath=[pkg://selectune.conf,file://{tmp_path}]"
+    cfg = compose("train", [searchpath, "recipe=mine/x"])
+    assert (cfg.task.name, cfg.method.name, cfg.method.r, cfg.trainer.lr) == (
+        "rte", "lora", 4, compose("train", ["recipe=glue/rte_lora"]).trainer.lr)
+    result = run_cli("cat", searchpath, "recipe=mine/y", cwd=tmp_path)
+    assert result.returncode != 0 and "unknown recipe 'mine/y': did you mean mine/x?" in result.stderr
+    result = run_cli("train", searchpath, "recipe=mine/x", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0 and "r: 4" in result.stdout, result.stderr
