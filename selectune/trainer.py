@@ -339,8 +339,10 @@ class Trainer:
             if self.ctx.main:
                 self.console.print(f"resumed from step {run.step}/{self.total_steps} "
                                    f"({self.run_dir / checkpoint.NAME})")
-        elif cfg.resume and self.ctx.main:
-            self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
+        elif cfg.resume:
+            self._truncate_jsonl(-1)  # a run killed before its first checkpoint: its records start over too
+            if self.ctx.main:
+                self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
         return run
 
     def _build_optimizer(self, run: RunState) -> None:

@@ -85,6 +85,20 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
     assert steps == whole_steps  # records a killed run wrote after its checkpoint are not duplicated
 
 
+def test_resume_without_a_checkpoint_starts_the_records_over(data_env, tmp_path):
+    """A run killed before its first checkpoint, resumed: metrics.jsonl holds one run's records, not two."""
+    cfg = compose_run("glue/rte_full", "trainer.max_steps=4", "trainer.log_every=1")
+    train(cfg, tmp_path / "whole")
+    train(cfg, tmp_path / "run")
+    for name in ("results.json", "delta.safetensors"):  # what a kill before the first checkpoint leaves out
+        (tmp_path / "run" / name).unlink()
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    train(compose_run("glue/rte_full", "trainer.max_steps=4", "trainer.log_every=1", "trainer.resume=true"),
+          tmp_path / "run")
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(x)["step"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_refuses_a_changed_config(data_env, tmp_path):
     cfg = compose_run("glue/rte_full", "trainer.max_steps=2")
     train(cfg, tmp_path / "run")
