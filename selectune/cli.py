@@ -320,8 +320,11 @@ def _cat(command: str, rest: list[str]) -> None:
 
 def _validate(command: str, rest: list[str]) -> None:
     from selectune.commands import validate
+    from selectune.config import set_network
 
-    validate(_compose_recipe(command, rest))
+    cfg = _compose_recipe(command, rest)
+    set_network(bool(cfg.get("online", False)))  # as train does: a recipe may say online: true itself
+    validate(cfg)
 
 
 def _hydra_command(command: str, rest: list[str]) -> None:

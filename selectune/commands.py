@@ -305,10 +305,3 @@ def run_length(cfg: TrainerConfig, n_train: int) -> tuple[int, int]:
     """(steps per epoch, total steps) of a run on `n_train` examples: the numbers `Trainer` plans with."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     return steps_per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-
-def environment_offline(online: bool) -> None:
-    """Offline unless asked: Hub look-ups then fail in a second instead of a 25-50 s retry stall."""
-    from selectune.config import set_network
-
-    set_network(online)

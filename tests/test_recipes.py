@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -82,3 +84,27 @@ def test_an_own_recipe_folder_on_the_searchpath_builds_on_a_shipped_preset(tmp_p
     assert result.returncode != 0 and "unknown recipe 'mine/y': did you mean mine/x?" in result.stderr
     result = run_cli("train", searchpath, "recipe=mine/x", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0 and "r: 4" in result.stdout, result.stderr
+
+
+def test_validate_goes_online_when_the_recipe_itself_says_online(tmp_path, monkeypatch):
+    """A recipe's own top-level values win over base.yaml's (they were silently replaced by them before), and
+    `online: true` in a recipe counts for validate as it does for train, not only `online=true` typed."""
+    from selectune import cli, commands
+    from selectune.config import OFFLINE_VARIABLES, set_network
+
+    for name in OFFLINE_VARIABLES:  # restored after the test, whatever the command sets
+        monkeypatch.setenv(name, "1")
+    (tmp_path / "recipe" / "mine").mkdir(parents=True)
+    (tmp_path / "recipe" / "mine" / "hub.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /preset/glue/lora\n  - override /task: glue/rte\nonline: true\n"
+        "run_name: mine\n")
+    cfg = compose("train", [f"hydra.searchpath=[file://{tmp_path}]", "recipe=mine/hub"])
+    assert (cfg.online, cfg.run_name) == (True, "mine")
+    seen = {}
+    monkeypatch.setattr(commands, "validate", lambda cfg: seen.update(offline=os.environ.get("HF_HUB_OFFLINE")))
+    try:
+        set_network(False)  # what main() does first when `online=true` is not typed
+        cli._validate("validate", [f"hydra.searchpath=[file://{tmp_path}]", "recipe=mine/hub"])
+    finally:
+        set_network(False)
+    assert seen == {"offline": None}
