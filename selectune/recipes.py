@@ -60,12 +60,12 @@ def list_recipes() -> list[str]:
 
 
 def register(overrides: list[str]) -> None:
-    """Put the composed recipes that `overrides` ask for (`recipe=a` or a sweep's `recipe=a,b`) into Hydra's
-    ConfigStore, where Hydra looks after the files; all of them for a sweep function (`glob(...)`).
+    """Make the composed recipes that `overrides` ask for (`recipe=a` or a sweep's `recipe=a,b`; all of them
+    for a sweep function such as `glob(...)`) the ones in Hydra's ConfigStore, where Hydra looks after the files.
 
-    Only those asked for: Hydra copies the whole store on every composition (0.05 s more per composition with
-    all 300 in it, and `--help` 2.9 -> 11.6 s; its footer points to `selectune ls` instead). The store is one
-    per process; storing a name again replaces it."""
+    Only those asked for, and those asked for earlier in this process are taken out again: Hydra copies the
+    whole store on every composition (0.05 s more per composition with all 300 in it, and `--help` 2.9 ->
+    11.6 s; its footer points to `selectune ls` instead)."""
     from hydra.core.config_store import ConfigStore
 
     made = composed()
@@ -75,11 +75,14 @@ def register(overrides: list[str]) -> None:
         if key.lstrip("+~") == "recipe":
             wanted |= set(made) if "(" in value else {choice.strip() for choice in value.split(",")}
     store = ConfigStore.instance()
-    for name in sorted(wanted & set(made)):
-        preset, task = made[name]
+    stored = store.repo.get("recipe", {})
+    for name, (preset, task) in made.items():
         folder, _, leaf = name.rpartition("/")
-        node = {"defaults": [f"/preset/{preset}", {"override /task": task}]}
-        store.store(group=f"recipe/{folder}", name=leaf, node=node, package="_global_")
+        if name in wanted:
+            node = {"defaults": [f"/preset/{preset}", {"override /task": task}]}
+            store.store(group=f"recipe/{folder}", name=leaf, node=node, package="_global_")
+        elif isinstance(stored.get(folder), dict):
+            stored[folder].pop(f"{leaf}.yaml", None)
 
 
 def header(path_text: str) -> str:
