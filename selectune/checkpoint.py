@@ -84,6 +84,24 @@ def read(run_dir: Path) -> dict[str, Any]:
     return state
 
 
+def load_loop_states(run_dir: Path, state: dict[str, Any], **objects: Any) -> None:
+    """`optimizer=`, `scheduler=`, `scaler=`: each loads its saved state from `state`. A saved state that does
+    not fit this run (other parameter groups, a moment of another shape) is refused in one line here, not as a
+    shape error inside the first step."""
+    for key, obj in objects.items():
+        try:
+            obj.load_state_dict(state[key])
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
+            raise damaged(run_dir, f"state.pt's {key} state does not fit this run ({_why(err)})") from None
+    optimizer = objects.get("optimizer")
+    for group in optimizer.param_groups if optimizer is not None else []:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise damaged(run_dir, f"state.pt's optimizer {name} has shape {tuple(value.shape)} for a "
+                                           f"parameter of shape {tuple(param.shape)}")
+
+
 def restore(run_dir: Path, params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> None:
     """Copy the saved trainable tensors into `params` and restore the RNGs of `state`."""
     folder = run_dir / NAME

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -286,7 +285,7 @@ def validate(cfg: DictConfig) -> None:
     backbone, method = build(spec, task)
     split = encode_splits(task, backbone, ["train"])["train"]
     method.attach(backbone, probe_batches(task, split, backbone, 4, spec.trainer.seed, torch.device("cpu")))
-    steps_per_epoch, total_steps = run_length(spec.trainer, n_train)
+    steps_per_epoch, total_steps = spec.trainer.run_length(n_train)
     method.plan(total_steps, steps_per_epoch)
     batch = split.batch(list(range(len(split))))
     labels = batch.pop("labels")
@@ -299,9 +298,3 @@ def validate(cfg: DictConfig) -> None:
     print(report.line())
     print(f"one training batch of {len(split)} examples: loss {loss.item():.4f}")
     print(f"schedule: {total_steps:,} steps ({steps_per_epoch:,} per epoch of {n_train:,} training examples)")
-
-
-def run_length(cfg: TrainerConfig, n_train: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) of a run on `n_train` examples: the numbers `Trainer` plans with."""
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    return steps_per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

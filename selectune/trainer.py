@@ -59,6 +59,12 @@ class TrainerConfig:
     progress: bool = True  # the rich progress bar (stderr)
     tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard events (extra [tensorboard])
 
+    def run_length(self, n_train: int) -> tuple[int, int]:
+        """(steps per epoch, total steps) of a run on `n_train` examples: what the trainer plans with, and
+        what `validate` reports before any training."""
+        steps_per_epoch = math.ceil(n_train / self.batch_size)
+        return steps_per_epoch, self.max_steps or max(1, math.ceil(self.epochs * steps_per_epoch))
+
     def validate(self) -> None:
         if self.select not in ("last", "best"):
             raise SelectuneError(f"trainer.select='{self.select}': use last or best")
@@ -203,8 +209,7 @@ class Trainer:
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.eval_splits = {name: splits[name] for name in task.eval_splits}
         n_train = len(splits["train"])
-        self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.steps_per_epoch, self.total_steps = cfg.run_length(n_train)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         method.plan(self.total_steps, self.steps_per_epoch)  # schedules are validated before any step
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
@@ -332,9 +337,8 @@ class Trainer:
         run.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is not None:
             checkpoint.restore(self.run_dir, run.params, state)
-            run.optimizer.load_state_dict(state["optimizer"])
-            run.scheduler.load_state_dict(state["scheduler"])
-            run.scaler.load_state_dict(state["scaler"])
+            checkpoint.load_loop_states(self.run_dir, state, optimizer=run.optimizer, scheduler=run.scheduler,
+                                        scaler=run.scaler)
             self._truncate_jsonl(run.step)
             if self.ctx.main:
                 self.console.print(f"resumed from step {run.step}/{self.total_steps} "

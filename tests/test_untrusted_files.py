@@ -386,6 +386,19 @@ def state_with_a_list_as_optimizer(path: Path) -> None:
     torch.save(state, path)
 
 
+def optimizer_moment_of_another_shape(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    moments = next(iter(state["optimizer"]["state"].values()))
+    moments["exp_avg"] = moments["exp_avg"].reshape(-1)[:-1].clone()
+    torch.save(state, path)
+
+
+def optimizer_group_missing_a_tensor(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(state, path)
+
+
 def trainable_with_nan(path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -401,6 +414,8 @@ def trainable_with_nan(path: Path) -> None:
     ("state.pt", saved_list, "state.pt holds a list, not the loop state"),
     ("state.pt", state_without_rng, "state.pt lacks optimizer, rng"),
     ("state.pt", state_with_a_list_as_optimizer, "state.pt has a list as 'optimizer'"),
+    ("state.pt", optimizer_moment_of_another_shape, "state.pt's optimizer exp_avg has shape"),
+    ("state.pt", optimizer_group_missing_a_tensor, "state.pt's optimizer state does not fit this run"),
     ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-10]), "trainable.safetensors cannot be read"),
     ("trainable.safetensors", lambda p: p.write_bytes(garble(p.read_bytes())), "trainable.safetensors cannot be read"),
     ("trainable.safetensors", trainable_with_nan, "holds NaN or infinite values"),
