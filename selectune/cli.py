@@ -180,7 +180,11 @@ def _precheck(config_name: str, args: list[str]) -> None:
         check_group_overrides(overrides)
         return
     for job in _sweep_samples(overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]:
-        RunSpec.from_config(compose(config_name, job))
+        cfg = compose(config_name, job)
+        RunSpec.from_config(cfg)
+        if config_name == "probe" and (Path(str(cfg.out_dir)) / "summary.json").exists():
+            # before Hydra writes its .hydra/ there: a finished probe's folder stays as it is
+            raise SelectuneError(f"{cfg.out_dir} holds a finished probe (summary.json); choose another out_dir")
 
 
 def _sweep_samples(overrides: list[str]) -> list[list[str]]:
@@ -343,12 +347,13 @@ LOCAL_COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
 def run_hydra(command: str, body: Callable, rest: list[str]) -> None:
     """Run a Hydra command. A single training run has Hydra write (`.hydra/`, `train.log`) into a fresh staging
     folder, moved into out_dir only once the run proceeds; a sweep's failed jobs are listed at its end."""
-    import tempfile
 
     multirun = any(a in ("-m", "--multirun") for a in rest)
     os.environ.pop(STAGE_VARIABLE, None)
     if command == "train" and not multirun:
-        os.environ[STAGE_VARIABLE] = tempfile.mkdtemp(prefix="selectune-stage-")
+        from selectune.runfs import new_staging
+
+        os.environ[STAGE_VARIABLE] = str(new_staging())
     FAILED_JOBS.clear()
     try:
         _hydra_entry(HYDRA_COMMANDS[command], body)()

@@ -14,6 +14,7 @@ and prints the same grid as a table.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from selectune import runfs
 from selectune.config import typed
 from selectune.errors import SelectuneError
 from selectune.plots import grid_heatmap
@@ -61,9 +63,12 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     feed = probe_batches(task, train, backbone, spec.trainer.batch_size, spec.trainer.seed, device)
     names = candidates(model, backbone.head_names, options.include_embeddings)
     maps = probe(model, names, feed.batches(options.batches), feed.loss, tuple(options.scores))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_file({f"{n}::{s}": t.cpu().contiguous() for s, per in maps.items() for n, t in per.items()},
-              str(run_dir / "sensitivity.safetensors"))
+    runfs.make_dir(run_dir)
+    runfs.lock_run_dir(run_dir)  # one probe writes a folder at a time; released when this process ends
+    runfs.check_no_links(run_dir)
+    tmp = runfs.check_target(run_dir / "sensitivity.safetensors.tmp", run_dir)
+    save_file({f"{n}::{s}": t.cpu().contiguous() for s, per in maps.items() for n, t in per.items()}, str(tmp))
+    os.replace(tmp, run_dir / "sensitivity.safetensors")  # whole or absent, never half-written
     total = sum(model.get_parameter(n).numel() for n in names)
     taus = [max(1, round(b * backbone.num_base_parameters)) for b in options.budgets]
     summary: dict[str, Any] = {"task": task.name, "model": backbone.name, "batches": options.batches,
@@ -84,7 +89,9 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         grid_heatmap([[100 * v for v in row] for row in grid], GRID_COLUMNS, run_dir / f"heatmap_{score}.png",
                      title, "% of the top-τ entries")
         print_grid(grid, title.replace("\n", "; "))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    runfs.write_text(run_dir / "summary.json.tmp", json.dumps(summary, indent=1) + "\n", run_dir)
+    os.replace(run_dir / "summary.json.tmp", run_dir / "summary.json")  # last: marks the probe finished
+    runfs.unlock_run_dir(run_dir)
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
     return summary
 

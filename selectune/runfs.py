@@ -147,6 +147,28 @@ def make_run_dir(path: Path) -> bool:
         raise SelectuneError(f"cannot create out_dir={path}: {err.strerror or err}") from None
 
 
+STAGE_PREFIX = "selectune-stage-"
+
+
+def new_staging() -> Path:
+    """A fresh staging folder for Hydra's files, named for this process (`selectune-stage-<pid>-...` in the
+    temp folder). Those a killed run left (SIGKILL gives no chance to clean up) are removed first: a folder
+    whose process no longer exists. A live process's folder, or one we may not signal, stays."""
+    import tempfile
+
+    for old in Path(tempfile.gettempdir()).glob(f"{STAGE_PREFIX}*-*"):
+        pid = old.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another user's live process
+            continue
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-"))
+
+
 def adopt_staging(stage: Path, run_dir: Path) -> None:
     """Move what Hydra wrote into `stage` (`.hydra/`, `<job>.log`) into `run_dir` now that the run proceeds:
     `.hydra/` replaces the old one, a log is appended to the old log, and open log handlers follow."""

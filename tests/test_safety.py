@@ -270,6 +270,25 @@ def test_disk_full_during_export_leaves_nothing(data_env, finished_run, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_staging_folders_a_killed_run_left_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    """SIGKILL leaves Hydra's staging folder behind; the next run removes those whose process is gone."""
+    import tempfile
+
+    from selectune.runfs import new_staging
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"selectune-stage-{gone.pid}-abc"
+    live = tmp_path / f"selectune-stage-{os.getppid()}-def"  # pytest's parent: alive
+    other = tmp_path / "selectune-stage-xyz"  # not a name this code writes: left alone
+    for folder in (dead, live, other):
+        (folder / ".hydra").mkdir(parents=True)
+    stage = new_staging()
+    assert not dead.exists() and live.exists() and other.exists()
+    assert stage.parent == tmp_path and stage.name.startswith(f"selectune-stage-{os.getpid()}-")
+
+
 # --------------------------------------------------------------------------- 5. offline means offline
 @pytest.fixture
 def no_network(monkeypatch):

@@ -118,6 +118,11 @@ def test_probe_command_writes_files_that_load_back(data_env, tmp_path):
         for name, info in per.items():
             assert maps[f"{name}::{score}"].numel() == info["numel"]
     assert (tmp_path / "p" / "heatmap_grad2.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "p").glob("*.tmp"))
+    finished = {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()}
+    again = run_cli("probe", "recipe=glue/mrpc_spt_lora", *TINY, f"out_dir={tmp_path / 'p'}", cwd=tmp_path)
+    assert again.returncode != 0 and "holds a finished probe" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()} == finished  # .hydra/ too
     bad = run_cli("probe", "recipe=glue/mrpc_spt_lora", *TINY, "probe.scores=[fisher]", cwd=tmp_path)
     assert bad.returncode != 0 and "probe.scores" in bad.stderr and "Traceback" not in bad.stderr
 
