@@ -582,6 +582,9 @@ def test_non_utf8_bytes_in_a_vtab_list_name_the_file_and_line(tmp_path):
     ("glue/rte_sdiff", "method.group_rows=0", "method.group_rows=0: must be positive"),
     ("glue/rte_sdiff", "method.phase1_share=1.0", "method.phase1_share=1.0: must be in (0, 1)"),
     ("glue/rte_sdiff", "method.l0_weight=-1", "method.l0_weight=-1.0: must not be negative"),
+    ("glue/rte_sdiff", "method.stretch_left=0.1", "method.stretch_left=0.1, stretch_right=1.5: the stretch needs"),
+    ("glue/rte_udiff", "method.stretch_right=1.0", "method.stretch_left=-1.5, stretch_right=1.0: the stretch needs"),
+    ("glue/rte_sdiff", "method.group_penalty=mine", "method.group_penalty=mine: use reference or paper"),
     ("glue/rte_sara", "method.threshold=0", "method.threshold=0.0: must be positive"),
 ])
 def test_a_method_setting_no_run_can_use_fails_at_config_time(recipe, override, problem):

@@ -63,6 +63,17 @@ class DiffPruningConfig(MethodConfig):
     structured: bool = False  # S-Diff: one more gate per group (a tensor, or group_rows rows) scales its entries'
 
 
+    def validate(self) -> None:
+        super().validate()
+        # hard-concrete gates reach exactly 0 and 1 only from a stretch l < 0 < 1 < r, and P(z > 0) takes log(-l/r)
+        if not (self.stretch_left < 0 and self.stretch_right > 1):
+            raise SelectuneError(f"method.stretch_left={self.stretch_left}, stretch_right={self.stretch_right}: "
+                                 f"the stretch needs left < 0 and right > 1 (method {self.name})")
+        if self.group_penalty not in ("reference", "paper"):
+            raise SelectuneError(f"method.group_penalty={self.group_penalty}: use reference or paper "
+                                 f"(method {self.name})")
+
+
 @dataclass
 class StructuredDiffPruningConfig(DiffPruningConfig):
     structured: bool = True
