@@ -188,6 +188,7 @@ class RunState:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the last evaluation's predictions
     bar: Optional[TaskID] = None  # the progress bar's line
     window_n: int = 0  # rows trained since the last metrics record
+    window_extra: dict[str, Any] = field(default_factory=dict)  # what after_step reported since then (latest each)
     window_t0: float = 0.0
 
 
@@ -310,12 +311,13 @@ class Trainer:
             while run.step < self.total_steps:
                 extra, penalty, rows = self._step(run)
                 run.window_n += rows
+                run.window_extra.update(extra)  # a one-off report (diff pruning's projection) waits for the record
                 step = run.step
                 if (step % self.cfg.log_every == 0 or step == self.total_steps or step % self.eval_every == 0
                         or step % self.checkpoint_every == 0):  # nothing non-finite is evaluated or saved
                     run.watch.check(self.cfg.lr)
                 if step % self.cfg.log_every == 0 or step == self.total_steps:
-                    self._log_window(run, extra, penalty, progress)
+                    self._log_window(run, penalty, progress)
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
@@ -400,15 +402,14 @@ class Trainer:
         run.train_time += time.perf_counter() - t0
         return extra, penalty, len(rows)
 
-    def _log_window(self, run: RunState, extra: dict[str, Any], penalty: Optional[torch.Tensor],
-                    progress: Progress) -> None:
+    def _log_window(self, run: RunState, penalty: Optional[torch.Tensor], progress: Progress) -> None:
         """One metrics.jsonl record for the steps since the last one (their mean loss: one host read)."""
         elapsed = time.perf_counter() - run.window_t0
         window_loss, window_n = self.ctx.sum(run.watch.take()), self.ctx.sum(run.window_n)
         record = {"step": run.step, "epoch": round(run.step / self.steps_per_epoch, 4),
                   "loss": window_loss / window_n, "lr": run.scheduler.get_last_lr()[0],
                   "examples_per_s": window_n / elapsed,
-                  "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
+                  "peak_memory_mb": round(peak_memory_mb(self.device), 1), **run.window_extra}
         if penalty is not None:
             record["penalty"] = penalty.item()
         self._write_jsonl(record)
@@ -417,6 +418,7 @@ class Trainer:
             self.console.print(f"step {run.step}/{self.total_steps} · loss {record['loss']:.4f} · "
                                f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
         run.window_n, run.window_t0 = 0, time.perf_counter()
+        run.window_extra.clear()
 
     def _evaluate_and_select(self, run: RunState, progress: Progress) -> None:
         """Score the eval splits; with select=best, store the delta when the selection split improved."""

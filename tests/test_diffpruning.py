@@ -148,6 +148,18 @@ def test_two_phases_project_exactly_and_keep_the_rest_bit_identical(method, data
         assert not diff[outside].any(), name
 
 
+def test_the_projection_record_reaches_metrics_jsonl_off_the_log_steps(data_env, tmp_path):
+    """The switch to phase 2 reports once; the next metrics record carries it, wherever log_every falls."""
+    from selectune.commands import train
+
+    cfg = compose_run("glue/rte_udiff", "trainer.epochs=2", "method.phase1_epochs=1", "trainer.log_every=1000",
+                      "method.log_every=1000", "trainer.lr=1e-2", "method.l0_weight=1e-4")
+    results = train(cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "projected_from_nonzero" in r]
+    assert len(logged) == 1 and logged[0]["kept"] == results["method_state"]["kept"]
+
+
 def test_projection_keeps_exactly_k_by_magnitude(data_env):
     from selectune.commands import RunSpec, build
     from selectune.tasks import load_task
