@@ -44,7 +44,8 @@ def test_eval_gate_is_deterministic_and_within_0_1():
 def test_structured_penalty_equals_the_formula(group_rows):
     torch.manual_seed(1)
     linear = torch.nn.Linear(3, 5).requires_grad_(False)
-    module = HardConcreteModule(linear, ["weight", "bias"], 5.0, -1.5, 1.5, group_rows, structured=True)
+    module = HardConcreteModule(linear, ["weight", "bias"], 5.0, -1.5, 1.5, group_rows, structured=True,
+                                group_penalty="paper")
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "alpha" in name:
@@ -63,7 +64,8 @@ def test_structured_penalty_equals_the_formula(group_rows):
         expected = (torch.sigmoid(getattr(module, f"{name}_alpha") - c).sum()
                     + torch.sigmoid(getattr(module, f"{name}_group_alpha") - c).sum())
         assert torch.allclose(module.expected_l0(name), expected)
-    unstructured = HardConcreteModule(torch.nn.Linear(3, 5), ["weight"], 5.0, -1.5, 1.5, None, structured=False)
+    unstructured = HardConcreteModule(torch.nn.Linear(3, 5), ["weight"], 5.0, -1.5, 1.5, None, structured=False,
+                                      group_penalty="paper")
     with torch.no_grad():
         unstructured.weight_alpha.normal_()
     assert torch.allclose(unstructured.expected_l0("weight"), torch.sigmoid(unstructured.weight_alpha).sum())
@@ -71,7 +73,8 @@ def test_structured_penalty_equals_the_formula(group_rows):
 
 def test_an_entry_is_on_only_if_its_group_is_on():
     linear = torch.nn.Linear(4, 4).requires_grad_(False)
-    module = HardConcreteModule(linear, ["weight"], 5.0, -1.5, 1.5, group_rows=2, structured=True)
+    module = HardConcreteModule(linear, ["weight"], 5.0, -1.5, 1.5, group_rows=2, structured=True,
+                                group_penalty="paper")
     with torch.no_grad():
         module.weight_group_alpha[1] = -20.0  # rows 2-3 off
         module.weight_w.fill_(1.0)
@@ -86,7 +89,7 @@ def test_an_entry_is_on_only_if_its_group_is_on():
 def test_gradients_reach_w_and_alpha_through_the_sample():
     torch.manual_seed(2)
     emb = torch.nn.Embedding(7, 3).requires_grad_(False)
-    module = HardConcreteModule(emb, ["weight"], 1.0, -1.5, 1.5, None, structured=True)
+    module = HardConcreteModule(emb, ["weight"], 1.0, -1.5, 1.5, None, structured=True, group_penalty="paper")
     with torch.no_grad():
         module.weight_w.normal_()
     module.train()
@@ -100,7 +103,8 @@ def test_gradients_reach_w_and_alpha_through_the_sample():
 def test_embedding_gates_only_looked_up_rows_with_the_full_tables_values_and_gradients(structured, group_rows):
     torch.manual_seed(3)
     emb = torch.nn.Embedding(9, 4, padding_idx=2).double().requires_grad_(False)
-    module = HardConcreteModule(emb, ["weight"], 1.0, -1.5, 1.5, group_rows, structured=structured)
+    module = HardConcreteModule(emb, ["weight"], 1.0, -1.5, 1.5, group_rows, structured=structured,
+                                group_penalty="paper")
     with torch.no_grad():
         for p in (module.weight_w, module.weight_alpha, getattr(module, "weight_group_alpha", module.weight_w)):
             p.normal_()

@@ -117,8 +117,8 @@ def test_gradients_arrive_only_through_the_flat_pass_and_the_unused_penalty_is_s
 
 
 def test_a_vocabulary_sized_embedding_keeps_its_looked_up_path():
-    small = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS - 1, 2), ["weight"], 5.0, L, R, None, False)
-    large = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS, 2), ["weight"], 5.0, L, R, None, False)
+    small = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS - 1, 2), ["weight"], 5.0, L, R, None, False, "paper")
+    large = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS, 2), ["weight"], 5.0, L, R, None, False, "paper")
     gates = FlatGates([small, large])
     assert gates.modules == [small] and gates.n == (LOOKUP_MIN_ROWS - 1) * 2
 

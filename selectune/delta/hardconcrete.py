@@ -95,7 +95,7 @@ class HardConcreteModule(nn.Module):
     when structured, `t_group_alpha` (one logit per group). Parameter names of the base stay as they are."""
 
     def __init__(self, base: nn.Module, names: list[str], alpha_init: float, l: float, r: float,  # noqa: E741
-                 group_rows: int | None, structured: bool, group_penalty: str = "paper") -> None:
+                 group_rows: int | None, structured: bool, group_penalty: str) -> None:
         super().__init__()
         object.__setattr__(self, "wrapped", base)
         for name, param in base.named_parameters(recurse=False):
