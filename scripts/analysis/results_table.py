@@ -62,6 +62,9 @@ def main() -> None:
             + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
                "training, `trainer.select=last`); nothing is chosen on the test split. "
                if any(r["split"] == "test" for r in rows) else
+               "Selection rule: each run's evaluation on VTAB's val200 (the select protocol: train on train800) at "
+               "the end of training (`trainer.select=last`); no test split is used. "
+               if any(r["split"] == "val" for r in rows) else
                "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
                "no test split is used. ")
             + "Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
