@@ -53,9 +53,10 @@ def conf_dir() -> Path:
     return Path(str(importlib.resources.files(CONF_PACKAGE)))
 
 
-def group_options(group: str) -> list[str]:
-    """Every option of a config group, nested names included (`task` -> `glue/mrpc`, ...)."""
-    root = conf_dir() / group
+def group_options(group: str, folder: Path | None = None) -> list[str]:
+    """Every option of a config group, nested names included (`task` -> `glue/mrpc`, ...): the shipped ones,
+    or those under `folder` (a user's config folder on the searchpath)."""
+    root = (conf_dir() if folder is None else folder) / group
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
@@ -79,7 +80,7 @@ def check_choice(group: str, value: str, folders: list[Path] | None = None) -> N
     else:
         options = group_options(group)
     for folder in folders or []:
-        options += [str(p.relative_to(folder / group).with_suffix("")) for p in (folder / group).rglob("*.yaml")]
+        options += group_options(group, folder)
     if value in options or value in ("null", ""):
         return
     close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)

@@ -54,9 +54,10 @@ def composed() -> dict[str, tuple[str, str]]:
     return names
 
 
-def list_recipes() -> list[str]:
-    """Recipe names as users type them after `recipe=` (`glue/mrpc_full`, ...): files and composed."""
-    return sorted({*group_options("recipe"), *composed()})
+def list_recipes(made: dict[str, tuple[str, str]] | None = None) -> list[str]:
+    """Recipe names as users type them after `recipe=` (`glue/mrpc_full`, ...): files and composed.
+    `made`: composed(), when the caller already has it."""
+    return sorted({*group_options("recipe"), *(composed() if made is None else made)})
 
 
 def register(overrides: list[str]) -> None:
@@ -112,7 +113,7 @@ def recipe_description(name: str, made: dict[str, tuple[str, str]] | None = None
 def print_recipes() -> None:
     """`selectune ls`: every recipe with the first line of its header comment."""
     made = composed()
-    names = sorted({*group_options("recipe"), *made})
+    names = list_recipes(made)
     width = max(map(len, names), default=0)
     for name in names:
         print(f"{name:<{width}}  {recipe_description(name, made)}")
