@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def encode_splits(task: Task, backbone: Backbone, names: list[str]) -> dict[str,
 
 # --------------------------------------------------------------------------- train
 def train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool = True, stage: Path | None = None,
-          owned: bool = False) -> dict[str, Any]:
+          owned: bool = False, on_eval: Callable[[int, float], bool] | None = None) -> dict[str, Any]:
     """Train into `run_dir`, owning it (a lock) for the whole run.
 
     Every refusal (a finished or unfinished run there, another process, a changed config on resume, a
@@ -114,7 +115,7 @@ def train(cfg: DictConfig, run_dir: Path, explicit_out_dir: bool = True, stage: 
     try:
         if problems:
             raise error or SelectuneError(problems[0])
-        return _train(cfg, spec, ctx, run_dir, stage if ctx.main else None)
+        return _train(cfg, spec, ctx, run_dir, stage if ctx.main else None, on_eval)
     except (SelectuneError, KeyboardInterrupt, OSError) as err:
         if ctx.main and (created or not problems) and not (run_dir / "checkpoint").exists():
             _remove_new(run_dir, before or set(), created)  # nothing worth keeping: no half-written run left
@@ -171,7 +172,7 @@ def _progress(run_dir: Path) -> str:
 
 
 def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Path,
-           stage: Path | None) -> dict[str, Any]:
+           stage: Path | None, on_eval: Callable[[int, float], bool] | None = None) -> dict[str, Any]:
     saved_cfg = run_dir / "config.yaml"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(spec.trainer.seed)
@@ -206,7 +207,7 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
 
         return TaskDelta(method.delta(), {**meta, "method_state": method.describe()}).save(path, cfg.get("compact"))
 
-    trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx)
+    trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx, on_eval)
     outcome = trainer.fit()
     results = {"task": task.name, "family": spec.task.family, "method": method.cfg.name, "model": backbone.name,
                "seed": spec.trainer.seed, **outcome, "budget": method.report().as_dict(),

@@ -14,6 +14,7 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -55,7 +56,10 @@ class TrainerConfig:
     seed: int = 42
     resume: bool = False  # continue from the run directory's checkpoint (same hydra.run.dir / out_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast; fp16 with a grad scaler). Method state stays fp32
+    # auto | fp32 | bf16 | fp16 (torch.autocast; fp16 with a grad scaler). auto: bf16 where the device computes
+    # it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32. Method state stays fp32
+    precision: str = "fp32"
+    group_by_length: bool = False  # text: batches of similar length (less padding), batch order still shuffled
     progress: bool = True  # the rich progress bar (stderr)
     tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard events (extra [tensorboard])
 
@@ -80,13 +84,30 @@ class TrainerConfig:
             raise SelectuneError(f"trainer.weight_decay must be at least 0, got {self.weight_decay}")
         if self.max_steps is None and self.epochs <= 0:
             raise SelectuneError(f"trainer.epochs must be positive, got {self.epochs}")
-        if self.precision not in PRECISIONS:
-            raise SelectuneError(f"trainer.precision='{self.precision}': use {', '.join(PRECISIONS)}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise SelectuneError(f"trainer.precision='{self.precision}': use auto, {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup_ratio < 1:
             raise SelectuneError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> bf16 where the device computes it natively, else fp32; any other name as given.
+
+    bf16 autocast keeps fp32 master weights and optimiser state (only matmul inputs are rounded), and needs
+    no loss scaling: on a CPU with AVX512-BF16 a MiniLM step took 0.6x the fp32 time at matched quality
+    (docs/benchmarks.md, docs/results.md). Without native support bf16 is emulated and slower, so auto
+    falls back to fp32 there; fp16 is never chosen automatically (it needs a grad scaler and overflows)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16" if native else "fp32"
+    return "fp32"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -190,13 +211,18 @@ class RunState:
     window_n: int = 0  # rows trained since the last metrics record
     window_extra: dict[str, Any] = field(default_factory=dict)  # what after_step reported since then (latest each)
     window_t0: float = 0.0
+    stopped_at: Optional[int] = None  # the step on_eval ended the run at
 
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: Task, method: Method, splits: dict[str, EncodedSplit],
                  run_dir: Path, save_delta, console: Console | None = None,
-                 ctx: Context = Context()) -> None:  # noqa: B008 (a frozen, immutable default)
-        """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes."""
+                 ctx: Context = Context(),  # noqa: B008 (a frozen, immutable default)
+                 on_eval: Callable[[int, float], bool] | None = None) -> None:
+        """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes.
+        `on_eval(step, score)` is called after every evaluation with the primary metric on the selection
+        split; returning True ends the run there (a sweep pruning a hopeless candidate), as if it had reached
+        its last step: the delta and results are written as usual, with `stopped_at`."""
         cfg.validate()
         if ctx.active and cfg.batch_size < ctx.world:
             raise SelectuneError(f"trainer.batch_size={cfg.batch_size} is the global batch: it must be at least the "
@@ -206,7 +232,10 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.device = device_for(ctx, resolve_device(cfg.device))
         self.model = method.model.to(self.device)
-        dtype = PRECISIONS[cfg.precision]
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.on_eval = on_eval
+        self._batches: tuple[int, list[list[int]]] = (-1, [])
+        dtype = PRECISIONS[self.precision]
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.eval_splits = {name: splits[name] for name in task.eval_splits}
         n_train = len(splits["train"])
@@ -321,6 +350,10 @@ class Trainer:
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
+                    if (self.on_eval is not None and self.on_eval(step, self._primary(run.evals[-1]["metrics"]))
+                            and step < self.total_steps):
+                        run.stopped_at = step
+                        break
                 if step % self.checkpoint_every == 0 and step < self.total_steps and self.ctx.main:
                     self._checkpoint(run)
         return self._finish(run)
@@ -336,7 +369,7 @@ class Trainer:
             run.step, run.evals, run.best, run.delta_bytes, run.train_time = (
                 state["step"], state["evals"], state["best"], state["delta_bytes"], state["train_time"])
         self._build_optimizer(run)
-        run.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        run.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if state is not None:
             checkpoint.restore(self.run_dir, run.params, state)
             checkpoint.load_loop_states(self.run_dir, state, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -370,13 +403,21 @@ class Trainer:
         run.window_t0 = time.perf_counter()
         return progress
 
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch` (made once per epoch): shuffled, or grouped by length (trainer.group_by_length)."""
+        if self._batches[0] != epoch:
+            train = self.splits["train"]
+            lengths = train.lengths() if self.cfg.group_by_length else None
+            self._batches = (epoch, train_batches(len(train), self.cfg.batch_size, self.cfg.seed, epoch, lengths))
+        return self._batches[1]
+
     def _step(self, run: RunState) -> tuple[dict[str, Any], Optional[torch.Tensor], int]:
         """One optimiser step on the next batch: forward, task loss + method.penalty(), backward, clip, step,
         method.after_step. Returns what after_step logged, the penalty and this process's row count."""
         cfg, method, train = self.cfg, self.method, self.splits["train"]
         t0 = time.perf_counter()
         epoch, offset = divmod(run.step, self.steps_per_epoch)
-        global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
+        global_rows = self._epoch_batches(epoch)[offset]
         rows = self.ctx.shard(global_rows)
         batch = self._to_device(train.batch(rows))
         labels = batch.pop("labels")
@@ -462,7 +503,7 @@ class Trainer:
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
-                "distributed": distributed}
+                "precision": self.precision, "stopped_at": run.stopped_at, "distributed": distributed}
 
 def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:
     parts = []

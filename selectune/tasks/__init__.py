@@ -31,6 +31,7 @@ class TaskConfig:
     # glue: hold out a fraction (0-1) or a count of the training rows as split `val` (fixed seed,
     # stratified); choices (trainer.select=best, sweeps) are made on it, dev is only reported
     validation: Optional[float] = None
+    score_dev: bool = True  # with `validation`: False leaves dev unscored (a sweep never looks at it, nor pays for it)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _glue_read(cfg: TaskConfig, spec: glue.GlueSpec, root: Optional[str]) -> Tas
                                       cfg.validation, stratified=not spec.is_regression)
         splits["train"] = train[:cfg.max_train_examples]
         splits[validation.SPLIT] = val[:cfg.max_eval_examples]
+        if not cfg.score_dev:
+            splits = {name: splits[name] for name in ("train", validation.SPLIT)}
     return Task(spec, splits, cfg.max_seq_length or spec.max_seq_length, "glue")
 
 

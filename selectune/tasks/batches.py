@@ -33,6 +33,9 @@ class TextSplit:
         types = None if self.token_type_ids is None else [self.token_type_ids[i] for i in rows]
         return TextSplit([self.input_ids[i] for i in rows], types, self.labels[rows], self.pad_id)
 
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
     def eval_order(self) -> list[int]:
         """Rows sorted by length: less padding; results are put back in row order."""
         return sorted(range(len(self)), key=lambda i: len(self.input_ids[i]))
@@ -69,6 +72,10 @@ class ImageSplit:
     def subset(self, rows: list[int]) -> ImageSplit:
         return ImageSplit([self.paths[i] for i in rows], self.labels[rows], self.image_size, self.mean, self.std)
 
+    def lengths(self) -> None:
+        """Every image has the same size: nothing to group."""
+        return None
+
     def eval_order(self) -> list[int]:
         return list(range(len(self)))
 
@@ -102,8 +109,25 @@ def eval_batches(split: EncodedSplit, batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def train_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch; a function of (seed, epoch) only, so a resumed run replays them."""
+GROUP_BATCHES = 50  # batches per length-sorted window (transformers' LengthGroupedSampler uses 50 too)
+
+
+def train_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """The shuffled batches of one epoch; a function of (seed, epoch) only, so a resumed run replays them.
+
+    With `lengths`, rows are grouped by length as transformers' `group_by_length` does: the shuffled order
+    is cut into windows of GROUP_BATCHES batches, each window sorted by length into batches, and the
+    batches shuffled again. Each batch then pads to a length close to its rows', while which rows meet
+    in a batch, and the batch order, stay random from epoch to epoch."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    window = GROUP_BATCHES * batch_size
+    grouped: list[int] = []
+    for start in range(0, n, window):
+        grouped += sorted(order[start:start + window], key=lambda i: -lengths[i])
+    batches = [grouped[i:i + batch_size] for i in range(0, n, batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]

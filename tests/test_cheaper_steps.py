@@ -1,0 +1,76 @@
+"""Cheaper CPU steps: precision=auto, length-grouped batches, a run stopped at an evaluation, dev left unscored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selectune.commands import train
+from selectune.tasks.batches import GROUP_BATCHES, train_batches
+from selectune.trainer import resolve_precision
+
+from conftest import compose_run
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp16", cpu) == "fp16"  # an explicit choice is kept
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (1000,), generator=gen).tolist()
+    plain = train_batches(1000, 8, seed=3, epoch=1)
+    grouped = train_batches(1000, 8, seed=3, epoch=1, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert grouped == train_batches(1000, 8, seed=3, epoch=1, lengths=lengths)  # a resumed run replays them
+    assert grouped != train_batches(1000, 8, seed=3, epoch=2, lengths=lengths)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)  # uniform lengths: ~0.59
+    # rows meet only within a window of GROUP_BATCHES batches of the epoch's shuffled order
+    order = [i for b in train_batches(1000, 8 * GROUP_BATCHES, seed=3, epoch=1) for i in b]
+    window = {i: order.index(i) // (8 * GROUP_BATCHES) for i in range(1000)}
+    assert all(len({window[i] for i in b}) == 1 for b in grouped)
+
+
+def test_group_by_length_trains_and_resumes_alike(data_env, tmp_path):
+    a = train(compose_run("glue/mrpc_lora", "trainer.max_steps=4", "trainer.group_by_length=true"), tmp_path / "a")
+    b = train(compose_run("glue/mrpc_lora", "trainer.max_steps=4", "trainer.group_by_length=true"), tmp_path / "b")
+    assert a["metrics"] == b["metrics"] and a["steps"] == 4
+
+
+def test_a_run_stopped_at_an_evaluation_is_finished_there(data_env, tmp_path):
+    seen = []
+
+    def on_eval(step: int, score: float) -> bool:
+        seen.append((step, score))
+        return True
+
+    cfg = compose_run("glue/rte_lora", "trainer.epochs=3", "trainer.select=best", "task.validation=8",
+                      "task.score_dev=false")
+    results = train(cfg, tmp_path / "run", on_eval=on_eval)
+    first = results["evals"][0]["step"]
+    assert seen == [(first, results["evals"][0]["metrics"]["val"]["accuracy"])]
+    assert results["stopped_at"] == first == results["steps"] and len(results["evals"]) == 1
+    assert set(results["metrics"]) == {"val"}  # dev was not scored
+    assert (tmp_path / "run" / "delta.safetensors").exists() and not (tmp_path / "run" / "checkpoint").exists()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["stopped_at"] == first
+
+
+@pytest.mark.parametrize("value", ["bf32", "half"])
+def test_an_unknown_precision_fails_at_config_time(data_env, tmp_path, value):
+    from selectune.errors import SelectuneError
+
+    with pytest.raises(SelectuneError, match="use auto, fp32"):
+        train(compose_run("glue/rte_lora", f"trainer.precision={value}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
