@@ -9,6 +9,7 @@
     selectune ls                                                         list recipes
     selectune cat <recipe> [overrides]                                   print a resolved recipe
     selectune validate <recipe> [overrides]                              build everything, train nothing
+    selectune sweep <recipe> [trainer.lr=a,b,c ...] [study=<dir>]        choose values on the validation split
 
 `train`, `probe`, `eval` and `export` run under `hydra.main` (run dirs, multirun, --cfg, completion); `cat` and
 `validate` use Hydra's compose API, so they write nothing. Overrides are checked before Hydra runs:
@@ -37,10 +38,11 @@ commands:
   ls        list the recipes
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
+  sweep     choose on validation:    selectune sweep glue/rte_lora [trainer.lr=2e-4,1e-3] [study=<dir>] [write=true]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate")
+COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate", "sweep")
 HYDRA_COMMANDS = {"train": "train", "probe": "probe", "eval": "eval", "export": "export"}
 
 
@@ -331,6 +333,16 @@ def _validate(command: str, rest: list[str]) -> None:
     validate(cfg)
 
 
+def _sweep(command: str, rest: list[str]) -> None:
+    from selectune.sweep import open_study, parse, run, table
+
+    plan = parse(rest)
+    if plan.table_only:
+        print(table(plan, open_study(plan, create=False)))
+        return
+    run(plan)
+
+
 def _hydra_command(command: str, rest: list[str]) -> None:
     if command in ("train", "probe"):
         _precheck(command, rest)
@@ -341,7 +353,7 @@ def _hydra_command(command: str, rest: list[str]) -> None:
 # what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
 HYDRA_BODIES: dict[str, Callable] = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}
 LOCAL_COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
-    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate}
+    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate, "sweep": _sweep}
 
 
 def run_hydra(command: str, body: Callable, rest: list[str]) -> None:

@@ -77,13 +77,15 @@ def register(overrides: list[str]) -> None:
             wanted |= set(made) if "(" in value else {choice.strip() for choice in value.split(",")}
     store = ConfigStore.instance()
     stored = store.repo.get("recipe", {})
+    for folder, entries in stored.items():  # earlier compositions' names, and any that a file has taken over since
+        if isinstance(entries, dict):
+            for key in [k for k in entries if f"{folder}/{k.removesuffix('.yaml')}" not in wanted.intersection(made)]:
+                entries.pop(key)
     for name, (preset, task) in made.items():
         folder, _, leaf = name.rpartition("/")
         if name in wanted:
             node = {"defaults": [f"/preset/{preset}", {"override /task": task}]}
             store.store(group=f"recipe/{folder}", name=leaf, node=node, package="_global_")
-        elif isinstance(stored.get(folder), dict):
-            stored[folder].pop(f"{leaf}.yaml", None)
 
 
 def header(path_text: str) -> str:

@@ -1,54 +1,143 @@
-"""scripts/reproduction/sweep.py: the winner is chosen on validation scores and written into a recipe that composes."""
+"""`selectune sweep`: a grid searched on the carved validation split, hopeless candidates pruned at an evaluation,
+the study kept in a journal that a later sweep resumes from, the winner written into a recipe that composes."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sweep", REPO / "scripts" / "reproduction" / "sweep.py")
-sweep = importlib.util.module_from_spec(spec)
-sys.modules["sweep"] = sweep  # dataclasses look their module up
-spec.loader.exec_module(sweep)
+pytest.importorskip("optuna")
 
+from selectune import commands, sweep
+from selectune.config import compose, conf_dir
 
-def test_table_picks_the_best_validation_score_and_marks_failures():
-    a, b, c = (sweep.Candidate("rte", "lora", lr, 3) for lr in (2e-4, 5e-4, 1e-3))
-    body, winners = sweep.table({a: 55.0, b: 61.5, c: None})
-    assert winners == {("rte", "lora"): b}
-    assert "0.001/3 → —" in body and "lr 0.0005, 3 epochs" in body
+# val accuracy per evaluation for each lr: 1e-3 learns, 1e-2 is best at its end, 1e-1 never leaves chance
+CURVES = {"0.001": [60.0, 64.0, 66.0, 67.0], "0.01": [62.0, 66.0, 70.0, 71.0], "0.1": [50.0, 50.0, 51.0, 50.0]}
 
 
-def test_ties_go_to_the_shorter_schedule_then_the_smaller_lr():
-    short, long_ = sweep.Candidate("rte", "lora", 5e-4, 3), sweep.Candidate("rte", "lora", 2e-4, 10)
-    assert sweep.table({long_: 60.0, short: 60.0})[1][("rte", "lora")] == short
+def fake_train(calls: list[str]):
+    """commands.train as the sweep sees it: one evaluation per epoch reported to on_eval, stopped when it says."""
+
+    def train(cfg, run_dir: Path, on_eval=None, **_):
+        lr = f"{cfg.trainer.lr:g}"
+        calls.append(lr)
+        evals = []
+        for i, score in enumerate(CURVES[lr], start=1):
+            evals.append({"step": 10 * i, "metrics": {"val": {"accuracy": score}}})
+            if on_eval(10 * i, score) and i < len(CURVES[lr]):
+                break
+        best = max(evals, key=lambda e: e["metrics"]["val"]["accuracy"])
+        stopped = evals[-1]["step"] if len(evals) < len(CURVES[lr]) else None
+        return {"task": "rte", "family": "glue", "selected_on": "val", "metrics": best["metrics"],
+                "selected_step": best["step"], "evals": evals, "steps": evals[-1]["step"], "step_time_s": 0.1,
+                "train_time_s": 1.0, "stopped_at": stopped}
+
+    return train
 
 
-def test_written_recipe_composes_with_the_choice(tmp_path, monkeypatch):
-    (tmp_path / "recipes").mkdir()
-    shutil.copytree(REPO / "recipes" / "glue", tmp_path / "recipes" / "glue")
-    monkeypatch.setattr(sweep, "REPO", tmp_path)
-    winner = sweep.Candidate("mrpc", "lora", 1e-3, 10)
-    path = sweep.write_recipe(winner, {winner: 80.5, sweep.Candidate("mrpc", "lora", 2e-4, 3): 70.25}, 0.1)
-    text = path.read_text()
-    assert "1e-3" not in text and "lr: 0.001" in text and "0.0002/3ep 70.25" in text
-    sweep.write_recipe(winner, {winner: 80.5}, 0.1)  # written twice: one block, not two
-    assert path.read_text().count("lr:") == 1 and path.read_text().count("validation:") == 1
-    assert not (REPO / "recipes" / "glue" / "mrpc_lora.yaml").exists()  # a composed name: the file is made
-    cfg = OmegaConf.load(path)  # a recipe is a global-package overlay: these keys override the groups
-    assert list(cfg.defaults) == ["/preset/glue/lora", {"override /task": "glue/mrpc"}]
-    assert (cfg.trainer.lr, cfg.trainer.epochs, cfg.trainer.select, cfg.task.validation) == (1e-3, 10, "best", 0.1)
+def plan_for(tmp_path: Path, *extra: str) -> sweep.SweepPlan:
+    return sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.lr=1e-3,1e-2,1e-1", "trainer.epochs=4",
+                        f"study={tmp_path / 'study'}", *extra])
 
 
-def test_a_recipe_file_keeps_its_per_task_values_when_the_choice_is_written(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "recipes" / "glue", tmp_path / "recipes" / "glue")
-    monkeypatch.setattr(sweep, "REPO", tmp_path)
-    winner = sweep.Candidate("rte", "sdiff", 1e-4, 8)
-    cfg = OmegaConf.load(sweep.write_recipe(winner, {winner: 60.0}, 0.1))
-    assert cfg.method.l0_weight == 6.25e-8  # RTE's own λ stays
-    assert list(cfg.defaults) == ["/preset/glue/sdiff", {"override /task": "glue/rte"}]
-    assert (cfg.trainer.lr, cfg.trainer.epochs) == (1e-4, 8)
+def test_the_hopeless_candidate_is_pruned_and_the_best_one_wins(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(commands, "train", fake_train(calls))
+    plan = plan_for(tmp_path, "prune_after=2")
+    sweep.run(plan)
+    study = sweep.open_study(plan, create=False)
+    rows = {r["params"]["trainer.lr"]: r for r in sweep.rows(study)}
+    assert sorted(calls) == ["0.001", "0.01", "0.1"]
+    assert rows["1e-1"]["state"] == "pruned" and rows["1e-1"]["evals"] == 2
+    assert sweep.winner(study)["params"] == {"trainer.lr": "1e-2"}
+    text = sweep.table(plan, study)
+    assert "**chosen**" in text and "1 pruned" in text
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_candidates(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(commands, "train", fake_train(calls))
+    plan = plan_for(tmp_path, "pruner=none")
+    study = sweep.open_study(plan, create=True)
+    sweep.run_candidate(plan, study, {"trainer.lr": "1e-3"})  # finished before the kill
+    killed = study.ask()  # a candidate that was running when the process died: nobody holds its run folder
+    killed.set_user_attr("candidate", "lr1e-2")
+    killed.set_user_attr("run_dir", str(plan.study / "runs" / "lr1e-2"))
+    killed.set_user_attr("host", "elsewhere:1")
+    calls.clear()
+    sweep.run(sweep.parse(["study=" + str(plan.study)]))  # the recipe and grid come back from the study
+    assert sorted(calls) == ["0.01", "0.1"]
+    states = sorted(t.state.name for t in sweep.open_study(plan, create=False).get_trials())
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+
+
+def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    recipes = conf_dir() / "recipe" / "glue"
+    made = recipes / "rte_lora.yaml"
+    assert not made.exists()
+    kept = recipes / "rte_sdiff.yaml"
+    before = kept.read_text()
+    try:
+        sweep.run(plan_for(tmp_path, "write=true"))
+        text = made.read_text()
+        assert "chosen by selectune sweep on val" in text and "lr1e-1" in text
+        cfg = compose("train", ["recipe=glue/rte_lora"])
+        assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "best" and cfg.task.validation == 0.1
+        assert cfg.trainer.epochs == 4 and cfg.method.name == "lora"
+        sweep.run(plan_for(tmp_path, "write=true"))  # written twice: one block, not two
+        assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
+    finally:
+        made.unlink(missing_ok=True)
+    assert kept.read_text() == before
+
+
+def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
+    text = (conf_dir() / "recipe" / "glue" / "rte_sdiff.yaml").read_text()
+    out = sweep.set_in_yaml(sweep.set_in_yaml(text, "trainer", "lr", "1e-4", "chosen"), "task", "validation", "0.1")
+    assert "  epochs: 8  # phase 1" in out and "  l0_weight: 6.25e-8" in out and "  lr: 1e-4" in out
+    assert out.count("trainer:") == 1 and out.rstrip().endswith("validation: 0.1")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "selectune", "sweep", *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "which recipe?"),
+    (["glue/rte_lora", "trainer.seed=1,2"], "'trainer.seed' cannot be searched"),
+    (["glue/rte_lora", "task.validation=0.2"], "the sweep sets task.validation"),
+    (["glue/rte_lora", "trainer.lr=1e-3,1e-3"], "repeats or leaves out a value"),
+    (["glue/rte_lora", "pruner=hyperband"], "pruner=hyperband: use median or none"),
+    (["glue/rte_lora", "trainer.lr=1e-3,abc"], "trainer.lr"),
+    (["glue/rte_lora", "trainer.learning_rate=1e-3,1e-2"], "unknown"),
+])
+def test_bad_sweeps_fail_in_one_line_and_write_nothing(data_env, tmp_path, args, message):
+    done = run_cli(*args, f"study={tmp_path / 'study'}", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not (tmp_path / "study").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_real_sweep_end_to_end(data_env, tmp_path):
+    """Two candidates on a tiny random model: each trains on the carved split, dev is never scored, the table."""
+    done = run_cli("glue/rte_lora", "model=tiny_random", "validation=16", "trainer.batch_size=16",
+                   "trainer.lr=1e-3,1e-2", "trainer.epochs=2", f"study={tmp_path / 's'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 candidates done" in done.stdout
+    for lr in ("1e-3", "1e-2"):
+        results = json.loads((tmp_path / "s" / "runs" / f"lr{lr}" / "results.json").read_text())
+        assert results["selection"] == "best" and results["selected_on"] == "val"
+        assert set(results["metrics"]) == {"val"} and results["steps"] == 4
+        assert not math.isnan(results["metrics"]["val"]["accuracy"])
+    again = run_cli("study=" + str(tmp_path / "s"), "table=true", cwd=tmp_path)
+    assert again.returncode == 0 and "**chosen**" in again.stdout
+    shutil.rmtree(tmp_path / "s")

@@ -1,0 +1,395 @@
+"""`selectune sweep`: choose a recipe's hyperparameters on the validation split carved from train.
+
+    selectune sweep glue/rte_lora                                # the method's default lr grid
+    selectune sweep glue/rte_lora trainer.lr=2e-4,5e-4,1e-3 trainer.epochs=10 study=sweeps/rte_lora
+    selectune sweep glue/rte_lora study=sweeps/rte_lora write=true   # the winner into recipes/glue/rte_lora.yaml
+    selectune sweep study=sweeps/rte_lora table=true                 # the study so far, nothing run
+
+The search is a grid over the overrides given as comma lists (`trainer.lr=a,b,c`, `method.l0_weight=x,y`);
+every other override applies to each candidate. A candidate trains with `task.validation` (10% of train,
+stratified, fixed seed), `trainer.select=best` and GLUE dev not scored at all: its score is its best
+evaluation on the carved split, and nothing in the sweep ever sees dev. One long schedule evaluated every
+epoch stands for every shorter one (select=best keeps the best epoch), and a candidate whose best score so
+far is below the median of the earlier candidates' at the same evaluation stops there (`pruner=median`,
+from the evaluation `prune_after` on; `pruner=none` runs every candidate to its end).
+
+The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
+score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
+committed: a killed sweep started again, in this clone or a fresh one, skips every finished or pruned
+candidate, resumes a killed one from its checkpoint where its run folder is still there, and starts the
+rest. Two sweeps may share a study (one per core): each takes candidates the other has not claimed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from selectune.errors import SelectuneError
+
+# Default grids: full FT around BERT's 2e-5, the PEFT methods one to two decades higher (the references' values
+# sit inside each); one long schedule, evaluated each epoch, per candidate.
+DEFAULT_LRS: dict[str, list[float]] = {
+    "full": [1e-5, 2e-5, 5e-5], "bitfit": [1e-4, 5e-4, 2e-3], "linear": [1e-3, 5e-3, 2e-2],
+    "lora": [2e-4, 5e-4, 1e-3], "ia3": [3e-3, 1e-2, 3e-2], "adalora": [5e-4, 1e-3, 2e-3],
+    "spt_lora": [2e-4, 5e-4, 1e-3], "spt_adapter": [2e-4, 5e-4, 1e-3], "sara": [5e-4, 2e-3, 5e-3]}
+DEFAULT_EPOCHS = {"full": 5}  # others: 10
+OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation")
+SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "trainer.select", "trainer.resume")
+JOURNAL = "study.journal"
+
+
+@dataclass
+class SweepPlan:
+    """What one `selectune sweep` call does: which recipe, the grid, what every candidate shares."""
+
+    recipe: str
+    grid: dict[str, list[str]]  # override key -> its values, as typed
+    fixed: list[str]  # overrides applied to every candidate
+    study: Path
+    pruner: str = "median"
+    prune_after: int = 2  # evaluations before any pruning
+    validation: float = 0.1
+    write: bool = False
+    table_only: bool = False
+    defaults_used: list[str] = field(default_factory=list)
+
+    def points(self) -> list[dict[str, str]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in product(*(self.grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, str]) -> str:
+    """A candidate's folder name: `trainer.lr=5e-4,trainer.epochs=10` -> `lr5e-4_epochs10`."""
+    return "_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items()) or "default"
+
+
+def parse(args: list[str]) -> SweepPlan:
+    """`selectune sweep` arguments: a recipe (positional or recipe=), sweep options, overrides."""
+    options: dict[str, str] = {}
+    overrides: list[str] = []
+    recipe = None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            if recipe is not None or arg.startswith("-"):
+                raise SelectuneError(f"sweep: unexpected argument '{arg}' (give one recipe, then key=value ...)")
+            recipe = arg
+        elif key == "recipe":
+            recipe = value
+        elif key in OPTIONS:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    study_text = options.get("study")
+    if recipe is None and study_text and (Path(study_text) / "sweep.json").exists():
+        saved = json.loads((Path(study_text) / "sweep.json").read_text())
+        recipe, overrides = saved["recipe"], saved["overrides"] + overrides
+        options = {**{k: str(v) for k, v in saved.get("options", {}).items()}, **options}
+    if recipe is None:
+        raise SelectuneError("which recipe? selectune sweep <recipe> [trainer.lr=a,b,c ...] [study=<dir>]")
+    grid = {k: v.split(",") for k, _, v in (o.partition("=") for o in overrides) if "," in v and "[" not in v}
+    fixed = [o for o in overrides if o.partition("=")[0] not in grid]
+    for item in fixed:
+        key = item.partition("=")[0].lstrip("+~")
+        if key.startswith(SET_BY_SWEEP):
+            hint = " (the split's size: validation=<fraction or count>)" if key == "task.validation" else ""
+            raise SelectuneError(f"sweep: the sweep sets {key} for every candidate{hint}")
+    for key, values in grid.items():
+        if key.lstrip("+~").startswith((*SET_BY_SWEEP, "trainer.seed")):
+            raise SelectuneError(f"sweep: '{key}' cannot be searched (one seed; choices are made on one split)")
+        if len(set(values)) != len(values) or any(v == "" for v in values):
+            raise SelectuneError(f"sweep: {key}={','.join(values)} repeats or leaves out a value")
+    plan = SweepPlan(recipe, grid, fixed, Path(study_text or f"sweeps/{recipe}"))
+    method = recipe.rsplit("_", 1)[-1] if "/" in recipe else recipe
+    method = next((m for m in DEFAULT_LRS if recipe.endswith(f"_{m}")), method)
+    if not any(k == "trainer.lr" for k in grid) and not any(o.startswith("trainer.lr=") for o in fixed):
+        if method not in DEFAULT_LRS and not grid:
+            raise SelectuneError(f"sweep: no default grid for '{recipe}'; give one, e.g. trainer.lr=1e-4,5e-4,1e-3")
+        if method in DEFAULT_LRS:
+            plan.grid = {"trainer.lr": [f"{lr:g}" for lr in DEFAULT_LRS[method]], **plan.grid}
+            plan.defaults_used.append("trainer.lr")
+    if not any(o.startswith("trainer.epochs=") or o.startswith("trainer.max_steps=") for o in fixed) \
+            and "trainer.epochs" not in plan.grid:
+        plan.fixed.append(f"trainer.epochs={DEFAULT_EPOCHS.get(method, 10)}")
+        plan.defaults_used.append("trainer.epochs")
+    plan.pruner = options.get("pruner", plan.pruner)
+    if plan.pruner not in ("median", "none"):
+        raise SelectuneError(f"sweep: pruner={plan.pruner}: use median or none")
+    for key in ("prune_after",):
+        if key in options:
+            if not options[key].isdigit():
+                raise SelectuneError(f"sweep: {key}={options[key]}: give a number of evaluations")
+            setattr(plan, key, int(options[key]))
+    if "validation" in options:
+        try:
+            plan.validation = float(options["validation"])
+        except ValueError:
+            raise SelectuneError(f"sweep: validation={options['validation']}: give a fraction or a count of train "
+                                 "rows") from None
+    plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
+    plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")
+    return plan
+
+
+# --------------------------------------------------------------------------- the study store
+def open_study(plan: SweepPlan, create: bool):
+    """The Optuna study in `plan.study` (created on first use; the same grid and recipe on every later call)."""
+    try:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:
+        raise SelectuneError("selectune sweep needs Optuna: pip install 'selectune[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = plan.study / JOURNAL
+    if not create and not journal.exists():
+        raise SelectuneError(f"no study in {plan.study} ({JOURNAL} not found)")
+    plan.study.mkdir(parents=True, exist_ok=True)
+    saved = plan.study / "sweep.json"
+    mine = {"recipe": plan.recipe, "grid": plan.grid, "fixed": plan.fixed, "validation": plan.validation,
+            "overrides": [*plan.fixed, *(f"{k}={','.join(v)}" for k, v in plan.grid.items())],
+            "options": {"pruner": plan.pruner, "prune_after": plan.prune_after, "validation": plan.validation}}
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        if create and {k: before.get(k) for k in ("recipe", "grid", "fixed", "validation")} != \
+                {k: mine[k] for k in ("recipe", "grid", "fixed", "validation")}:
+            raise SelectuneError(f"{plan.study} holds a sweep of {before['recipe']} over "
+                                 f"{' '.join(before['overrides'])}; give the same, or another study=")
+    elif create:
+        saved.write_text(json.dumps(mine, indent=1) + "\n")
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=plan.prune_after)
+              if plan.pruner == "median" else optuna.pruners.NopPruner())
+    return optuna.create_study(study_name="sweep", storage=storage, direction="maximize", pruner=pruner,
+                               load_if_exists=True)
+
+
+def held(folder: Path) -> bool:
+    """Whether a live process owns a run folder (its flock, taken by every training run)."""
+    if not folder.is_dir():
+        return False
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we just took
+    return False
+
+
+def claims(study) -> dict[str, str]:
+    """Candidate name -> its state: finished (COMPLETE, PRUNED) or running in a live process. A RUNNING
+    trial whose run nobody holds was killed: it is marked failed and its candidate is free again."""
+    from optuna.trial import TrialState
+
+    states: dict[str, str] = {}
+    for trial in study.get_trials(deepcopy=False):
+        name = trial.user_attrs.get("candidate")
+        if name is None:
+            continue
+        if trial.state == TrialState.RUNNING and not held(Path(trial.user_attrs["run_dir"])) \
+                and trial.user_attrs.get("host") != socket.gethostname() + f":{os.getpid()}":
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            continue
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            states[name] = trial.state.name
+    return states
+
+
+# --------------------------------------------------------------------------- running
+def run(plan: SweepPlan) -> None:
+    """Train every candidate no process has finished or claimed, then print the table (and write the recipe)."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+
+    for point in plan.points():  # every value checked before anything is written or run
+        RunSpec.from_config(compose("train", candidate_overrides(plan, point, plan.study / "runs" / "check")))
+    study = open_study(plan, create=True)
+    for point in plan.points():
+        name = point_name(point)
+        if name in claims(study):
+            continue
+        run_candidate(plan, study, point)
+    print(table(plan, study))
+    if plan.write:
+        print(f"wrote {write_recipe(plan, study)}")
+
+
+def candidate_overrides(plan: SweepPlan, point: dict[str, str], out: Path) -> list[str]:
+    return [f"recipe={plan.recipe}", *plan.fixed, *(f"{k}={v}" for k, v in point.items()),
+            f"task.validation={plan.validation:g}", "task.score_dev=false", "trainer.select=best",
+            "trainer.progress=false", f"out_dir={out}"]
+
+
+def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
+    """One candidate as an Optuna trial: its score at every evaluation reported (the best so far), stopped
+    when the pruner says so, its best validation score the trial's value."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from selectune.commands import train
+    from selectune.config import compose
+
+    name = point_name(point)
+    out = plan.study / "runs" / name
+    study.enqueue_trial({k: v for k, v in point.items()}, skip_if_exists=False)
+    trial = study.ask({k: optuna.distributions.CategoricalDistribution(plan.grid[k]) for k in point})
+    for key, value in (("candidate", name), ("run_dir", str(out)), ("host", f"{socket.gethostname()}:{os.getpid()}")):
+        trial.set_user_attr(key, value)
+    resume = (out / "checkpoint").exists()
+    finished = out / "results.json"
+    print(f"sweep {plan.recipe}: {name}" + (" (resumed)" if resume else "") + f" → {out}", flush=True)
+    best = -math.inf
+    evals = 0
+
+    def on_eval(step: int, score: float) -> bool:
+        nonlocal best, evals
+        best, evals = max(best, score), evals + 1
+        trial.report(best, evals)
+        return trial.should_prune()
+
+    try:
+        if finished.exists():
+            results = json.loads(finished.read_text())
+        else:
+            cfg = compose("train", [*candidate_overrides(plan, point, out), f"trainer.resume={str(resume).lower()}"])
+            results = train(cfg, out, on_eval=on_eval)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    for key in ("selected_step", "steps", "step_time_s", "train_time_s"):
+        trial.set_user_attr(key, results[key])
+    trial.set_user_attr("evals", [[e["step"], score_of(e["metrics"], results)] for e in results["evals"]])
+    value = score_of(results["metrics"], results)
+    if results.get("stopped_at") is not None:
+        trial.set_user_attr("stopped_at", results["stopped_at"])
+        study.tell(trial, state=TrialState.PRUNED)
+        print(f"  pruned at step {results['stopped_at']} (best val {value:.2f})", flush=True)
+    else:
+        study.tell(trial, value)
+        print(f"  val {value:.2f} (best at step {results['selected_step']})", flush=True)
+
+
+def score_of(metrics: dict[str, dict[str, float | None]], results: dict[str, Any]) -> float:
+    """The primary metric on the split the run selected on."""
+    from selectune.tasks import TaskConfig, task_spec
+
+    primary = task_spec(TaskConfig(name=results["task"], family=results["family"])).primary
+    value = metrics[results["selected_on"]][primary]
+    return -math.inf if value is None else value
+
+
+# --------------------------------------------------------------------------- reading a study
+def rows(study) -> list[dict[str, Any]]:
+    from optuna.trial import TrialState
+
+    out = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED) or "candidate" not in trial.user_attrs:
+            continue
+        attrs = trial.user_attrs
+        reports = trial.intermediate_values
+        out.append({"candidate": attrs["candidate"], "params": trial.params, "state": trial.state.name.lower(),
+                    "score": trial.value if trial.value is not None else max(reports.values(), default=None),
+                    "evals": len(reports), "steps": attrs.get("steps"), "selected_step": attrs.get("selected_step"),
+                    "step_time_s": attrs.get("step_time_s")})
+    return out
+
+
+def winner(study) -> dict[str, Any] | None:
+    done = [r for r in rows(study) if r["state"] == "complete" and r["score"] is not None]
+    # ties: the candidate that got there in fewer steps (a shorter schedule would have done)
+    return max(done, key=lambda r: (r["score"], -(r["selected_step"] or 0))) if done else None
+
+
+def table(plan: SweepPlan, study) -> str:
+    """The study as Markdown: one line per candidate, the winner marked, the steps spent."""
+    found = rows(study)
+    best = winner(study)
+    keys = list(plan.grid)
+    lines = [f"sweep of {plan.recipe} ({plan.study}); fixed: {' '.join(plan.fixed) or '—'}; "
+             f"validation {plan.validation:g} of train, pruner {plan.pruner} after {plan.prune_after} evaluations",
+             "", "| " + " | ".join([*keys, "state", "val (best eval)", "evaluations", "steps", "s/step"]) + " |",
+             "|" + "---|" * (len(keys) + 5)]
+    for row in sorted(found, key=lambda r: [str(r["params"].get(k)) for k in keys]):
+        mark = " **chosen**" if best is not None and row["candidate"] == best["candidate"] else ""
+        score = "—" if row["score"] is None else f"{row['score']:.2f}"
+        lines.append("| " + " | ".join([*(str(row["params"].get(k)) for k in keys), row["state"] + mark, score,
+                                         str(row["evals"]), f"{row['steps'] or 0:,}",
+                                         f"{row['step_time_s'] or 0:.2f}"]) + " |")
+    left = len(plan.points()) - len(found)
+    spent = sum(r["steps"] or 0 for r in found)
+    lines.append("")
+    lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
+                 f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
+    return "\n".join(lines)
+
+
+def write_recipe(plan: SweepPlan, study) -> Path:
+    """The winner's values into the recipe file (made on top of its preset where the name had none), with a
+    comment line of every candidate's score; GLUE dev stays unseen (the recipe selects on `val`)."""
+    from selectune.config import conf_dir
+    from selectune.recipes import composed
+
+    best = winner(study)
+    if best is None:
+        raise SelectuneError(f"{plan.study}: no finished candidate to write")
+    path = conf_dir() / "recipe" / f"{plan.recipe}.yaml"
+    if path.exists():
+        text = path.read_text()
+    else:
+        made = composed().get(plan.recipe)
+        if made is None:
+            raise SelectuneError(f"recipe '{plan.recipe}' is neither a file nor composed from a preset")
+        preset, task = made
+        text = (f"# @package _global_\n# {plan.recipe} — preset/{preset} with values chosen on the validation "
+                f"split\n#   run:       selectune train recipe={plan.recipe}\n"
+                f"defaults:\n  - /preset/{preset}\n  - override /task: {task}\n")
+    tried = ", ".join(f"{r['candidate']} {r['score']:.2f}" + (" (pruned)" if r["state"] == "pruned" else "")
+                      for r in rows(study) if r["score"] is not None)
+    chosen = {**{k: v for k, v in (o.partition("=")[::2] for o in plan.fixed)
+                 if k.startswith(("trainer.", "method."))}, **best["params"],
+              "trainer.select": "best", "task.validation": f"{plan.validation:g}"}
+    text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
+    note = f"chosen by selectune sweep on val ({plan.study}): {tried}"
+    for i, (key, value) in enumerate(chosen.items()):
+        section, _, leaf = key.partition(".")
+        if not leaf or "." in leaf:
+            raise SelectuneError(f"sweep: cannot write '{key}' into a recipe (section.key only)")
+        text = set_in_yaml(text, section, leaf, value, note if i == 0 else None)
+    path.write_text(text)
+    return path
+
+
+def set_in_yaml(text: str, section: str, key: str, value: str, comment: str | None = None) -> str:
+    """`section: {key: value}` set in a recipe's text, its other lines and comments kept: the key's line is
+    replaced where the section has it, else added to the section (made at the end where there is none)."""
+    lines = text.splitlines()
+    head = next((i for i, line in enumerate(lines) if line == f"{section}:"), None)
+    if head is None:
+        lines += ["", f"{section}:"]
+        head = len(lines) - 1
+    end = head + 1
+    while end < len(lines) and (lines[end].startswith("  ") or not lines[end].strip()):
+        end += 1
+    while end > head + 1 and not lines[end - 1].strip():
+        end -= 1
+    found = next((i for i in range(head + 1, end) if re.match(rf"  {re.escape(key)}:", lines[i])), None)
+    new = f"  {key}: {value}"
+    if found is not None:
+        lines[found] = new
+    else:
+        lines.insert(end, new)
+    if comment is not None:
+        lines.insert(head + 1, f"  # {comment}")
+    return "\n".join(lines) + "\n"
