@@ -334,9 +334,12 @@ def _validate(command: str, rest: list[str]) -> None:
 
 
 def _sweep(command: str, rest: list[str]) -> None:
-    from selectune.sweep import open_study, parse, run, table
+    from selectune.sweep import cost, open_study, parse, run, table
 
     plan = parse(rest)
+    if plan.plan_only:
+        print(cost(plan))
+        return
     if plan.table_only:
         print(table(plan, open_study(plan, create=False)))
         return

@@ -42,7 +42,7 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "lora": [2e-4, 5e-4, 1e-3], "ia3": [3e-3, 1e-2, 3e-2], "adalora": [5e-4, 1e-3, 2e-3],
     "spt_lora": [2e-4, 5e-4, 1e-3], "spt_adapter": [2e-4, 5e-4, 1e-3], "sara": [5e-4, 2e-3, 5e-3]}
 DEFAULT_EPOCHS = {"full": 5}  # others: 10
-OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation")
+OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan")
 SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "trainer.select", "trainer.resume")
 JOURNAL = "study.journal"
 
@@ -60,6 +60,7 @@ class SweepPlan:
     validation: float = 0.1
     write: bool = False
     table_only: bool = False
+    plan_only: bool = False
     defaults_used: list[str] = field(default_factory=list)
 
     def points(self) -> list[dict[str, str]]:
@@ -137,6 +138,7 @@ def parse(args: list[str]) -> SweepPlan:
                                  "rows") from None
     plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
     plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")
+    plan.plan_only = options.get("plan", "false").lower() in ("true", "1", "yes")
     return plan
 
 
@@ -204,6 +206,25 @@ def claims(study) -> dict[str, str]:
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             states[name] = trial.state.name
     return states
+
+
+def cost(plan: SweepPlan) -> str:
+    """`plan=true`: the candidates and their training steps if none is pruned (the data is read, nothing trained)."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+    from selectune.tasks import load_task
+
+    lines, total, sizes = [], 0, {}
+    for point in plan.points():
+        spec = RunSpec.from_config(compose("train", candidate_overrides(plan, point, plan.study / "runs" / "plan")))
+        key = (spec.task.name, spec.task.validation)
+        if key not in sizes:
+            sizes[key] = len(load_task(spec.task).splits["train"])
+        per_epoch, steps = spec.trainer.run_length(sizes[key])
+        total += steps
+        lines.append(f"  {point_name(point)}: {steps:,} steps ({per_epoch} per epoch, evaluated each epoch)")
+    return "\n".join([f"{plan.recipe}: {len(lines)} candidates, {total:,} training steps at most (pruning stops "
+                      f"some early)", *lines])
 
 
 # --------------------------------------------------------------------------- running
