@@ -92,6 +92,7 @@ def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
 
 
 FAILED_JOBS: list[str] = []  # one line per failed job of a multirun, reported once the sweep has ended
+SWEEP_DIRS: list[Path] = []  # the folder a multirun's jobs write under (Hydra's hydra.sweep.dir, resolved)
 STAGE_VARIABLE = "SELECTUNE_STAGE_DIR"  # train.yaml's hydra.run.dir: where Hydra writes before a run proceeds
 
 
@@ -111,6 +112,8 @@ def _train(cfg) -> None:
     run_dir = Path(str(cfg.out_dir)) if staged else output
     # a job dir Hydra has just made for this sweep job holds nothing else: it is this job's to remove on failure
     owned = multirun and hydra_made(output, hydra_cfg.job.name)
+    if multirun:
+        SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
     try:
         train(cfg, run_dir, explicit_out_dir=explicit or multirun, stage=output if staged else None, owned=owned)
     finally:
@@ -130,23 +133,28 @@ def _eval(cfg) -> None:
 def _probe(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from selectune.commands import remove_run_dir
     from selectune.probe import run_probe
+    from selectune.runfs import drop_staging
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    owned = hydra_made(run_dir, hydra_cfg.job.name)  # never remove a folder that held anything before
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    output = Path(hydra_cfg.runtime.output_dir)
+    stage = os.environ.get(STAGE_VARIABLE)
+    staged = not multirun and stage is not None and output == Path(stage)
+    run_dir = Path(str(cfg.out_dir)) if staged else output
+    owned = multirun and hydra_made(output, hydra_cfg.job.name)  # never remove a folder that held anything before
+    if multirun:
+        SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
     try:
-        run_probe(cfg, run_dir)
-    except SelectuneError:
-        if owned and not (run_dir / "summary.json").exists():
-            remove_run_dir(run_dir)
-        raise
+        run_probe(cfg, run_dir, stage=output if staged else None, owned=owned)
+    finally:
+        if staged and output.exists():
+            drop_staging(output)
 
 
 def hydra_made(folder: Path, job_name: str) -> bool:
     """Whether `folder` holds only what Hydra has just written for this job, so a failure may remove it."""
-    return {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
 
 
 def _export(cfg) -> None:
@@ -332,10 +340,42 @@ def _validate(command: str, rest: list[str]) -> None:
 
 
 def _hydra_command(command: str, rest: list[str]) -> None:
+    rest = output_overrides(command, rest)
     if command in ("train", "probe"):
         _precheck(command, rest)
     sys.argv = [f"selectune {command}", *rest]
     run_hydra(command, HYDRA_BODIES[command], rest)
+
+
+# `hydra.*` overrides that leave where Hydra writes as selectune set it (a sweep's folder stays the user's to name)
+HYDRA_KEPT = ("hydra.searchpath", "hydra.sweep.dir", "hydra.launcher.", "hydra.sweeper.", "hydra.verbose",
+              "hydra.job.env_set.")
+
+
+def output_overrides(command: str, rest: list[str]) -> list[str]:
+    """Hydra's output settings belong to selectune: a run writes only into its out_dir, and only once every
+    check has passed. `hydra.run.dir=X` of a single train or probe means `out_dir=X`; any other override that
+    moves Hydra's files (`hydra.output_subdir`, `hydra.sweep.subdir`, `hydra.job.chdir`, `hydra.run.dir` of a
+    sweep, eval or export, ...) is refused before anything is written."""
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    out_dirs = [a.partition("=")[2] for a in _overrides(rest) if a.partition("=")[0].lstrip("+~") == "out_dir"]
+    mapped: list[str] = []
+    for arg in rest:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or not key.startswith("hydra.") or key.startswith(HYDRA_KEPT):
+            mapped.append(arg)
+            continue
+        if key == "hydra.run.dir" and command in ("train", "probe") and not multirun:
+            if any(d != value for d in out_dirs):
+                raise SelectuneError(f"{arg} and out_dir={out_dirs[0]} name two run folders; give out_dir= alone")
+            mapped.append(f"out_dir={value}")
+            continue
+        where = "out_dir=<folder>" if command in ("train", "probe") else "the command's own arguments"
+        if multirun:
+            where += " (a sweep: hydra.sweep.dir=<folder>)"
+        raise SelectuneError(f"{key} moves where Hydra writes, which selectune decides; use {where}")
+    return mapped
 
 
 # what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
@@ -348,25 +388,41 @@ def run_hydra(command: str, body: Callable, rest: list[str]) -> None:
     """Run a Hydra command. A single training run has Hydra write (`.hydra/`, `train.log`) into a fresh staging
     folder, moved into out_dir only once the run proceeds; a sweep's failed jobs are listed at its end."""
 
-    multirun = any(a in ("-m", "--multirun") for a in rest)
-    os.environ.pop(STAGE_VARIABLE, None)
-    if command == "train" and not multirun:
-        from selectune.runfs import new_staging
+    from selectune import runfs
 
-        os.environ[STAGE_VARIABLE] = str(new_staging())
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
+    os.environ.pop(STAGE_VARIABLE, None)
+    if command in ("train", "probe") and not multirun:
+        os.environ[STAGE_VARIABLE] = str(runfs.new_staging())
+    kept = runfs.SweepRecord(_sweep_dir(rest)) if multirun and not informational else None
     FAILED_JOBS.clear()
+    SWEEP_DIRS.clear()
+    runfs.PROCEEDED.clear()
     try:
         _hydra_entry(HYDRA_COMMANDS[command], body)()
     finally:
         stage = os.environ.pop(STAGE_VARIABLE, None)
         if stage is not None:
-            from selectune.runfs import drop_staging
+            runfs.drop_staging(Path(stage))
+        if kept is not None and not runfs.PROCEEDED and kept.restore(SWEEP_DIRS[0] if SWEEP_DIRS else None):
+            from selectune.commands import remove_run_dir  # no job ran: the sweep folder is left as it was
 
-            drop_staging(Path(stage))
+            remove_run_dir(SWEEP_DIRS[0] if SWEEP_DIRS else Path("."))
     if FAILED_JOBS:
         for line in FAILED_JOBS:
             print(f"selectune: error: {line}", file=sys.stderr)
         sys.exit(SelectuneError.exit_code)
+
+
+def _sweep_dir(rest: list[str]) -> Path | None:
+    """The folder a multirun writes into, when the command line names it (`hydra.sweep.dir=`); the default
+    is a new timestamped folder, which `SweepRecord` sees as absent."""
+    for arg in _overrides(rest):
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "hydra.sweep.dir":
+            return Path(value)
+    return None
 
 
 def command_usage(command: str) -> str:

@@ -110,7 +110,7 @@ class TaskDelta:
         """Write atomically (a temporary file renamed into place); returns the size in bytes.
 
         `compact="float16"` or `"bfloat16"` writes sparse entries delta-encoded with half values."""
-        from safetensors.torch import save_file
+        from selectune.runfs import save_safetensors
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ class TaskDelta:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         if compact is not None:
             tensors = _compact(tensors, HALF[compact])
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "selectune": json.dumps(self.meta)})
+        save_safetensors(tensors, tmp, {"format": FORMAT, "selectune": json.dumps(self.meta)})  # OSError when full
         os.replace(tmp, path)
         return path.stat().st_size
 
