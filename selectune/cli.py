@@ -180,7 +180,7 @@ def _overrides(args: list[str]) -> list[str]:
 def _precheck(config_name: str, args: list[str]) -> None:
     """Compose and type-check a single run before Hydra creates its run dir."""
     from selectune.commands import RunSpec
-    from selectune.config import check_group_overrides, compose
+    from selectune.config import check_group_overrides, compose, resolve_all
 
     overrides = [o for o in _overrides(args)
                  if not o.lstrip("+~").startswith("hydra") or o.lstrip("+~").startswith("hydra.searchpath=")]
@@ -189,6 +189,9 @@ def _precheck(config_name: str, args: list[str]) -> None:
         return
     for job in _sweep_samples(overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]:
         cfg = compose(config_name, job)
+        resolve_all(cfg)  # an unknown resolver or a loop in the recipe: one line now, not a traceback in the run
+        if config_name not in ("train", "probe"):
+            continue
         RunSpec.from_config(cfg)
         if config_name == "probe" and (Path(str(cfg.out_dir)) / "summary.json").exists():
             # before Hydra writes its .hydra/ there: a finished probe's folder stays as it is
@@ -342,7 +345,13 @@ def _validate(command: str, rest: list[str]) -> None:
 def _hydra_command(command: str, rest: list[str]) -> None:
     rest = output_overrides(command, rest)
     if command in ("train", "probe"):
-        _precheck(command, rest)
+        rest = _recipe_args(rest)  # `selectune train glue/rte_lora`, as cat and validate take it
+        informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
+        keys = {a.partition("=")[0].lstrip("+~") for a in _overrides(rest)}
+        if not informational and not keys & {"recipe", "method"}:  # not a 10-minute full fine-tune by default
+            raise SelectuneError(f"which recipe? selectune {command} recipe=<recipe> [key=value ...] "
+                                 f"(selectune ls lists them)")
+    _precheck(command, rest)
     sys.argv = [f"selectune {command}", *rest]
     run_hydra(command, HYDRA_BODIES[command], rest)
 

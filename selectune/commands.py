@@ -267,6 +267,8 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     cfg = OmegaConf.create(delta.meta["config"])
     if task_node is not None:
         cfg.task = task_node
+    elif isinstance(cfg.get("task"), DictConfig):  # the data it is scored on is the user's: SELECTUNE_DATA,
+        cfg.task.data_root = None                    # never a folder the delta file names
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
     backbone, _ = build(spec, task)
@@ -293,6 +295,7 @@ def validate(cfg: DictConfig) -> None:
     row anywhere fails) and the method's schedule is planned for the run's real length (an AdaLoRA
     or diff-pruning schedule that does not fit fails), so what validate accepts, train starts."""
     spec = RunSpec.from_config(cfg)
+    resolve_device(spec.trainer.device)  # validate runs on the CPU, train where this names: refuse what is absent
     task = load_task(spec.task)
     n_train = len(task.splits["train"])
     task.splits = {name: rows[:8] for name, rows in task.splits.items()}

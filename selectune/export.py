@@ -100,6 +100,10 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
         c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
         changed, lost = changed + c, lost + n_lost
     model.to(DTYPES[dtype])
+    overflow = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if overflow is not None:  # the merged weights must hold numbers: W0 + Δ beyond the dtype's range is inf
+        raise SelectuneError(f"merging gives non-finite values in '{overflow}' in {dtype} (beyond its range); "
+                             f"export in float32 or check the delta")
     adapters = delta.adapters
     kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
             if k.rpartition("::")[0] in adapters and "adapter" in k}

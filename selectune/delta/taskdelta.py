@@ -225,6 +225,12 @@ def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> N
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise SelectuneError(f"{where}: '{name}::{kind}' holds {bad} NaN or infinite values")
         form.check_alone(name, parts, where)
+        product = getattr(form, "delta_weight", None)  # factors that are finite may still overflow when multiplied
+        if product is not None:
+            bad = int((~torch.isfinite(product(parts))).sum())
+            if bad:
+                raise SelectuneError(f"{where}: '{name}::{present[0]}' and its factors multiply to {bad} NaN or "
+                                     f"infinite values")
 
 
 def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
