@@ -195,16 +195,15 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
         torch.manual_seed(spec.trainer.seed + 7919 * ctx.rank)
     report = method.report()
     decided = method.describe()
-    if ctx.main:
-        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                      f"{len(splits['train']):,} train examples · {report.line()}"
-                      + (f" · {json.dumps(decided)}" if decided else "")
-                      + (f" · {ctx.world} processes" if ctx.active else ""))
 
     def proceed() -> None:
         """Every check has passed (the checkpoint of a resume read and fitted too): the first writes."""
         if not ctx.main:
             return
+        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
+                      f"{len(splits['train']):,} train examples · {report.line()}"
+                      + (f" · {json.dumps(decided)}" if decided else "")
+                      + (f" · {ctx.world} processes" if ctx.active else ""))
         if stage is not None:  # what Hydra logged meanwhile moves in
             runfs.adopt_staging(stage, run_dir)
         log.info("%s %s", report.line(), decided)

@@ -69,7 +69,7 @@ def check_probe_dir(run_dir: Path) -> None:
 
     if (run_dir / "summary.json").exists():
         raise SelectuneError(f"{run_dir} holds a finished probe (summary.json); choose another out_dir")
-    trained = [name for name in (*RUN_OUTPUTS, "config.yaml") if (run_dir / name).exists()]
+    trained = [name for name in ("results.json", *RUN_OUTPUTS, "config.yaml") if (run_dir / name).exists()]
     if trained:
         raise SelectuneError(f"{run_dir} holds a training run ({trained[0]}); choose another out_dir")
     runfs.check_no_links(run_dir)
