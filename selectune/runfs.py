@@ -121,7 +121,7 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
         path.unlink(missing_ok=True)
-        code = re.search(r"code: (\d+)", str(err))
+        code = re.search(r"(?:code: |os error )(\d+)", str(err))
         number = int(code.group(1)) if code else errno.EIO
         raise OSError(number, os.strerror(number) if code else safetensors_why(err), str(path)) from None
     except BaseException:
@@ -130,10 +130,11 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
 
 
 def safetensors_why(err: BaseException) -> str:
-    """A safetensors error in a few words: the OS's own message for the errno it wraps, else its first line."""
+    """A safetensors error in a few words: the OS's own message for the errno it wraps ("... (os error 28)",
+    "Os { code: 28, ... }"), else its first line."""
     import re
 
-    code = re.search(r"code: (\d+)", str(err))
+    code = re.search(r"(?:code: |os error )(\d+)", str(err))
     if code:
         return os.strerror(int(code.group(1)))
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

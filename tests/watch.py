@@ -49,3 +49,14 @@ def cli(*args: str, cwd: Path, data: Path, **env: str) -> subprocess.CompletedPr
     full = {**os.environ, "SELECTUNE_DATA": str(data), "TMPDIR": str(tmp), **env}
     return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env=full, text=True,
                           capture_output=True, timeout=300)
+
+
+def final_line(result: subprocess.CompletedProcess, *patterns: str, code: int = 2) -> str:
+    """A run that printed progress before failing: the exact exit code, one error line, and it ends the output."""
+    assert result.returncode == code, (result.returncode, result.stderr[-1500:])
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("selectune: error: ")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-1500:]
+    for pattern in patterns:
+        assert pattern in errors[0], errors[0]
+    return errors[0]
