@@ -71,8 +71,15 @@ def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
 
         set_network(bool(cfg.get("online", False)))
         debug = bool(cfg.get("debug", False)) or is_debug([])
+        from safetensors import SafetensorError
+
         try:
-            body(cfg)
+            try:
+                body(cfg)
+            except SafetensorError as err:  # a write no save path turned into its OSError (runfs.save_safetensors)
+                from selectune.runfs import safetensors_why
+
+                raise SelectuneError(f"could not write a tensor file: {safetensors_why(err)}") from None
         except (SelectuneError, KeyboardInterrupt, OSError) as err:
             if isinstance(err, KeyboardInterrupt):
                 fail(SelectuneError("interrupted; continue with the same out_dir and trainer.resume=true"), debug)
@@ -232,6 +239,26 @@ def _recipe_args(args: list[str]) -> list[str]:
     return [a if "=" in a or a.startswith("-") else f"recipe={a}" for a in args]
 
 
+# Hydra's flags that take the next word as their value (`--cfg job`), and for the optional ones its choices
+FLAG_VALUES: dict[str, tuple[str, ...] | None] = {
+    "--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"), "--package": None, "-p": None,
+    "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
+    "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"), "--config-path": None,
+    "-cp": None, "--config-name": None, "-cn": None, "--config-dir": None, "-cd": None,
+    "--experimental-rerun": None}
+
+
+def _positional_recipe(args: list[str]) -> list[str]:
+    """`train glue/rte_lora x=1` -> `train recipe=glue/rte_lora x=1`; a flag's value (`--cfg job`) stays."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        previous = args[i - 1] if i else ""
+        choices = FLAG_VALUES.get(previous, ())
+        is_value = previous in FLAG_VALUES and (choices is None or arg in choices)
+        out.append(arg if is_value or "=" in arg or arg.startswith("-") else f"recipe={arg}")
+    return out
+
+
 def completion(args: list[str]) -> None:
     """Bash completion: subcommands and `recipe=` values here, the rest by the subcommand's Hydra app."""
     from selectune.recipes import list_recipes
@@ -345,7 +372,7 @@ def _validate(command: str, rest: list[str]) -> None:
 def _hydra_command(command: str, rest: list[str]) -> None:
     rest = output_overrides(command, rest)
     if command in ("train", "probe"):
-        rest = _recipe_args(rest)  # `selectune train glue/rte_lora`, as cat and validate take it
+        rest = _positional_recipe(rest)  # `selectune train glue/rte_lora`, as cat and validate take it
         informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
         keys = {a.partition("=")[0].lstrip("+~") for a in _overrides(rest)}
         if not informational and not keys & {"recipe", "method"}:  # not a 10-minute full fine-tune by default

@@ -198,6 +198,7 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
 
     def proceed() -> None:
         """Every check has passed (the checkpoint of a resume read and fitted too): the first writes."""
+        runfs.PROCEEDED.append(run_dir)  # on every rank: a sweep whose job ran keeps Hydra's record of it
         if not ctx.main:
             return
         console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "

@@ -289,17 +289,17 @@ class SweepRecord:
         if folder is None or not folder.is_dir() or folder.is_symlink():
             return False
         record = folder / "multirun.yaml"
-        if self.existed or self.folder is None and any(e.name != "multirun.yaml" for e in folder.iterdir()
-                                                       if not (e.is_dir() and not any(e.iterdir()))):
-            if self.record is not None and not record.is_symlink() and record.read_bytes() != self.record:
-                tmp = record.with_name(".multirun.yaml.tmp")
-                write_text(tmp, self.record.decode(), folder)
-                os.replace(tmp, record)
-            elif self.record is None and self.existed and record.is_file() and not record.is_symlink():
-                record.unlink()
+        if not self.existed:  # made for this sweep: removed if it holds only Hydra's record and empty job folders
+            if all(e.name == "multirun.yaml" or (e.is_dir() and not e.is_symlink() and not any(e.iterdir()))
+                   for e in folder.iterdir()):  # (another process's files there are never removed)
+                shutil.rmtree(folder)
+                return True
             return False
-        shutil.rmtree(folder)
-        return True
+        if self.record is not None and not record.is_symlink() and record.read_bytes() != self.record:
+            write_text(record, self.record.decode(), folder)  # whole: a temp file renamed over it
+        elif self.record is None and record.is_file() and not record.is_symlink():
+            record.unlink()
+        return False
 
 
 def drop_staging(stage: Path) -> None:

@@ -338,3 +338,19 @@ def test_stsb_scores_must_be_finite(glue_root, scratch, score, split):
     path.write_text("\n".join(lines) + "\n")
     refused(scratch, data, ["train", "recipe=glue/stsb_bitfit", *TINY, "trainer.max_steps=2"],
             f"STS-B/{split}.tsv:4: malformed row: score '{score}' is not a finite number")
+
+
+def test_online_true_is_not_told_that_offline_mode_is_on(tmp_path, monkeypatch):
+    """With online=true (HF_HUB_OFFLINE removed) a model the Hub does not give is not blamed on offline mode."""
+    from selectune.backbone import ModelConfig, load_backbone
+
+    for online in (False, True):
+        if online:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(SelectuneError) as refused_:
+            load_backbone(ModelConfig(name_or_path=str(tmp_path / "nope")), 2, False, None, 0)
+        said = str(refused_.value)
+        assert ("online=true, but the Hub did not give it" in said) == online, said
+        assert ("offline mode is on unless you pass online=true" in said) == (not online), said
