@@ -18,7 +18,7 @@ labels, regression's 1) replaces the classifier's tensors and the config's label
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ class Active:
     delta: Delta
     undos: list[Undo]
     restore_config: Callable[[], None]
+    placed: dict[str, tuple[torch.dtype, torch.device]] = field(default_factory=dict)  # each touched tensor's
+    # dtype and device when applied: remove undoes there, whatever .half() / .to() did since
 
     @property
     def held_bytes(self) -> int:
@@ -68,16 +70,22 @@ class Delta(TaskDelta):
         if not force:
             self._check_base(model)
         groups = self._plan(model)
+        params = dict(model.named_parameters())
+        touched = {name: params[name] for name, _, _ in groups}  # the Parameter objects, to put back on failure
+        placed = {name: (p.dtype, p.device) for name, p in touched.items()}
         undos: list[Undo] = []
         try:
             for name, form, parts in groups:
                 undos.append(form.apply(model, name, parts))
             restore_config = _set_labels(model, self)
-        except BaseException:
+        except BaseException as err:
             for undo in reversed(undos):
                 undo.restore()
-            raise
-        setattr(model, ACTIVE, Active(self, undos, restore_config))
+            _put_back(model, touched)  # a group that failed half-way (a Parameter swapped, no undo returned yet)
+            if isinstance(err, SelectuneError) or not isinstance(err, Exception):
+                raise
+            raise SelectuneError(f"cannot apply delta '{self.name}': {_why(err)}; the model is unchanged") from err
+        setattr(model, ACTIVE, Active(self, undos, restore_config, placed))
 
     @torch.no_grad()
     def remove(self, model: nn.Module) -> None:
@@ -86,8 +94,21 @@ class Delta(TaskDelta):
         if current is None or current.delta is not self:
             carried = "no delta" if current is None else f"delta '{current.delta.name}'"
             raise SelectuneError(f"cannot remove delta '{self.name}': the model carries {carried}")
-        for undo in reversed(current.undos):
-            undo.restore()
+        moved: dict[str, tuple[torch.dtype, torch.device]] = {}
+        try:
+            for name, (dtype, device) in current.placed.items():  # a .half() / .to() since apply: undo in the
+                param = model.get_parameter(name)                   # dtype and place it was applied in, then
+                if (param.dtype, param.device) != (dtype, device):  # move the restored base where it is now
+                    moved[name] = (param.dtype, param.device)
+                    param.data = param.data.to(device=device, dtype=dtype)
+            for undo in reversed(current.undos):
+                undo.restore()
+            for name, (dtype, device) in moved.items():
+                param = model.get_parameter(name)
+                param.data = param.data.to(device=device, dtype=dtype)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+            raise SelectuneError(f"cannot remove delta '{self.name}': {_why(err)} (the model was changed in a way "
+                                 f"apply cannot take back; reload the base model)") from None
         current.restore_config()
         delattr(model, ACTIVE)
 
@@ -109,7 +130,43 @@ class Delta(TaskDelta):
             for form in forms_of(name, parts):
                 form.check(name, parts, params[name], resize_head=True)
                 groups.append((name, form, parts))
+        self._check_head(model, params)
         return groups
+
+    def _check_head(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        """The classifier the delta leaves must work and fit its task, checked before anything is written: only
+        the last Linear of the head may change its shape (a head for another label count), its weight stays a
+        matrix over the same inputs, its bias has one entry per row, and the rows are the label count of the
+        task the delta's metadata names (a 3-label task on a 2-row head would give wrong logits)."""
+        last = _last_head_linear(model)
+        sets = {n: parts["set"] for n, parts in self.by_parameter().items()
+                if "set" in parts and n.startswith(HEAD_PREFIXES)}
+        for name, value in sets.items():
+            module_name, _, attr = name.rpartition(".")
+            if tuple(value.shape) == tuple(params[name].shape):
+                continue
+            if module_name != last or attr not in ("weight", "bias"):
+                raise SelectuneError(f"delta '{self.name}': '{name}' has shape {tuple(value.shape)}, the model's "
+                                     f"{tuple(params[name].shape)}; only the head's output layer may change shape")
+        if last is None:
+            return
+        weight, bias = params.get(f"{last}.weight"), params.get(f"{last}.bias")
+        new_weight = sets.get(f"{last}.weight", weight)
+        new_bias = sets.get(f"{last}.bias", bias)
+        if new_weight is None:
+            return
+        if new_weight.dim() != 2 or (weight is not None and new_weight.shape[1] != weight.shape[1]):
+            raise SelectuneError(f"delta '{self.name}': head weight '{last}.weight' has shape "
+                                 f"{tuple(new_weight.shape)}; the model's output layer takes "
+                                 f"{weight.shape[1] if weight is not None else '?'} inputs")
+        rows = new_weight.shape[0]
+        if new_bias is not None and tuple(new_bias.shape) != (rows,):
+            raise SelectuneError(f"delta '{self.name}': head bias '{last}.bias' has shape {tuple(new_bias.shape)} "
+                                 f"for a weight of {rows} rows")
+        head = _task_head(self)
+        if head is not None and head[0] != rows:
+            raise SelectuneError(f"delta '{self.name}': its task has {head[0]} outputs but the head it leaves has "
+                                 f"{rows} rows")
 
 
 def load_delta(path: str | Path) -> Delta:
@@ -177,6 +234,31 @@ def _task_head(delta: Delta) -> tuple[int, bool, tuple[str, ...] | None] | None:
     return spec.num_labels, spec.is_regression, (None if spec.is_regression else spec.labels)
 
 
+def _last_head_linear(model: nn.Module) -> str | None:
+    """The name of the classification head's last Linear (its output layer), if the model has one."""
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear) and (name + ".").startswith(HEAD_PREFIXES):
+            return name
+    return None
+
+
+def _put_back(model: nn.Module, touched: dict[str, nn.Parameter]) -> None:
+    """Put back every Parameter object an apply replaced (with the Linear's feature counts): the undo of a
+    group that failed before it could return its own."""
+    for name, param in touched.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(module, attr, None) is not param:
+            setattr(module, attr, param)
+            if isinstance(module, nn.Linear) and attr == "weight":
+                module.out_features, module.in_features = param.shape
+
+
+def _why(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
 def _head_outputs(model: nn.Module, default: int) -> int:
     """Output count of the classification head's last Linear (after a swap)."""
     for name, module in reversed(list(model.named_modules())):
@@ -228,7 +310,12 @@ class TaskSwitcher:
         if current is not None and current.delta is delta:
             return delta
         self.clear()
-        delta.apply(self.model)
+        try:
+            delta.apply(self.model)
+        except BaseException:
+            if current is not None:  # all or nothing: a refused switch leaves the previous task active
+                current.delta.apply(self.model, force=True)
+            raise
         return delta
 
     def clear(self) -> None:

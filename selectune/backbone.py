@@ -149,9 +149,11 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
         tokenizer = None if vision else AutoTokenizer.from_pretrained(
             resolve(cfg.tokenizer) if cfg.tokenizer else path, **local)
     except (OSError, ValueError) as err:
-        raise SelectuneError(
-            f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from the Hub "
-            f"(offline mode is on unless you pass online=true; offline models: model=minilm)") from err
+        why = ("offline mode is on unless you pass online=true; offline models: model=minilm"
+               if os.environ.get("HF_HUB_OFFLINE") == "1" else "online=true, but the Hub did not give it: check "
+               "the name and the network")
+        raise SelectuneError(f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from "
+                             f"the Hub ({why})") from err
     _check_head(cfg, config, num_labels)
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
@@ -165,6 +167,7 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
     torch.manual_seed(seed)  # the new head's init (and a random-init model) follow the run's seed
     auto = AutoModelForImageClassification if vision else AutoModelForSequenceClassification
     if cfg.random_init:
+        check_fits_memory(cfg, auto, config)
         model = auto.from_config(config)
         head = frozenset(n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES))
     else:
@@ -180,6 +183,30 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
     promoted = _promoted(cfg, names - head)
     return Backbone(model, tokenizer, label(cfg), head | promoted, names - head - promoted,
                     image_size=_image_size(cfg, config, vision), promoted=promoted)
+
+
+def check_fits_memory(cfg: ModelConfig, auto: Any, config: Any) -> None:
+    """Refuse a random-init model larger than this machine's free memory before allocating it: its size is
+    counted on the meta device (no memory). config_overrides come from a recipe, an override or a delta's
+    metadata, and a typo there (or a hostile file) must not try to allocate a terabyte."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in auto.from_config(config).parameters())
+    free = available_memory()
+    if free is not None and 4 * count > free:
+        raise SelectuneError(f"model '{label(cfg)}' has {count:,} parameters ({4 * count / 2**30:,.1f} GiB in "
+                             f"fp32), more than this machine's {free / 2**30:,.1f} GiB of free memory; check "
+                             f"model.config_overrides")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:

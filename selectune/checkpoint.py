@@ -14,15 +14,17 @@ resumed run that silently trains from garbage.
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from selectune.errors import SelectuneError
+from selectune.runfs import save_safetensors
 
 NAME = "checkpoint"
 # what the loop reads back from state.pt (besides "rng", added here), with the container each must be
@@ -35,11 +37,19 @@ def save(run_dir: Path, params: dict[str, torch.Tensor], state: dict[str, Any]) 
     final, tmp, old = run_dir / NAME, run_dir / f"{NAME}.tmp", run_dir / f"{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({**state, "rng": rng}, tmp / "state.pt")
+    try:  # a failed write (a full disk) leaves the previous checkpoint as it was, and no checkpoint.tmp/
+        save_safetensors({n: p.detach().cpu().contiguous() for n, p in params.items()},
+                         tmp / "trainable.safetensors")
+        try:
+            torch.save({**state, "rng": rng}, tmp / "state.pt")
+        except RuntimeError as err:  # torch's writer reports a failed write as a RuntimeError
+            raise OSError(errno.EIO, f"cannot write the checkpoint ({_why(err)})", str(tmp / "state.pt")) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         final.rename(old)
     tmp.rename(final)

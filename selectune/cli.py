@@ -73,8 +73,15 @@ def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
 
         set_network(bool(cfg.get("online", False)))
         debug = bool(cfg.get("debug", False)) or is_debug([])
+        from safetensors import SafetensorError
+
         try:
-            body(cfg)
+            try:
+                body(cfg)
+            except SafetensorError as err:  # a write no save path turned into its OSError (runfs.save_safetensors)
+                from selectune.runfs import safetensors_why
+
+                raise SelectuneError(f"could not write a tensor file: {safetensors_why(err)}") from None
         except (SelectuneError, KeyboardInterrupt, OSError) as err:
             if isinstance(err, KeyboardInterrupt):
                 fail(SelectuneError("interrupted; continue with the same out_dir and trainer.resume=true"), debug)
@@ -94,6 +101,7 @@ def _hydra_entry(config_name: str, body: Callable) -> Callable[[], None]:
 
 
 FAILED_JOBS: list[str] = []  # one line per failed job of a multirun, reported once the sweep has ended
+SWEEP_DIRS: list[Path] = []  # the folder a multirun's jobs write under (Hydra's hydra.sweep.dir, resolved)
 STAGE_VARIABLE = "SELECTUNE_STAGE_DIR"  # train.yaml's hydra.run.dir: where Hydra writes before a run proceeds
 
 
@@ -113,6 +121,8 @@ def _train(cfg) -> None:
     run_dir = Path(str(cfg.out_dir)) if staged else output
     # a job dir Hydra has just made for this sweep job holds nothing else: it is this job's to remove on failure
     owned = multirun and hydra_made(output, hydra_cfg.job.name)
+    if multirun:
+        SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
     try:
         train(cfg, run_dir, explicit_out_dir=explicit or multirun, stage=output if staged else None, owned=owned)
     finally:
@@ -132,23 +142,28 @@ def _eval(cfg) -> None:
 def _probe(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from selectune.commands import remove_run_dir
     from selectune.probe import run_probe
+    from selectune.runfs import drop_staging
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    owned = hydra_made(run_dir, hydra_cfg.job.name)  # never remove a folder that held anything before
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    output = Path(hydra_cfg.runtime.output_dir)
+    stage = os.environ.get(STAGE_VARIABLE)
+    staged = not multirun and stage is not None and output == Path(stage)
+    run_dir = Path(str(cfg.out_dir)) if staged else output
+    owned = multirun and hydra_made(output, hydra_cfg.job.name)  # never remove a folder that held anything before
+    if multirun:
+        SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
     try:
-        run_probe(cfg, run_dir)
-    except SelectuneError:
-        if owned and not (run_dir / "summary.json").exists():
-            remove_run_dir(run_dir)
-        raise
+        run_probe(cfg, run_dir, stage=output if staged else None, owned=owned)
+    finally:
+        if staged and output.exists():
+            drop_staging(output)
 
 
 def hydra_made(folder: Path, job_name: str) -> bool:
     """Whether `folder` holds only what Hydra has just written for this job, so a failure may remove it."""
-    return {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", f"{job_name}.log"}
 
 
 def _export(cfg) -> None:
@@ -174,7 +189,7 @@ def _overrides(args: list[str]) -> list[str]:
 def _precheck(config_name: str, args: list[str]) -> None:
     """Compose and type-check a single run before Hydra creates its run dir."""
     from selectune.commands import RunSpec
-    from selectune.config import check_group_overrides, compose
+    from selectune.config import check_group_overrides, compose, resolve_all
 
     overrides = [o for o in _overrides(args)
                  if not o.lstrip("+~").startswith("hydra") or o.lstrip("+~").startswith("hydra.searchpath=")]
@@ -183,6 +198,9 @@ def _precheck(config_name: str, args: list[str]) -> None:
         return
     for job in _sweep_samples(overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]:
         cfg = compose(config_name, job)
+        resolve_all(cfg)  # an unknown resolver or a loop in the recipe: one line now, not a traceback in the run
+        if config_name not in ("train", "probe"):
+            continue
         RunSpec.from_config(cfg)
         if config_name == "probe" and (Path(str(cfg.out_dir)) / "summary.json").exists():
             # before Hydra writes its .hydra/ there: a finished probe's folder stays as it is
@@ -221,6 +239,26 @@ def _sweep_samples(overrides: list[str]) -> list[list[str]]:
 def _recipe_args(args: list[str]) -> list[str]:
     """`cat glue/mrpc_full x=1` -> `recipe=glue/mrpc_full x=1`."""
     return [a if "=" in a or a.startswith("-") else f"recipe={a}" for a in args]
+
+
+# Hydra's flags that take the next word as their value (`--cfg job`), and for the optional ones its choices
+FLAG_VALUES: dict[str, tuple[str, ...] | None] = {
+    "--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"), "--package": None, "-p": None,
+    "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
+    "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"), "--config-path": None,
+    "-cp": None, "--config-name": None, "-cn": None, "--config-dir": None, "-cd": None,
+    "--experimental-rerun": None}
+
+
+def _positional_recipe(args: list[str]) -> list[str]:
+    """`train glue/rte_lora x=1` -> `train recipe=glue/rte_lora x=1`; a flag's value (`--cfg job`) stays."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        previous = args[i - 1] if i else ""
+        choices = FLAG_VALUES.get(previous, ())
+        is_value = previous in FLAG_VALUES and (choices is None or arg in choices)
+        out.append(arg if is_value or "=" in arg or arg.startswith("-") else f"recipe={arg}")
+    return out
 
 
 def completion(args: list[str]) -> None:
@@ -347,10 +385,48 @@ def _sweep(command: str, rest: list[str]) -> None:
 
 
 def _hydra_command(command: str, rest: list[str]) -> None:
+    rest = output_overrides(command, rest)
     if command in ("train", "probe"):
-        _precheck(command, rest)
+        rest = _positional_recipe(rest)  # `selectune train glue/rte_lora`, as cat and validate take it
+        informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
+        keys = {a.partition("=")[0].lstrip("+~") for a in _overrides(rest)}
+        if not informational and not keys & {"recipe", "method"}:  # not a 10-minute full fine-tune by default
+            raise SelectuneError(f"which recipe? selectune {command} recipe=<recipe> [key=value ...] "
+                                 f"(selectune ls lists them)")
+    _precheck(command, rest)
     sys.argv = [f"selectune {command}", *rest]
     run_hydra(command, HYDRA_BODIES[command], rest)
+
+
+# `hydra.*` overrides that leave where Hydra writes as selectune set it (a sweep's folder stays the user's to name)
+HYDRA_KEPT = ("hydra.searchpath", "hydra.sweep.dir", "hydra.launcher.", "hydra.sweeper.", "hydra.verbose",
+              "hydra.job.env_set.")
+
+
+def output_overrides(command: str, rest: list[str]) -> list[str]:
+    """Hydra's output settings belong to selectune: a run writes only into its out_dir, and only once every
+    check has passed. `hydra.run.dir=X` of a single train or probe means `out_dir=X`; any other override that
+    moves Hydra's files (`hydra.output_subdir`, `hydra.sweep.subdir`, `hydra.job.chdir`, `hydra.run.dir` of a
+    sweep, eval or export, ...) is refused before anything is written."""
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    out_dirs = [a.partition("=")[2] for a in _overrides(rest) if a.partition("=")[0].lstrip("+~") == "out_dir"]
+    mapped: list[str] = []
+    for arg in rest:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or not key.startswith("hydra.") or key.startswith(HYDRA_KEPT):
+            mapped.append(arg)
+            continue
+        if key == "hydra.run.dir" and command in ("train", "probe") and not multirun:
+            if any(d != value for d in out_dirs):
+                raise SelectuneError(f"{arg} and out_dir={out_dirs[0]} name two run folders; give out_dir= alone")
+            mapped.append(f"out_dir={value}")
+            continue
+        where = "out_dir=<folder>" if command in ("train", "probe") else "the command's own arguments"
+        if multirun:
+            where += " (a sweep: hydra.sweep.dir=<folder>)"
+        raise SelectuneError(f"{key} moves where Hydra writes, which selectune decides; use {where}")
+    return mapped
 
 
 # what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
@@ -363,25 +439,41 @@ def run_hydra(command: str, body: Callable, rest: list[str]) -> None:
     """Run a Hydra command. A single training run has Hydra write (`.hydra/`, `train.log`) into a fresh staging
     folder, moved into out_dir only once the run proceeds; a sweep's failed jobs are listed at its end."""
 
-    multirun = any(a in ("-m", "--multirun") for a in rest)
-    os.environ.pop(STAGE_VARIABLE, None)
-    if command == "train" and not multirun:
-        from selectune.runfs import new_staging
+    from selectune import runfs
 
-        os.environ[STAGE_VARIABLE] = str(new_staging())
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
+    os.environ.pop(STAGE_VARIABLE, None)
+    if command in ("train", "probe") and not multirun:
+        os.environ[STAGE_VARIABLE] = str(runfs.new_staging())
+    kept = runfs.SweepRecord(_sweep_dir(rest)) if multirun and not informational else None
     FAILED_JOBS.clear()
+    SWEEP_DIRS.clear()
+    runfs.PROCEEDED.clear()
     try:
         _hydra_entry(HYDRA_COMMANDS[command], body)()
     finally:
         stage = os.environ.pop(STAGE_VARIABLE, None)
         if stage is not None:
-            from selectune.runfs import drop_staging
+            runfs.drop_staging(Path(stage))
+        if kept is not None and not runfs.PROCEEDED and kept.restore(SWEEP_DIRS[0] if SWEEP_DIRS else None):
+            from selectune.commands import remove_run_dir  # no job ran: the sweep folder is left as it was
 
-            drop_staging(Path(stage))
+            remove_run_dir(SWEEP_DIRS[0] if SWEEP_DIRS else Path("."))
     if FAILED_JOBS:
         for line in FAILED_JOBS:
             print(f"selectune: error: {line}", file=sys.stderr)
         sys.exit(SelectuneError.exit_code)
+
+
+def _sweep_dir(rest: list[str]) -> Path | None:
+    """The folder a multirun writes into, when the command line names it (`hydra.sweep.dir=`); the default
+    is a new timestamped folder, which `SweepRecord` sees as absent."""
+    for arg in _overrides(rest):
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "hydra.sweep.dir":
+            return Path(value)
+    return None
 
 
 def command_usage(command: str) -> str:

@@ -20,6 +20,7 @@ from selectune import __version__, distributed, runfs
 from selectune.backbone import Backbone, ModelConfig, load_backbone
 from selectune.budget import BudgetConfig
 from selectune.config import typed
+from selectune.delta.taskdelta import HALF
 from selectune.errors import SelectuneError
 from selectune.methods.base import MethodConfig, ProbeBatches
 from selectune.tasks import Task, TaskConfig, load_task
@@ -29,6 +30,7 @@ from selectune.trainer import Trainer, TrainerConfig, format_metrics, resolve_de
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoint", "results.json", "delta.safetensors")
+PROBE_OUTPUTS = ("summary.json", "sensitivity.safetensors")  # what `selectune probe` writes
 
 
 @dataclass
@@ -52,6 +54,9 @@ class RunSpec:
                    typed(BudgetConfig, cfg.budget, "budget"), typed(TrainerConfig, cfg.trainer, "trainer"),
                    method_config(cfg.method))
         spec.trainer.validate()
+        compact = cfg.get("compact")
+        if compact is not None and compact not in HALF:  # checked now, not when the delta is saved at the end
+            raise SelectuneError(f"compact={compact}: use {' or '.join(HALF)} (or null for the plain form)")
         for key in ("max_train_examples", "max_eval_examples"):  # 0 would keep one example, not none
             value = getattr(spec.task, key, None)
             if value is not None and value <= 0:
@@ -146,6 +151,9 @@ def check_run_dir(run_dir: Path, spec: RunSpec, cfg: DictConfig) -> None:
     trainer.resume=true, a resume whose config differs, or a folder holding a symbolic link."""
     if (run_dir / "results.json").exists():
         raise SelectuneError(f"{run_dir} already holds a finished run; choose another out_dir")
+    probe_outputs = [name for name in PROBE_OUTPUTS if (run_dir / name).exists()]
+    if probe_outputs:
+        raise SelectuneError(f"{run_dir} holds a probe ({probe_outputs[0]}); choose another out_dir")
     unfinished = [name for name in (*RUN_OUTPUTS, "config.yaml") if (run_dir / name).exists()]
     if unfinished and not spec.trainer.resume:
         raise SelectuneError(f"{run_dir} holds an unfinished run {_progress(run_dir)}: add trainer.resume=true, "
@@ -188,14 +196,20 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
         torch.manual_seed(spec.trainer.seed + 7919 * ctx.rank)
     report = method.report()
     decided = method.describe()
-    if ctx.main:
+
+    def proceed() -> None:
+        """Every check has passed (the checkpoint of a resume read and fitted too): the first writes."""
+        runfs.PROCEEDED.append(run_dir)  # on every rank: a sweep whose job ran keeps Hydra's record of it
+        if not ctx.main:
+            return
         console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
                       f"{len(splits['train']):,} train examples · {report.line()}"
                       + (f" · {json.dumps(decided)}" if decided else "")
                       + (f" · {ctx.world} processes" if ctx.active else ""))
-        log.info("%s %s", report.line(), decided)
-        if stage is not None:  # the run proceeds: what Hydra wrote moves in
+        if stage is not None:  # what Hydra logged meanwhile moves in
             runfs.adopt_staging(stage, run_dir)
+        log.info("%s %s", report.line(), decided)
+        runfs.write_hydra_record(run_dir, cfg)
         runfs.write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), run_dir)
 
     meta = {"base_model": backbone.name, "base_hash": base_hash, "method": method.cfg.name, "task": task.name,
@@ -208,7 +222,7 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
         return TaskDelta(method.delta(), {**meta, "method_state": method.describe()}).save(path, cfg.get("compact"))
 
     trainer = Trainer(spec.trainer, task, method, splits, run_dir, save_delta, console, ctx, on_eval)
-    outcome = trainer.fit()
+    outcome = trainer.fit(proceed)
     results = {"task": task.name, "family": spec.task.family, "method": method.cfg.name, "model": backbone.name,
                "seed": spec.trainer.seed, **outcome, "budget": method.report().as_dict(),
                "method_state": method.describe(), "base_hash": base_hash, "selectune_version": __version__}
@@ -254,6 +268,8 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     cfg = OmegaConf.create(delta.meta["config"])
     if task_node is not None:
         cfg.task = task_node
+    elif isinstance(cfg.get("task"), DictConfig):  # the data it is scored on is the user's: SELECTUNE_DATA,
+        cfg.task.data_root = None                    # never a folder the delta file names
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
     backbone, _ = build(spec, task)
@@ -280,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
     row anywhere fails) and the method's schedule is planned for the run's real length (an AdaLoRA
     or diff-pruning schedule that does not fit fails), so what validate accepts, train starts."""
     spec = RunSpec.from_config(cfg)
+    resolve_device(spec.trainer.device)  # validate runs on the CPU, train where this names: refuse what is absent
     task = load_task(spec.task)
     n_train = len(task.splits["train"])
     task.splits = {name: rows[:8] for name, rows in task.splits.items()}

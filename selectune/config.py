@@ -111,6 +111,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 
     check_group_overrides(overrides)
     register(overrides)
+    import yaml
+
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
@@ -120,6 +122,22 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             key = message.split("'")[1] if "'" in message else message
             message = f"unknown config key '{key}' (`selectune cat <recipe>` shows every key)"
         raise SelectuneError(message) from err
+    except yaml.MarkedYAMLError as err:  # a user's own recipe file that is not YAML
+        mark = err.problem_mark or err.context_mark
+        where = f"{mark.name}:{mark.line + 1}" if mark is not None else "a config file"
+        raise SelectuneError(f"{where}: not valid YAML ({err.problem or err.context})") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise SelectuneError(f"cannot compose the config: {first_line(str(err))}") from None
+
+
+def resolve_all(cfg: DictConfig) -> None:
+    """Resolve every interpolation of a composed config (Hydra's own `hydra:` node aside), so an unknown
+    resolver or a value that refers to itself fails in one line naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise SelectuneError(f"config{f' key {key!r}' if key else ''}: {first_line(str(err))}") from None
 
 
 def typed(schema: type[T], node: Any, where: str) -> T:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from selectune import runfs
 from selectune.errors import SelectuneError
@@ -48,16 +49,15 @@ def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor])
         backbone.model.save_pretrained(tmp)
         save_preprocessor(backbone, tmp)
         if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
-            from safetensors.torch import save_file
-
-            save_file(adapters, str(tmp / "adapters.safetensors"), metadata={"format": "selectune.adapters/1"})
+            runfs.save_safetensors(adapters, tmp / "adapters.safetensors", {"format": "selectune.adapters/1"})
         if target.is_dir() and not target.is_symlink():
             target.rmdir()  # empty (checked before the merge); a file put there meanwhile fails here
         tmp.rename(target)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # transformers writes model.safetensors with safetensors' own error
         if made is not None:  # the parents this export created
             shutil.rmtree(made, ignore_errors=True)
-        raise SelectuneError(f"cannot write out={target}: {err.strerror or err}") from None
+        why = err.strerror if isinstance(err, OSError) and err.strerror else runfs.safetensors_why(err)
+        raise SelectuneError(f"cannot write out={target}: {why}") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +100,10 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
         c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
         changed, lost = changed + c, lost + n_lost
     model.to(DTYPES[dtype])
+    overflow = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if overflow is not None:  # the merged weights must hold numbers: W0 + Δ beyond the dtype's range is inf
+        raise SelectuneError(f"merging gives non-finite values in '{overflow}' in {dtype} (beyond its range); "
+                             f"export in float32 or check the delta")
     adapters = delta.adapters
     kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
             if k.rpartition("::")[0] in adapters and "adapter" in k}

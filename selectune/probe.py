@@ -14,6 +14,7 @@ and prints the same grid as a table.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,41 @@ class ProbeConfig:
     include_embeddings: bool = False
 
 
-def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
+def run_probe(cfg: DictConfig, run_dir: Path, stage: Path | None = None, owned: bool = False) -> dict[str, Any]:
+    """Probe into `run_dir`, owning it (the run lock) from before the first check to the end. Every refusal
+    (a finished probe or a training run there, another process, a symbolic link) comes before anything is
+    written; `stage` holds what Hydra logged meanwhile and moves in once the probe proceeds. On failure, what
+    this call made goes (the folder, if it made it or Hydra made it for this job: `owned`)."""
+    from selectune.commands import _remove_new
 
+    created, before = False, None
+    try:
+        runfs.check_folder(run_dir)
+        created = runfs.make_run_dir(run_dir) or owned
+        runfs.lock_run_dir(run_dir)  # one writer at a time, a train included; released when this process ends
+        before = set(os.listdir(run_dir))
+        return _probe(cfg, run_dir, stage)
+    except (SelectuneError, OSError, KeyboardInterrupt):
+        if before is not None and not (run_dir / "summary.json").exists():
+            _remove_new(run_dir, before, created)  # a half-written probe goes; what was there stays
+        raise
+    finally:
+        runfs.unlock_run_dir(run_dir)
+
+
+def check_probe_dir(run_dir: Path) -> None:
+    """Refuse a folder a probe must not write into: a finished probe's, a training run's, one holding a link."""
+    from selectune.commands import RUN_OUTPUTS
+
+    if (run_dir / "summary.json").exists():
+        raise SelectuneError(f"{run_dir} holds a finished probe (summary.json); choose another out_dir")
+    trained = [name for name in ("results.json", *RUN_OUTPUTS, "config.yaml") if (run_dir / name).exists()]
+    if trained:
+        raise SelectuneError(f"{run_dir} holds a training run ({trained[0]}); choose another out_dir")
+    runfs.check_no_links(run_dir)
+
+
+def _probe(cfg: DictConfig, run_dir: Path, stage: Path | None) -> dict[str, Any]:
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits, probe_batches
     from selectune.tasks import load_task
@@ -55,19 +88,26 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise SelectuneError(f"probe.scores={options.scores}: choose from {', '.join(SCORES)}")
     if options.batches <= 0 or not all(0 < b <= 1 for b in options.budgets) or not options.budgets:
         raise SelectuneError("probe.batches must be positive and probe.budgets fractions in (0, 1]")
+    check_probe_dir(run_dir)
     task = load_task(spec.task)
     backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, None, spec.trainer.seed)
     device = resolve_device(spec.trainer.device)
     model = backbone.model.to(device)
     train = encode_splits(task, backbone, ["train"])["train"]
+    available = math.ceil(len(train) / spec.trainer.batch_size)
+    if options.batches > available:  # the summary must say how many batches were really probed
+        raise SelectuneError(f"probe.batches={options.batches} but the training data gives {available} batches of "
+                             f"{spec.trainer.batch_size}; use probe.batches={available} or fewer")
     feed = probe_batches(task, train, backbone, spec.trainer.batch_size, spec.trainer.seed, device)
     names = candidates(model, backbone.head_names, options.include_embeddings)
     maps = probe(model, names, feed.batches(options.batches), feed.loss, tuple(options.scores))
-    runfs.make_dir(run_dir)
-    runfs.lock_run_dir(run_dir)  # one probe writes a folder at a time; released when this process ends
-    runfs.check_no_links(run_dir)
+    check_probe_dir(run_dir)  # still (the lock keeps selectune out; this is for anything else)
+    if stage is not None:  # the probe proceeds: what Hydra logged moves in
+        runfs.adopt_staging(stage, run_dir)
+    runfs.write_hydra_record(run_dir, cfg)
     tmp = runfs.check_target(run_dir / "sensitivity.safetensors.tmp", run_dir)
-    save_file({f"{n}::{s}": t.cpu().contiguous() for s, per in maps.items() for n, t in per.items()}, str(tmp))
+    runfs.save_safetensors({f"{n}::{s}": t.cpu().contiguous() for s, per in maps.items() for n, t in per.items()},
+                           tmp)
     os.replace(tmp, run_dir / "sensitivity.safetensors")  # whole or absent, never half-written
     total = sum(model.get_parameter(n).numel() for n in names)
     taus = [max(1, round(b * backbone.num_base_parameters)) for b in options.budgets]
@@ -89,9 +129,7 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         grid_heatmap([[100 * v for v in row] for row in grid], GRID_COLUMNS, run_dir / f"heatmap_{score}.png",
                      title, "% of the top-τ entries")
         print_grid(grid, title.replace("\n", "; "))
-    runfs.write_text(run_dir / "summary.json.tmp", json.dumps(summary, indent=1) + "\n", run_dir)
-    os.replace(run_dir / "summary.json.tmp", run_dir / "summary.json")  # last: marks the probe finished
-    runfs.unlock_run_dir(run_dir)
+    runfs.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n", run_dir)  # last: finished
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
     return summary
 

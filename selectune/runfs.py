@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from selectune.errors import SelectuneError
 
@@ -93,11 +94,50 @@ def check_no_links(folder: Path) -> None:
 
 
 def write_text(path: Path, text: str, root: Path) -> None:
-    """Write `text` to `path` inside `root`, never through a symbolic link (O_NOFOLLOW on the file)."""
+    """Write `text` to `path` inside `root`, never through a symbolic link (O_NOFOLLOW on the file), whole or
+    not at all: into a temporary file renamed over `path`, so a full disk leaves the previous file as it was."""
     check_target(path, root)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
+    tmp = check_target(path.with_name(f".{path.name}.tmp"), root)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, whose write failures (a full disk) come as `SafetensorError`, not OSError:
+    turned into the OSError they are, with the errno the message names, and no partial file left."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        path.unlink(missing_ok=True)
+        code = re.search(r"(?:code: |os error )(\d+)", str(err))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number) if code else safetensors_why(err), str(path)) from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def safetensors_why(err: BaseException) -> str:
+    """A safetensors error in a few words: the OS's own message for the errno it wraps ("... (os error 28)",
+    "Os { code: 28, ... }"), else its first line."""
+    import re
+
+    code = re.search(r"(?:code: |os error )(\d+)", str(err))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def check_folder(path: Path, what: str = "out_dir") -> None:
@@ -193,6 +233,73 @@ def adopt_staging(stage: Path, run_dir: Path) -> None:
         handler.stream = handler._open()
         handler.release()
     shutil.rmtree(stage, ignore_errors=True)
+
+
+PROCEEDED: list[Path] = []  # the run folders this process wrote into, every check passed (write_hydra_record)
+
+
+def write_hydra_record(run_dir: Path, cfg: Any) -> None:
+    """Hydra's record of a run (`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`), written once the run
+    proceeds. Hydra's own `output_subdir` is off (train.yaml, probe.yaml): it writes before selectune has
+    checked anything, so a refused run would rewrite an earlier run's record."""
+    from omegaconf import OmegaConf
+
+    PROCEEDED.append(run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under hydra.main (the API, tests): no record to write
+        return
+    folder = check_target(run_dir / ".hydra", run_dir)
+    new, old = check_target(run_dir / ".hydra.new", run_dir), check_target(run_dir / ".hydra.old", run_dir)
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    new.mkdir()
+    try:
+        task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+        for name, node in (("config.yaml", task_cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                           ("overrides.yaml", hydra_cfg.overrides.task)):
+            write_text(new / name, OmegaConf.to_yaml(node), run_dir)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # the earlier record stays as it was
+        raise
+    if folder.is_dir():
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class SweepRecord:
+    """A multirun's folder as it was before Hydra wrote `multirun.yaml` into it (that happens before any job
+    is checked). When no job proceeds, `restore` puts it back: the earlier sweep's record byte for byte, or
+    no folder at all where Hydra made it for this sweep (only its record and empty job folders inside)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.existed = folder is not None and (folder.exists() or folder.is_symlink())
+        record = None if folder is None else folder / "multirun.yaml"
+        self.record = record.read_bytes() if record is not None and record.is_file() and not record.is_symlink() \
+            else None
+
+    def restore(self, made: Path | None = None) -> bool:
+        """Undo Hydra's writes; `made` is the sweep folder the jobs saw (the default one is named by time).
+        True when a folder Hydra made was removed."""
+        folder = self.folder or made
+        if folder is None or not folder.is_dir() or folder.is_symlink():
+            return False
+        record = folder / "multirun.yaml"
+        if not self.existed:  # made for this sweep: removed if it holds only Hydra's record and empty job folders
+            if all(e.name == "multirun.yaml" or (e.is_dir() and not e.is_symlink() and not any(e.iterdir()))
+                   for e in folder.iterdir()):  # (another process's files there are never removed)
+                shutil.rmtree(folder)
+                return True
+            return False
+        if self.record is not None and not record.is_symlink() and record.read_bytes() != self.record:
+            write_text(record, self.record.decode(), folder)  # whole: a temp file renamed over it
+        elif self.record is None and record.is_file() and not record.is_symlink():
+            record.unlink()
+        return False
 
 
 def drop_staging(stage: Path) -> None:

@@ -212,6 +212,7 @@ class RunState:
     window_extra: dict[str, Any] = field(default_factory=dict)  # what after_step reported since then (latest each)
     window_t0: float = 0.0
     stopped_at: Optional[int] = None  # the step on_eval ended the run at
+    resumed: bool = False  # the state came from a checkpoint
 
 
 class Trainer:
@@ -323,7 +324,7 @@ class Trainer:
             self.sink.resume_at(step)
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            kept = [line for line in path.read_text(errors="replace").splitlines() if _record_step(line) <= step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def _primary(self, metrics: dict[str, dict[str, float | None]]) -> float:
@@ -331,10 +332,15 @@ class Trainer:
         return -math.inf if value is None else value
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, proceed: Optional[Callable[[], None]] = None) -> dict[str, Any]:
         """Train to `total_steps` (from the checkpoint when resuming), evaluating, logging and saving at their
-        step counts, then store the chosen delta. Every method runs these same steps."""
+        step counts, then store the chosen delta. Every method runs these same steps. `proceed` is called once
+        the checkpoint has been read and checked, before the loop writes anything: a refused resume (a damaged
+        or foreign checkpoint) leaves the run folder as it was."""
         run = self._restore()
+        if proceed is not None:
+            proceed()
+        self._resumed(run)
         self.model.train()
         with self._progress(run) as progress:
             while run.step < self.total_steps:
@@ -362,7 +368,11 @@ class Trainer:
         """A fresh run, or the one the checkpoint in run_dir left (weights, optimiser, schedule, RNG, data
         position, evaluations so far); metrics.jsonl is cut back to the checkpoint's step."""
         cfg, method = self.cfg, self.method
-        state = checkpoint.read(self.run_dir) if cfg.resume and checkpoint.exists(self.run_dir) else None
+        # a checkpoint/ folder without its state.pt is a damaged checkpoint, not a run to start over
+        state = checkpoint.read(self.run_dir) if cfg.resume and (self.run_dir / checkpoint.NAME).exists() else None
+        if state is not None and state["step"] >= self.total_steps:  # checkpoints are written before the last step
+            raise checkpoint.damaged(self.run_dir, f"its step {state['step']} is not below this run's "
+                                                   f"{self.total_steps} steps")
         run = RunState(watch=LossWatch(self.device))
         if state is not None:
             method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
@@ -374,15 +384,20 @@ class Trainer:
             checkpoint.restore(self.run_dir, run.params, state)
             checkpoint.load_loop_states(self.run_dir, state, optimizer=run.optimizer, scheduler=run.scheduler,
                                         scaler=run.scaler)
+            run.resumed = True
+        return run
+
+    def _resumed(self, run: RunState) -> None:
+        """The records of a resumed run cut back to its checkpoint (written only once the run proceeds)."""
+        if run.resumed:
             self._truncate_jsonl(run.step)
             if self.ctx.main:
                 self.console.print(f"resumed from step {run.step}/{self.total_steps} "
                                    f"({self.run_dir / checkpoint.NAME})")
-        elif cfg.resume:
+        elif self.cfg.resume:
             self._truncate_jsonl(-1)  # a run killed before its first checkpoint: its records start over too
             if self.ctx.main:
                 self.console.print(f"no checkpoint in {self.run_dir}: starting at step 0")
-        return run
 
     def _build_optimizer(self, run: RunState) -> None:
         """Optimiser, schedule and (DDP) forward model for what the method trains now, at run.step."""
@@ -504,6 +519,17 @@ class Trainer:
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
                 "precision": self.precision, "stopped_at": run.stopped_at, "distributed": distributed}
+
+def _record_step(line: str) -> float:
+    """A metrics.jsonl record's step; a line a full disk or a kill cut short (not JSON, or no step) counts as
+    after every checkpoint, so a resume drops it."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf
+
 
 def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:
     parts = []

@@ -110,7 +110,7 @@ class TaskDelta:
         """Write atomically (a temporary file renamed into place); returns the size in bytes.
 
         `compact="float16"` or `"bfloat16"` writes sparse entries delta-encoded with half values."""
-        from safetensors.torch import save_file
+        from selectune.runfs import save_safetensors
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ class TaskDelta:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         if compact is not None:
             tensors = _compact(tensors, HALF[compact])
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "selectune": json.dumps(self.meta)})
+        save_safetensors(tensors, tmp, {"format": FORMAT, "selectune": json.dumps(self.meta)})  # OSError when full
         os.replace(tmp, path)
         return path.stat().st_size
 
@@ -225,6 +225,12 @@ def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> N
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise SelectuneError(f"{where}: '{name}::{kind}' holds {bad} NaN or infinite values")
         form.check_alone(name, parts, where)
+        product = getattr(form, "delta_weight", None)  # factors that are finite may still overflow when multiplied
+        if product is not None:
+            bad = int((~torch.isfinite(product(parts))).sum())
+            if bad:
+                raise SelectuneError(f"{where}: '{name}::{present[0]}' and its factors multiply to {bad} NaN or "
+                                     f"infinite values")
 
 
 def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:

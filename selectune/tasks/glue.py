@@ -8,6 +8,7 @@ users. Label ids agree between the two, so a delta trained on one evaluates on t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +140,12 @@ def _label(spec: GlueSpec, raw: str, path: Path | str, lineno: int) -> int | flo
     raw = raw.strip()
     if spec.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise SelectuneError(f"{path}:{lineno}: malformed row: score {excerpt(raw)} is not a number") from None
+        if not math.isfinite(score):  # nan / 1e999 would train to a NaN loss or score as "n/a"
+            raise SelectuneError(f"{path}:{lineno}: malformed row: score {excerpt(raw)} is not a finite number")
+        return score
     if raw not in spec.labels:
         raise SelectuneError(f"{path}:{lineno}: malformed row: label {excerpt(raw)} is not one of "
                              f"{', '.join(spec.labels)}")
@@ -185,6 +189,8 @@ def read_hub(spec: GlueSpec, hub_path: str, limits: dict[str, int | None]) -> di
             label = row["label"]
             if spec.labels is None:
                 label = float(label)
+                if not math.isfinite(label):
+                    raise SelectuneError(f"'{hub_path}' {hub_split} row {i}: score {label} is not a finite number")
             elif not 0 <= int(label) < spec.num_labels:
                 raise SelectuneError(f"'{hub_path}' {hub_split} row {i}: label {label} outside "
                                      f"0..{spec.num_labels - 1}")
