@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
-
 from selectune.profiling import prepare
 from selectune.trainer import resolve_precision
+
+from docsection import write_section
 
 
 def time_steps(bench, start: int, steps: int) -> float:
@@ -36,6 +36,20 @@ def time_steps(bench, start: int, steps: int) -> float:
     for i in range(start, start + steps):
         bench.step(i)
     return (time.perf_counter() - t0) / steps
+
+
+def time_batches(split, model, optimizer, dtype, batches: list[list[int]]) -> float:
+    """Mean seconds per training step on these real batches (LoRA's trainable tensors, the trainer's loss)."""
+    t0 = time.perf_counter()
+    for rows in batches:
+        batch = split.batch(rows)
+        labels = batch.pop("labels")
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / len(batches)
 
 
 def precision_rows(args: argparse.Namespace) -> list[str]:
@@ -83,16 +97,7 @@ def grouping_rows(args: argparse.Namespace) -> list[str]:
         times: dict[str, list[float]] = {"shuffled": [], "grouped": []}
 
         def run(batches: list[list[int]]) -> float:
-            t0 = time.perf_counter()
-            for rows_ in batches:
-                batch = split.batch(rows_)
-                labels = batch.pop("labels")
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            return (time.perf_counter() - t0) / len(batches)
+            return time_batches(split, model, optimizer, dtype, batches)
 
         run(epochs["shuffled"][:2])
         for r in range(args.rounds):
