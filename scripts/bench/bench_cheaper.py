@@ -96,14 +96,11 @@ def grouping_rows(args: argparse.Namespace) -> list[str]:
         n = len(epochs["shuffled"])
         times: dict[str, list[float]] = {"shuffled": [], "grouped": []}
 
-        def run(batches: list[list[int]]) -> float:
-            return time_batches(split, model, optimizer, dtype, batches)
-
-        run(epochs["shuffled"][:2])
+        time_batches(split, model, optimizer, dtype, epochs["shuffled"][:2])
         for r in range(args.rounds):
             positions = [(r + k * args.rounds) * n // (args.steps * args.rounds) for k in range(args.steps)]
             for kind in (("shuffled", "grouped") if r % 2 == 0 else ("grouped", "shuffled")):
-                times[kind].append(run([epochs[kind][p] for p in positions]))
+                times[kind].append(time_batches(split, model, optimizer, dtype, [epochs[kind][p] for p in positions]))
         est = {k: statistics.median(v) * n for k, v in times.items()}
         rows.append(f"| {task_name} | {n} | {padded['shuffled']:,} ({padded['shuffled'] / real:.2f}× the real "
                     f"{real:,}) | {padded['grouped']:,} ({padded['grouped'] / real:.2f}×) | "
