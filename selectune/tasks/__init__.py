@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -132,8 +133,6 @@ def _causal_read(cfg: TaskConfig, spec: causal.PromptSpec | causal.JsonlSpec, ro
     if isinstance(spec, causal.PromptSpec):
         task = _glue_read(cfg, spec.glue, root)  # GLUE's files, limits and carved validation split
         return Task(spec, task.splits, cfg.max_seq_length or 256, "causal")  # room for the chat frame
-    from pathlib import Path
-
     if not cfg.train_file or not cfg.dev_file:
         raise SelectuneError("task causal/jsonl needs task.train_file=<path> and task.dev_file=<path> (JSONL: one "
                              "{\"prompt\": ..., \"response\": ...} object per line)")
