@@ -30,8 +30,8 @@ HEADER = ["Export check on the decoder: full logits (every position, whole vocab
           "the base + delta in memory vs the exported folder in plain transformers / peft",
           "(`python scripts/analysis/causal_export_check.py <run> [--peft] --write docs/results.md`).", "",
           "| method | model | rows | tokens | delta moves logits by | max abs logit | merged (AutoModelForCausalLM) "
-          "| tied after load | peft (PeftModel) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| tied after load | peft (PeftModel) | peft merged by peft |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def main() -> None:
@@ -82,6 +82,8 @@ def main() -> None:
                             "format=peft"], check=True, capture_output=True)
             peft_model = PeftModel.from_pretrained(model, out).eval()
             report["peft_max_abs_diff"] = float((peft_model(**batch).logits[mask] - ours).abs().max())
+            merged_peft = peft_model.merge_and_unload()  # peft's own merge: are its factors the delta's?
+            report["peft_merged_max_abs_diff"] = float((merged_peft(**batch).logits[mask] - ours).abs().max())
     print(json.dumps(report), flush=True)
     if args.write is not None:
         write(args.write, report)
@@ -93,9 +95,13 @@ def write(path: Path, r: dict) -> None:
     found = re.search(rf"<!-- {SECTION} -->\n(.*?)\n<!-- /{SECTION} -->", text, re.S)
     rows = [line for line in (found.group(1).splitlines() if found else [])
             if line.startswith("| ") and not line.startswith(("| method", f"| {r['method']} |"))]
+    columns = HEADER[-2].count("|") - 1
+    rows = [row + " - |" * (columns - (row.count("|") - 1)) for row in rows]  # a row from before a column was added
     peft = f"{r['peft_max_abs_diff']:.2e}" if "peft_max_abs_diff" in r else "-"
+    peft_merged = f"{r['peft_merged_max_abs_diff']:.2e}" if "peft_merged_max_abs_diff" in r else "-"
     rows.append(f"| {r['method']} | {r['model']} | {r['rows']} | {r['tokens']} | {r['delta_moves_logits_by']:.3f} "
-                f"| {r['max_abs_logit']:.1f} | {r['merged_max_abs_diff']:.2e} | {r['merged_tied']} | {peft} |")
+                f"| {r['max_abs_logit']:.1f} | {r['merged_max_abs_diff']:.2e} | {r['merged_tied']} | {peft} "
+                f"| {peft_merged} |")
     write_section(path, SECTION, "\n".join(HEADER + sorted(rows)))
 
 
