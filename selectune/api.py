@@ -227,10 +227,12 @@ def _task_head(delta: Delta) -> tuple[int, bool, tuple[str, ...] | None] | None:
     task = (delta.meta.get("config") or {}).get("task")
     if not task:
         return None
-    from selectune.tasks import TaskConfig, task_spec
+    from selectune.tasks import TaskConfig, is_causal, task_spec
 
     spec = task_spec(TaskConfig(name=task["name"], family=task.get("family", "glue"),
                                 num_classes=task.get("num_classes")))
+    if is_causal(spec):  # a causal LM answers with its own LM head: no labels to point its config at
+        return None
     return spec.num_labels, spec.is_regression, (None if spec.is_regression else spec.labels)
 
 

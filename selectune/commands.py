@@ -23,7 +23,7 @@ from selectune.config import typed
 from selectune.delta.taskdelta import HALF
 from selectune.errors import SelectuneError
 from selectune.methods.base import MethodConfig, ProbeBatches
-from selectune.tasks import Task, TaskConfig, load_task
+from selectune.tasks import Task, TaskConfig, is_causal, load_task
 from selectune.tasks.batches import EncodedSplit, train_batches
 from selectune.trainer import Trainer, TrainerConfig, format_metrics, resolve_device, task_loss
 
@@ -70,7 +70,7 @@ def build(spec: RunSpec, task: Task):
 
     labels = task.spec.labels if not task.spec.is_regression else None
     backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, labels,
-                             spec.trainer.seed)
+                             spec.trainer.seed, causal_lm=is_causal(task.spec))
     method = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
     return backbone, method
 

@@ -15,14 +15,16 @@ from selectune.tasks.batches import EncodedSplit, eval_batches
 
 @torch.inference_mode()
 def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device) -> np.ndarray:
-    """Raw outputs (logits) for every row of `split`, in row order."""
+    """Raw outputs (logits; for a causal-LM split what it makes of them) for every row of `split`, in row order."""
     was_training = model.training
     model.eval()
     outputs: list[tuple[list[int], torch.Tensor]] = []
     for rows in eval_batches(split, batch_size):
         batch = split.batch(rows)
-        batch.pop("labels")
+        labels = batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        if hasattr(split, "outputs"):  # a causal-LM split: label-word scores or answer NLL, from its targets
+            logits = split.outputs(logits, labels.to(device))
         outputs.append((rows, logits.float().cpu()))
     model.train(was_training)
     result = torch.empty(len(split), outputs[0][1].shape[-1])

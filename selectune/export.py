@@ -67,7 +67,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
-    from selectune.tasks import task_spec
+    from selectune.tasks import is_causal, task_spec
 
     if dtype not in DTYPES:
         raise SelectuneError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
@@ -84,7 +84,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
         peft_kind(delta)  # refuse a sparse / SPT delta before loading the model
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
     task = task_spec(spec.task)
-    backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed)
+    backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed,
+                             causal_lm=is_causal(task))
     found = backbone.base_hash()
     if found != delta.meta["base_hash"] and not force:
         raise SelectuneError(f"base model '{backbone.name}' has weights hash {found}, but the delta was trained on "

@@ -44,14 +44,24 @@ def peft_kind(delta: Any, head_names: frozenset[str] | None = None) -> str:
     return factored.pop()
 
 
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """A decoder with its LM head (causal-LM tasks): peft's CAUSAL_LM task type, no head to save."""
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def export_peft(delta: Any, backbone: Any, target: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Write the adapter folder and say how to load it; returns the export report."""
     held = write_peft(delta, backbone, target, dtype)
     num_labels = backbone.model.config.num_labels
-    print(f"exported {delta.meta['method']} delta on {backbone.name} to {target} as a peft {held['peft_type']} "
-          f"adapter ({held['modules']} matrices, r={held['r']}, head in modules_to_save): load it with "
-          f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, "
-          f"num_labels={num_labels}), '{target}')")
+    if is_causal_lm(backbone.model):  # no new head: the adapter alone, on the base's own LM head
+        print(f"exported {delta.meta['method']} delta on {backbone.name} to {target} as a peft {held['peft_type']} "
+              f"adapter ({held['modules']} matrices, r={held['r']}): load it with "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), '{target}')")
+    else:
+        print(f"exported {delta.meta['method']} delta on {backbone.name} to {target} as a peft {held['peft_type']} "
+              f"adapter ({held['modules']} matrices, r={held['r']}, head in modules_to_save): load it with "
+              f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, "
+              f"num_labels={num_labels}), '{target}')")
     return {"out": str(target), "format": "peft", "dtype": str(dtype).removeprefix("torch."),
             "base_model": backbone.name, "method": delta.meta["method"], **held}
 
@@ -96,7 +106,7 @@ def _wrap(model: torch.nn.Module, marker: str, factors: dict[str, dict[str, torc
         raise SelectuneError(f"format=peft: the delta's factors carry {len(scales)} different scales; peft holds one")
     scale = scales.pop()
     common = {"target_modules": sorted(factors), "lora_dropout": 0.0, "modules_to_save": head_modules,
-              "task_type": "SEQ_CLS" if text else None}
+              "task_type": "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS" if text else None}
     if marker == "lora_A":
         ranks = {name: parts["lora_A"].shape[0] for name, parts in factors.items()}
         r = Counter(ranks.values()).most_common(1)[0][0]

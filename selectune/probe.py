@@ -31,6 +31,13 @@ from selectune.plots import grid_heatmap
 from selectune.sensitivity import SCORES, TYPE_ORDER, Ranking, candidates, layer_index, module_type, probe
 
 GRID_COLUMNS = [*TYPE_ORDER, "vectors"]
+# a gated MLP (Llama: gate_proj, up_proj = ffn-in, down_proj = ffn-out) adds the gate's column
+GATED_COLUMNS = ["q", "k", "v", "o", "gate", "ffn-in", "ffn-out", "vectors"]
+
+
+def grid_columns(names: list[str]) -> list[str]:
+    """The heat map's columns for a model whose parameters are `names` (layers x roles)."""
+    return GATED_COLUMNS if any(module_type(n) == "gate" for n in names) else GRID_COLUMNS
 
 
 @dataclass
@@ -78,7 +85,7 @@ def check_probe_dir(run_dir: Path) -> None:
 def _probe(cfg: DictConfig, run_dir: Path, stage: Path | None) -> dict[str, Any]:
     from selectune.backbone import load_backbone
     from selectune.commands import RunSpec, encode_splits, probe_batches
-    from selectune.tasks import load_task
+    from selectune.tasks import is_causal, load_task
     from selectune.trainer import resolve_device
 
     spec = RunSpec.from_config(cfg)
@@ -90,7 +97,8 @@ def _probe(cfg: DictConfig, run_dir: Path, stage: Path | None) -> dict[str, Any]
         raise SelectuneError("probe.batches must be positive and probe.budgets fractions in (0, 1]")
     check_probe_dir(run_dir)
     task = load_task(spec.task)
-    backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, None, spec.trainer.seed)
+    backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, None, spec.trainer.seed,
+                             causal_lm=is_causal(task.spec))
     device = resolve_device(spec.trainer.device)
     model = backbone.model.to(device)
     train = encode_splits(task, backbone, ["train"])["train"]
@@ -123,18 +131,20 @@ def _probe(cfg: DictConfig, run_dir: Path, stage: Path | None) -> dict[str, Any]
                    "top": {str(tau): {"count": counts[tau][name], "share": counts[tau][name] / min(tau, total)}
                            for tau in taus}}
             for name, t in per.items()}
-        grid, outside = share_grid(summary["scores"][score], str(taus[0]))
+        columns = grid_columns(names)
+        grid, outside = share_grid(summary["scores"][score], str(taus[0]), columns)
         title = (f"{task.name} · {score} · share of the top-{taus[0]:,} entries ({options.budgets[0]:.2%})\n"
                  f"outside the layers (pooler, final norms): {100 * outside:.1f}%")
-        grid_heatmap([[100 * v for v in row] for row in grid], GRID_COLUMNS, run_dir / f"heatmap_{score}.png",
+        grid_heatmap([[100 * v for v in row] for row in grid], columns, run_dir / f"heatmap_{score}.png",
                      title, "% of the top-τ entries")
-        print_grid(grid, title.replace("\n", "; "))
+        print_grid(grid, title.replace("\n", "; "), columns)
     runfs.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n", run_dir)  # last: finished
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
     return summary
 
 
-def share_grid(per_tensor: dict[str, Any], tau: str) -> tuple[list[list[float]], float]:
+def share_grid(per_tensor: dict[str, Any], tau: str,
+               columns: list[str] = GRID_COLUMNS) -> tuple[list[list[float]], float]:
     """rows = layers, columns = GRID_COLUMNS: the share of the top-τ entries in each weight matrix and in
     each layer's vectors (biases, LayerNorms); and the share outside every layer, so nothing is hidden."""
     cells: dict[tuple[int, str], float] = {}
@@ -148,11 +158,11 @@ def share_grid(per_tensor: dict[str, Any], tau: str) -> tuple[list[list[float]],
         column = kind if kind is not None and name.endswith(".weight") else "vectors"  # norms match no kind
         cells[(layer, column)] = cells.get((layer, column), 0.0) + share
     layers = 1 + max((layer for layer, _ in cells), default=-1)
-    return [[cells.get((layer, kind), 0.0) for kind in GRID_COLUMNS] for layer in range(layers)], outside
+    return [[cells.get((layer, kind), 0.0) for kind in columns] for layer in range(layers)], outside
 
 
-def print_grid(grid: list[list[float]], title: str) -> None:
-    table = Table(*["layer", *GRID_COLUMNS], title=title)
+def print_grid(grid: list[list[float]], title: str, columns: list[str] = GRID_COLUMNS) -> None:
+    table = Table(*["layer", *columns], title=title)
     for i, row in enumerate(grid):
         table.add_row(str(i), *(f"{100 * v:.1f}%" for v in row))
     Console().print(table)

@@ -36,6 +36,8 @@ SETS = (
     RecipeSet("vtab", "vtab", VTAB_1K),  # ViT-B/16 IN-21k, the references' backbone (online)
     # the VTAB-1k-layout tasks scripts/reproduction/vtab_digits.py writes, on the offline DINOv2 ViT-S/14
     RecipeSet("vtab", "vtab_dinov2", ("cifar10_1k", "digits", "dtd10", "fashion_mnist_1k")),
+    # GLUE asked as instructions to the offline SmolLM2-135M-Instruct (task family causal)
+    RecipeSet("causal", "causal", ("cola", "mrpc", "qnli", "rte", "sst2", "wnli")),
 )
 
 

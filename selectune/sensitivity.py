@@ -18,14 +18,20 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from selectune.roles import is_embedding
+
 SCORES = ("grad2", "taylor", "magnitude")
 # (pattern on the parameter name, module type) for the heat map's columns; BERT and ViT names
 MODULE_TYPES = [(r"(attention\.(self|attention)\.query|\.q_proj)\.", "q"),
                 (r"(attention\.(self|attention)\.key|\.k_proj)\.", "k"),
                 (r"(attention\.(self|attention)\.value|\.v_proj)\.", "v"),
                 (r"(attention\.output\.dense|\.o_proj)\.", "o"),
-                (r"(intermediate\.dense|\.fc1)\.", "ffn-in"), (r"(\.output\.dense|\.fc2)\.", "ffn-out")]
+                (r"(intermediate\.dense|\.fc1|\.up_proj)\.", "ffn-in"),
+                (r"(\.output\.dense|\.fc2|\.down_proj)\.", "ffn-out")]
 TYPE_ORDER = [t for _, t in MODULE_TYPES]
+# Llama's gated MLP has a third matrix (gate_proj, beside up_proj = ffn-in and down_proj = ffn-out): its own
+# column, shown only for models that have it (selectune.roles names the roles per architecture)
+MODULE_TYPES.append((r"\.gate_proj\.", "gate"))
 
 
 def module_type(name: str) -> str | None:
@@ -41,8 +47,9 @@ def layer_index(name: str) -> int | None:
 
 
 def candidates(model: nn.Module, head: frozenset[str], include_embeddings: bool = False) -> list[str]:
-    """What sensitivity ranks (as SPT): encoder matrices and vectors; not the head, not embeddings."""
-    return [n for n, _ in model.named_parameters() if n not in head and (include_embeddings or "embeddings" not in n)]
+    """What sensitivity ranks (as SPT): encoder matrices and vectors; not the head, not embeddings (BERT's
+    `embeddings.*`, Llama's `embed_tokens`, which a tied LM head shares: selectune.roles)."""
+    return [n for n, _ in model.named_parameters() if n not in head and (include_embeddings or not is_embedding(n))]
 
 
 def probe(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]], loss_fn,

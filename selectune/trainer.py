@@ -122,6 +122,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if labels.ndim == 2 and logits.ndim == 3:  # causal LM: token targets, IGNORE outside the answers
+        from selectune.tasks.causal import LMSplit
+
+        return LMSplit.loss(logits, labels)
     if regression:
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
     return F.cross_entropy(logits.float(), labels)
@@ -329,7 +333,9 @@ class Trainer:
 
     def _primary(self, metrics: dict[str, dict[str, float | None]]) -> float:
         value = metrics[self.task.select_split][self.task.spec.primary]
-        return -math.inf if value is None else value
+        if value is None:
+            return -math.inf
+        return -value if getattr(self.task.spec, "lower_is_better", False) else value  # perplexity
 
     # ------------------------------------------------------------------ the loop
     def fit(self, proceed: Optional[Callable[[], None]] = None) -> dict[str, Any]:

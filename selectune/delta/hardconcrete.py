@@ -177,7 +177,7 @@ class HardConcreteModule(nn.Module):
                 return self._looked_up(args[0])
             tensors = {n: getattr(self, n) + self.delta(n, self.training) for n in self.delta_names}
         if isinstance(base, nn.Linear) and not kwargs and len(args) == 1:
-            return F.linear(args[0], tensors.get("weight", self.weight), tensors.get("bias", self.bias))
+            return F.linear(args[0], tensors.get("weight", self.weight), tensors.get("bias", base.bias))
         return functional_call(base, tensors, args, kwargs)
 
     def _looked_up(self, ids: torch.Tensor) -> torch.Tensor:

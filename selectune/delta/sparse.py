@@ -261,7 +261,7 @@ class SparseDeltaModule(nn.Module):
             return base(*args, **kwargs)
         if isinstance(base, nn.Linear) and "weight" in self.delta_names and not kwargs and len(args) == 1:
             bias = (_GatherGrad.apply(self.bias, *self._step_parts("bias")) if "bias" in self.delta_names
-                    else self.bias)
+                    else base.bias)  # None for a bias-free Linear (Llama's), never registered here
             _, values, frozen_index, frozen_values = self._step_parts("weight")
             return _SparseLinear.apply(args[0], self.weight, bias, values, self.pattern("weight"), frozen_index,
                                        frozen_values, self.grad_mode, self.csr("weight", _acc_dtype(values)))

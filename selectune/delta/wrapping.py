@@ -4,20 +4,30 @@ from __future__ import annotations
 
 from torch import nn
 
+from selectune import roles
 from selectune.errors import SelectuneError
 
-# The six matrix types of a transformer block, in BERT's names and in transformers 5's ViT names.
+# The matrix types of a transformer block, in BERT's names, transformers 5's ViT names and Llama's.
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
-               "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+               "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj"]
 
 
 def find_linears(model: nn.Module, targets: list[str], exclude: frozenset[str]) -> dict[str, nn.Linear]:
-    """nn.Linear modules whose name ends with one of `targets` (module-name suffixes such as `query` or
-    `attention.output.dense`), skipping modules whose weight is in `exclude` (the head)."""
+    """nn.Linear modules named by one of `targets` (roles such as `query` or `down`, mapped per architecture
+    by selectune.roles, or module-name suffixes such as `attention.output.dense`), skipping modules whose
+    weight is in `exclude` (the head). An output embedding tied to the input embedding is refused: a
+    wrapper's delta on it alone would untie the two."""
+    arch = roles.architecture(model)
+    tied = roles.output_embedding_tied(model)
     found = {}
     for name, module in model.named_modules():
-        matches = any(name == t or name.endswith("." + t) for t in targets)
-        if isinstance(module, nn.Linear) and matches and f"{name}.weight" not in exclude:
+        hit = any(roles.matches(arch, name, t) for t in targets)
+        if isinstance(module, nn.Linear) and hit and f"{name}.weight" not in exclude:
+            if name == tied:
+                raise SelectuneError(f"method.targets={list(targets)} names '{name}', the output embedding, "
+                                     f"which shares its weight with the input embedding (tied): a delta on it "
+                                     f"alone would untie them; leave it out (full, diffpruning and SPT train "
+                                     f"the shared tensor once)")
             found[name] = module
     if not found:
         raise SelectuneError(f"method.targets={list(targets)} matches no Linear layer of the model")

