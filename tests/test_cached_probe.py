@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_vtab import write_vtab
 
+from selectune import checkpoint
 from selectune.commands import evaluate_delta, train
 from selectune.config import compose
 from selectune.delta.taskdelta import TaskDelta
@@ -123,3 +124,27 @@ def test_cached_on_another_method_is_an_unknown_key(data_env, tmp_path):
     result = run_cli("validate", "glue/mrpc_lora", *TINY, "method.cached=true", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cached" in result.stderr.strip().splitlines()[-1]
+
+
+
+class Stopped(Exception):
+    """Ends a run between its checkpoint and its next one, as a kill would."""
+
+
+def test_a_stopped_cached_run_resumes_to_the_same_delta(data_env, tmp_path):
+    """The features are made again on resume; the head's weights, optimiser and RNG come from the checkpoint."""
+    args = ("method.cached=true", "trainer.max_steps=12", "trainer.eval_every=4")
+    whole = train(compose_run("glue/rte_linear", *args), tmp_path / "whole")
+
+    def stop(step: int, score: float) -> bool:
+        if step == 8:  # the checkpoint of step 4 is on disk, step 8's not yet
+            raise Stopped
+        return False
+
+    with pytest.raises(Stopped):
+        train(compose_run("glue/rte_linear", *args), tmp_path / "stopped", on_eval=stop)
+    assert checkpoint.read(tmp_path / "stopped")["step"] == 4 and not (tmp_path / "stopped" / "results.json").exists()
+    resumed = train(compose_run("glue/rte_linear", *args, "trainer.resume=true"), tmp_path / "stopped")
+    assert resumed["evals"] == whole["evals"] and resumed["steps"] == 12
+    da, db = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "stopped").tensors
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
