@@ -1,6 +1,7 @@
 """The one interface every method implements (docs/design.md, "Flow of one run").
 
     attach(backbone)      freeze the base, insert the method's delta forms, mark what trains
+    prepare(splits, ...)  optional: what the loop trains on (the cached linear probe: stored features)
     param_groups(lr, wd)  what the optimiser sees, each group with its own learning rate
     penalty()             a term added to the task loss every step (None if the method has none)
     after_step(step)      called by the loop after every optimiser step (schedules, masks, logging)
