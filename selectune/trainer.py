@@ -236,12 +236,14 @@ class Trainer:
         self.run_dir, self.save_delta, self.ctx = run_dir, save_delta, ctx
         self.console = console or Console(stderr=True)
         self.device = device_for(ctx, resolve_device(cfg.device))
-        self.model = method.model.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.on_eval = on_eval
         self._batches: tuple[int, list[list[int]]] = (-1, [])
         dtype = PRECISIONS[self.precision]
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        # the method may train on other splits (the cached probe's features) with another model (its head)
+        self.splits = splits = method.prepare(splits, cfg.eval_batch_size, self.device, self.autocast)
+        self.model = method.model.to(self.device)
         self.eval_splits = {name: splits[name] for name in task.eval_splits}
         n_train = len(splits["train"])
         self.steps_per_epoch, self.total_steps = cfg.run_length(n_train)

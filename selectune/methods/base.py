@@ -1,6 +1,7 @@
 """The one interface every method implements (docs/design.md, "Flow of one run").
 
     attach(backbone)      freeze the base, insert the method's delta forms, mark what trains
+    prepare(splits, ...)  optional: what the loop trains on (the cached linear probe: stored features)
     param_groups(lr, wd)  what the optimiser sees, each group with its own learning rate
     penalty()             a term added to the task loss every step (None if the method has none)
     after_step(step)      called by the loop after every optimiser step (schedules, masks, logging)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -26,6 +28,7 @@ from torch import nn
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
 from selectune.errors import SelectuneError
+from selectune.tasks.batches import EncodedSplit
 
 
 @dataclass
@@ -113,6 +116,14 @@ class Method(ABC):
         """Insert delta forms / unfreeze the method's parameters (the head is already trainable)."""
 
     # ------------------------------------------------------------------ training
+    def prepare(self, splits: dict[str, EncodedSplit], batch_size: int, device: torch.device,
+                autocast: Callable[[], AbstractContextManager]) -> dict[str, EncodedSplit]:
+        """Called once by the loop before it takes `model`: the splits it will train and evaluate on. A method
+        may replace them with what it trains on instead (the cached linear probe: the frozen backbone's
+        features, one eval-mode pass at `batch_size` under the run's `autocast`), and `model` with the module
+        that reads them, whose parameter names are the full model's. The default: the splits as encoded."""
+        return splits
+
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:  # noqa: B027 (optional hook)
         """Called by the loop before the first step with the run's length: methods with a schedule
         (phases, rank budgets) fix and validate it here, failing before any training."""
