@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -62,8 +63,11 @@ def instrument() -> None:
     """Open a profiler range around each function that does one group's work (those that exist in this tree)."""
     from selectune.delta import hardconcrete as hc
 
-    targets = [(hc.FlatGates, "materialize", "gates fwd"), (hc.FlatGates, "expected_l0", "penalty fwd"),
-               (hc.HardConcreteModule, "_looked_up", "vocab fwd"), (hc, "_penalty_terms", "penalty bwd")]
+    targets = [(hc.FlatGates, "materialize", "gates fwd"), (hc.HardConcreteModule, "_looked_up", "vocab fwd")]
+    if hasattr(hc.FlatGates, "penalty_forward"):  # p and dp/dα in the forward; the backward only scales dp
+        targets.append((hc.FlatGates, "penalty_forward", "penalty fwd"))
+    else:  # before 2026-12-06: Σp in the forward, p and dp recomputed in the backward
+        targets += [(hc.FlatGates, "expected_l0", "penalty fwd"), (hc, "_penalty_terms", "penalty bwd")]
     for owner, name, label in targets:
         if hasattr(owner, name):
             setattr(owner, name, labelled(label, getattr(owner, name)))
@@ -161,19 +165,28 @@ def main() -> None:
     parser.add_argument("--title", default="", help="a line put above the table in --write")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--section", default="bench:phase1_profile")
+    parser.add_argument("--trees", nargs="+", default=[], metavar="LABEL=PATH",
+                        help="profile these checkouts (each on PYTHONPATH in turn, e.g. before=/tmp/old after=.) "
+                             "instead of this one; the rows are labelled")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.model, args.batch, args.seq, args.image, args.steps, args.override)))
         return
+    trees = [tuple(t.split("=", 1)) for t in args.trees] or [("", None)]
     rows = []
     for variant in args.variants:
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--model", args.model, "--batch",
-                              str(args.batch), "--seq", str(args.seq), "--image", str(args.image), "--steps",
-                              str(args.steps), "--override", *args.override], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{variant}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for label, tree in trees:
+            env = {**os.environ, **({"PYTHONPATH": str(Path(tree).resolve())} if tree else {})}
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--model", args.model, "--batch",
+                                  str(args.batch), "--seq", str(args.seq), "--image", str(args.image), "--steps",
+                                  str(args.steps), "--override", *args.override], capture_output=True, text=True,
+                                 env=env)
+            if out.returncode:
+                sys.exit(f"{variant}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["variant"] = f"{variant} ({label})" if label else variant
+            rows.append(row)
     shown = [g for g in GROUPS if any(r["ms"][g] >= 0.05 for r in rows)]
     lines = ["| variant | " + " | ".join(shown) + " | sum profiled | timed s/step (median) | peak RSS MiB |",
              "|---|" + "---|" * (len(shown) + 3)]

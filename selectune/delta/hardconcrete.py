@@ -43,20 +43,69 @@ def gate(alpha: torch.Tensor, l: float, r: float, training: bool) -> torch.Tenso
     return stretched(alpha, torch.rand_like(alpha) if training else None, l, r)[0]
 
 
-def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float  # noqa: E741
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float,  # noqa: E741
+              work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, s) for logits α and uniform noise u (None: eval): s = σ(α + logit u), z = clamp(s·(r − l) + l, 0, 1).
     Elementwise, the one formula of both paths. u is overwritten (by s): each fresh flat buffer is an
-    allocation, which on CPU costs page faults, more than the arithmetic."""
+    allocation, which on CPU costs page faults, more than the arithmetic; z goes into `work`'s buffer when given."""
     s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()  # logit u = log u − log(1 − u)
-    return s.mul(r - l).add_(l).clamp_(0.0, 1.0), s
+    z = s.mul(r - l) if work is None else torch.mul(s, r - l, out=work.like("z", s))
+    return z.add_(l).clamp_(0.0, 1.0), s
 
 
-def stretched_grad(s: torch.Tensor, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
-    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient)."""
-    z = s.mul(r - l).add_(l)
-    inside = z.ge(0.0).logical_and_(z.le(1.0))
-    return z.clamp_(0.0, 1.0), torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
+def stretched_grad(s: torch.Tensor, l: float, r: float,  # noqa: E741
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient).
+    z and dz/dα are handed on (as gradients): `work`'s "dw" and "da" buffers when given."""
+    if work is None:
+        z = s.mul(r - l).add_(l)
+        inside = z.ge(0.0).logical_and_(z.le(1.0))
+        dz = torch.addcmul(s, s, s, value=-1)
+    else:
+        z = torch.mul(s, r - l, out=work.like("dw", s)).add_(l)
+        inside = torch.ge(z, 0.0, out=work.like("inside", s, torch.bool))
+        inside.logical_and_(torch.le(z, 1.0, out=work.like("below", s, torch.bool)))
+        dz = torch.addcmul(s, s, s, value=-1, out=work.like("da", s))
+    return z.clamp_(0.0, 1.0), dz.mul_(inside).mul_(r - l)
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+class Workspace:
+    """Flat buffers kept from one step to the next, by name. On CPU every fresh buffer of a flat pass's size
+    (tens of MB, above glibc's mmap threshold) is mapped anew and page-faulted in as it is first written:
+    on this project's 2-core machine a fresh 11M-entry product took ~6x as long as the same product into an
+    existing buffer (`python scripts/bench/profile_phase1.py`, docs/benchmarks.md). A buffer is handed
+    out again only when nothing else holds its storage — not a saved tensor of a graph still alive, not a
+    `.grad` adopted from it and still set, not a view someone kept — else a fresh one replaces it, so reuse
+    can never overwrite a live value; each hand-out is a new tensor on the storage (own version counter,
+    no `_base`)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[str, torch.UntypedStorage] = {}
+
+    def get(self, key: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        storage = self.storages.get(key)
+        if (storage is None or storage.nbytes() != nbytes or storage.device != device
+                or _use_count(storage) > _ALONE):
+            fresh = torch.empty(numel, dtype=dtype, device=device)
+            self.storages[key] = storage = fresh.untyped_storage()
+            del fresh
+        return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
+
+    def like(self, key: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Buffer `key` shaped as `like` (its dtype unless given)."""
+        return self.get(key, like.shape, like.dtype if dtype is None else dtype, like.device)
+
+    def clear(self) -> None:
+        self.storages.clear()
+
+
+_ALONE = _use_count(torch.empty(1).untyped_storage())  # the count of a storage only its Python object holds
 
 
 def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
@@ -207,30 +256,31 @@ def _scale_blocks(flat: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
-                  zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+                  zg: torch.Tensor | None, l: float, r: float,  # noqa: E741
+                  work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates per block, `FlatGates.repeat`; None
-    unstructured),
-    and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one kernel."""
-    z, s = stretched(alpha, u, l, r)
+    unstructured), and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one
+    kernel; eager, every buffer comes from `work` when given (θ included)."""
+    z, s = stretched(alpha, u, l, r, work)
     if zg is not None:
         _scale_blocks(z, zg)
-    return torch.addcmul(theta0, z, w), s
+    return (torch.addcmul(theta0, z, w) if work is None else torch.addcmul(theta0, z, w, out=work.like("theta", z))), s
 
 
 def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.Tensor | None,
-                   acc: torch.Tensor | None, l: float, r: float  # noqa: E741
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   acc: torch.Tensor | None, l: float, r: float,  # noqa: E741
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The chain rule of `_flat_forward` written out (the reference code's manual backward): from g = dL/dθ,
     dw = g·z·z_g, dα = g·w·z_g·dz/dα with dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (torch.clamp's
     inclusive rule), and g·w·z, which each group's logit sums (None unstructured). `acc`: the penalty's
     gradient for these entries, already scaled (None: no penalty); dα is accumulated into it in place, so the
     penalty costs no pass and no buffer of its own here (the sum may round differently in the last bit from
     adding the penalty last, as before). In place on its own temporaries and `acc` only."""
-    z, dz = stretched_grad(s, l, r)
-    gw = g * w
+    z, dz = stretched_grad(s, l, r, work)
+    gw = g * w if work is None else torch.mul(g, w, out=work.like("gw", g))
     gwz = None
     if zg is not None:
-        gwz = gw * z
+        gwz = gw * z if work is None else torch.mul(gw, z, out=work.like("gwz", g))
         _scale_blocks(z, zg)
         _scale_blocks(gw, zg)
     dw = z.mul_(g)
@@ -238,11 +288,12 @@ def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.
     return dw, da, gwz
 
 
-def _penalty_terms(alpha: torch.Tensor, c: float, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _penalty_terms(alpha: torch.Tensor, c: float, block: int = 0,
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The expected-L0 terms p = σ(α − c) in one pass, for the forward: (Σ p, or its sums over blocks of
     `block` entries when block > 0; dp/dα = p(1 − p)), dp in p's own buffer. The backward then needs no
     σ of its own: the penalty's gradient is computed once, from the values the forward already has."""
-    p = (alpha - c).sigmoid_()
+    p = (alpha - c if work is None else torch.sub(alpha, c, out=work.like("p", alpha))).sigmoid_()
     sums = p.sum() if block == 0 else p.view(-1, block).sum(1)
     return sums, p.addcmul_(p, p, value=-1)
 
@@ -286,7 +337,8 @@ class _FlatGate(torch.autograd.Function):
             ga = torch.cat(group_alpha)
             zg, sg = stretched(ga[:gates.gated_groups], None if u is None else u[n:], gates.l, gates.r)
             zg_rep = gates.repeat(zg)
-        theta, s = gates.math[0](theta0, w, a[:n], None if u is None else u[:n], zg_rep, gates.l, gates.r)
+        theta, s = gates.math[0](theta0, w, a[:n], None if u is None else u[:n], zg_rep, gates.l, gates.r,
+                                 gates.eager_work)
         l0, saved = gates.penalty_forward(a, ga) if penalty else (a.new_zeros(()), ())
         ctx.gates, ctx.penalty = gates, penalty
         ctx.save_for_backward(s, sg, *saved)
@@ -314,7 +366,8 @@ class _FlatGate(torch.autograd.Function):
                     dga = dga.mul_(saved[2])
                 dga = dga.mul_(g_l0)
             acc = acc.mul_(g_l0)
-        dw, da, gwz = gates.math[1](g, w, s, zg_rep, None if acc is None else acc[:n], gates.l, gates.r)
+        dw, da, gwz = gates.math[1](g, w, s, zg_rep, None if acc is None else acc[:n], gates.l, gates.r,
+                                    gates.eager_work)
         if gwz is not None:
             gate_part = gates.segment_sum(gwz).mul_(dzg)
             dga = gate_part if dga is None else _add_front(dga, gate_part)
@@ -373,6 +426,8 @@ class FlatGates:
         self.compile_mode = compile_mode
         self._lengths: dict[torch.device, torch.Tensor] = {}
         self._math: tuple[Callable, Callable, Callable] | None = None
+        self.compiled = False
+        self.work = Workspace()
         self.l0: torch.Tensor | None = None
         self.flats: tuple[torch.Tensor, ...] = ()
         self.offsets = [sum(self.all_sizes[:i]) for i in range(len(self.all_sizes))]
@@ -464,7 +519,7 @@ class FlatGates:
         buffer (in p's own buffer), and for S-Diff P(z^j > 0) per group and, in the paper's form, each
         group's Σ_i p_i."""
         paper = self.structured and self.group_penalty == "paper"
-        sums, dp = self.math[2](alpha, self.c, self.block if paper else 0)
+        sums, dp = self.math[2](alpha, self.c, self.block if paper else 0, self.eager_work)
         if group_alpha is None:
             return sums, (dp,)
         pg = (group_alpha - self.c).sigmoid_()
@@ -489,7 +544,13 @@ class FlatGates:
             compiled = self.compile_mode == "true" or (self.compile_mode == "auto" and device.type == "cuda" and triton)
             fns = (_flat_forward, _flat_backward, _penalty_terms)
             self._math = tuple(_compiled(f) for f in fns) if compiled else fns
+            self.compiled = compiled
         return self._math
+
+    @property
+    def eager_work(self) -> Workspace | None:
+        """The buffers the eager math writes into; None when compiled (inductor plans its own)."""
+        return None if self.math and self.compiled else self.work
 
     # ---------------------------------------------------------------- per forward
     def materialize(self, training: bool) -> None:
@@ -504,7 +565,9 @@ class FlatGates:
         if self.structured:
             params += [getattr(m, f"{n}_group_alpha") for m, n in self.penalized]
         alpha = params[2 * len(self.entries)]
-        u = torch.rand(self.n + self.gated_groups, device=alpha.device, dtype=alpha.dtype) if training else None
+        u = None  # the same stream as torch.rand(n + groups), drawn into a kept buffer (`Workspace`)
+        if training:
+            u = self.work.get("u", (self.n + self.gated_groups,), alpha.dtype, alpha.device).uniform_()
         penalty = training and torch.is_grad_enabled()
         theta, l0 = _FlatGate.apply(self, u, penalty, *params)
         self.l0 = l0 if penalty else None
