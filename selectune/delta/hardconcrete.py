@@ -154,6 +154,7 @@ class HardConcreteModule(nn.Module):
         self.delta_names, self.l, self.r, self.structured = sorted(names), l, r, structured
         self.group_penalty, self.group_rows = group_penalty, group_rows if structured else None
         self.flat_tensors: dict[str, torch.Tensor] = {}  # θ views a FlatGates pass handed this forward
+        self.rows_work: Workspace | None = None  # a vocabulary table's row gradients go into these (FlatGates)
         for name in self.delta_names:
             base_param = getattr(base, name)
             self.register_parameter(f"{name}_w", nn.Parameter(torch.zeros_like(base_param)))
@@ -180,7 +181,7 @@ class HardConcreteModule(nn.Module):
         alpha = getattr(self, f"{name}_alpha")
         ids = self.group_ids(name)
         if rows is not None:
-            alpha = alpha[rows]
+            alpha = _rows(alpha, rows, self.rows_work)
             ids = None if ids is None else ids.view(getattr(self, name).shape)[rows].reshape(-1)
         z = gate(alpha, self.l, self.r, training)
         if self.structured:
@@ -238,13 +239,39 @@ class HardConcreteModule(nn.Module):
         and int(), two host syncs. torch.unique is this path's one sync."""
         base = self.wrapped
         rows, where = torch.unique(ids, return_inverse=True)
-        delta = self.mask("weight", self.training, rows) * self.weight_w[rows]
+        delta = self.mask("weight", self.training, rows) * _rows(self.weight_w, rows, self.rows_work)
         if base.padding_idx is not None:
             delta = torch.where((rows != base.padding_idx).unsqueeze(-1), delta, delta.detach())
         return F.embedding(where, self.weight[rows] + delta, None, None, 2.0, base.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return f"{', '.join(self.delta_names)}: hard-concrete diff{' (structured)' if self.structured else ''}"
+
+
+class _RowGather(torch.autograd.Function):
+    """table[rows] whose backward scatters into a kept buffer (`Workspace`), zeroed, instead of a fresh zero
+    table: the gradient of a vocabulary's w and α is dense (AdamW steps every row) but only `rows` are
+    nonzero, and a fresh table-sized buffer each step costs its page faults. `rows` are unique (torch.unique),
+    so index_add_ writes each row once: the same values as indexing's own backward."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, work: Workspace) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.work, ctx.key, ctx.meta = work, f"rows:{id(table)}", (table.shape, table.dtype, table.device)
+        return table[rows]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        out = ctx.work.get(ctx.key, *ctx.meta).zero_()
+        return out.index_add_(0, rows, grad), None, None
+
+
+def _rows(table: torch.Tensor, rows: torch.Tensor, work: Workspace | None) -> torch.Tensor:
+    """table[rows], the backward into `work` when given (and gradients are being recorded)."""
+    if work is None or not (torch.is_grad_enabled() and table.requires_grad):
+        return table[rows]
+    return _RowGather.apply(table, rows, work)
 
 
 # ---------------------------------------------------------------------------- the flat pass
@@ -342,15 +369,15 @@ class _FlatGate(torch.autograd.Function):
         l0, saved = gates.penalty_forward(a, ga) if penalty else (a.new_zeros(()), ())
         ctx.gates, ctx.penalty = gates, penalty
         ctx.save_for_backward(s, sg, *saved)
-        return theta, l0
+        return (*gates.per_tensor(theta), l0)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor | None, g_l0: torch.Tensor | None):
+    def backward(ctx, *grads: torch.Tensor | None):
         gates: FlatGates = ctx.gates
         s, sg, *saved = ctx.saved_tensors
         n = gates.n
         _, w, _ = gates.flats
-        g = torch.zeros_like(s) if g is None else g
+        g, g_l0 = gates.gathered(grads[:-1], s, gates.eager_work), grads[-1]
         zg_rep = dzg = None
         if gates.structured:
             zg, dzg = stretched_grad(sg, gates.l, gates.r)
@@ -373,7 +400,7 @@ class _FlatGate(torch.autograd.Function):
             dga = gate_part if dga is None else _add_front(dga, gate_part)
         del zg_rep, gwz  # flat buffers: free them before the gradients are handed on
         unused = [None] * (len(gates.penalized) - len(gates.entries))
-        grads = gates.per_tensor(dw)
+        grads = list(gates.per_tensor(dw))
         grads += gates.per_tensor(acc, every=True) if acc is not None else gates.per_tensor(da) + unused
         if gates.structured:
             grads += list(dga.split(gates.all_group_counts)) if acc is not None else \
@@ -428,6 +455,8 @@ class FlatGates:
         self._math: tuple[Callable, Callable, Callable] | None = None
         self.compiled = False
         self.work = Workspace()
+        for module in self.lookups:
+            module.rows_work = self.work
         self.l0: torch.Tensor | None = None
         self.flats: tuple[torch.Tensor, ...] = ()
         self.offsets = [sum(self.all_sizes[:i]) for i in range(len(self.all_sizes))]
@@ -528,6 +557,15 @@ class FlatGates:
         per_group = self._segments(sums, every=True)
         return (per_group * pg).sum(), (dp, pg, per_group)
 
+    def gathered(self, grads: tuple[torch.Tensor | None, ...], like: torch.Tensor,
+                 work: Workspace | None) -> torch.Tensor:
+        """dL/dθ of every gated tensor as one flat buffer (zeros where a tensor got none), copied into
+        `work`'s buffer: θ is handed out as one output per tensor so that autograd does not gather their
+        gradients itself (a split's backward concatenates them into a fresh flat buffer every step)."""
+        parts = [like.new_zeros(size) if grad is None else grad.reshape(-1)
+                 for grad, size in zip(grads, self.sizes, strict=True)]
+        return torch.cat(parts) if work is None else torch.cat(parts, out=work.like("g", like))
+
     def per_tensor(self, flat: torch.Tensor, every: bool = False) -> list[torch.Tensor]:
         count = len(self.penalized if every else self.entries)
         sizes, shapes = self.all_sizes[:count], self.all_shapes[:count]
@@ -569,9 +607,9 @@ class FlatGates:
         if training:
             u = self.work.get("u", (self.n + self.gated_groups,), alpha.dtype, alpha.device).uniform_()
         penalty = training and torch.is_grad_enabled()
-        theta, l0 = _FlatGate.apply(self, u, penalty, *params)
+        *thetas, l0 = _FlatGate.apply(self, u, penalty, *params)
         self.l0 = l0 if penalty else None
-        for (module, name), view in zip(self.entries, self.per_tensor(theta), strict=True):
+        for (module, name), view in zip(self.entries, thetas, strict=True):
             module.flat_tensors[name] = view
 
     def take_l0(self) -> torch.Tensor | None:
