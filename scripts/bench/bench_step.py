@@ -8,8 +8,11 @@ offline MiniLM, batch 8 (the diff-pruning recipes' batch) and 32, random token b
 (identical for every method), AdamW, gradient clipping at 1.0 per `clip` family as the trainer does it,
 2 warm-up steps, then `--steps` timed steps; the median is kept. Rounds alternate the method order
 to spread the machine's noise; the table reports the median (and the min) over rounds and the ratios to
-LoRA and to full fine-tuning at the same batch. `--trees` runs every row with each checkout on PYTHONPATH
-in turn (alternating within each round: old and new code on the same batches in one run).
+LoRA and to full fine-tuning at the same batch. Beside the wall time, the process's CPU time per step
+(time.process_time, all its threads): on a machine shared with other work, waiting for a core inflates
+the wall time but not the CPU time, so its ratios are the steadier ones there. `--trees` runs every row
+with each checkout on PYTHONPATH in turn (alternating within each round: old and new code on the same
+batches in one run).
 On CPU: wall time and the process's peak RSS. On CUDA: CUDA events and max_memory_allocated.
 Methods are compared at the same trainable count: LoRA r=8 on query/value (73,728 values + head);
 SparseDelta = SaRA restricted to the same query/value matrices with the same count; SaRA-all = the
@@ -96,7 +99,7 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
                 "syncs": counter.sync_count, "sync_ops": dict(counter.syncs),
                 "trainable": bench.method.report().trainable}
     cuda = bench.device.type == "cuda"
-    times = []
+    times, cpu_times = [], []
     clipped = None
     for i in range(steps + 2):
         if bench.optimizer is not clipped:  # built anew at a re-selection: hook the new one too
@@ -105,7 +108,7 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bench.step(i)
         if cuda:
             end.record()
@@ -115,10 +118,12 @@ def child(method: str, seq: int, steps: int, device_name: str, model: str, preci
             elapsed = time.perf_counter() - t0
         if i >= 2:
             times.append(elapsed)
+            cpu_times.append(time.process_time() - c0)
     report = bench.method.report()
     peak = (torch.cuda.max_memory_allocated(bench.device) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"method": method, "seq": seq, "batch": batch, "step_s": statistics.median(times), "peak_mb": peak / 2**20,
+    return {"method": method, "seq": seq, "batch": batch, "step_s": statistics.median(times),
+            "cpu_s": statistics.median(cpu_times), "peak_mb": peak / 2**20,
             "trainable": report.trainable, "memory": "cuda max_memory_allocated" if cuda else "peak RSS"}
 
 
@@ -178,11 +183,13 @@ def main() -> None:
                         result = run_child(args, envs[label], method, seq, batch=batch)
                         runs.setdefault((label, method, batch, seq), []).append(result)
                         print(f"round {r + 1}: {label + ' ' if label else ''}{method:9s} batch {batch:3d} "
-                              f"seq {seq:4d}: {result['step_s']:.3f} s/step, {result['peak_mb']:.0f} MiB", flush=True)
+                              f"seq {seq:4d}: {result['step_s']:.3f} s/step, CPU {result['cpu_s']:.3f} s/step, "
+                              f"{result['peak_mb']:.0f} MiB", flush=True)
     lines = ["| method | " + ("code | " if args.trees else "") + "trainable | batch | seq | "
-             "s/step (median of rounds) | min of rounds | x LoRA time | x full FT time | x full FT, mins | "
+             "s/step (median of rounds) | min of rounds | CPU s/step (median) | CPU min | x LoRA time | "
+             "x full FT time | x full FT CPU time (medians) | x full FT CPU time (mins) | "
              "peak memory MiB | memory vs LoRA | x full FT memory |",
-             "|---|" + ("---|" if args.trees else "") + "---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|" + ("---|" if args.trees else "") + "---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def median(label: str, method: str, batch: int, seq: int, key: str) -> float | None:
         rows = runs.get((label, method, batch, seq))
@@ -195,17 +202,21 @@ def main() -> None:
                 full_t, full_m = (median(label, "full", batch, seq, k) for k in ("step_s", "peak_mb"))
                 for method in args.methods:
                     t, m = (median(label, method, batch, seq, k) for k in ("step_s", "peak_mb"))
-                    fastest = min(x["step_s"] for x in runs[(label, method, batch, seq)])
-                    full_min = min(x["step_s"] for x in runs.get((label, "full", batch, seq), [{"step_s": 0}]))
+                    own, full = runs[(label, method, batch, seq)], runs.get((label, "full", batch, seq))
+                    fastest = min(x["step_s"] for x in own)
+                    cpu, cpu_min = statistics.median(x["cpu_s"] for x in own), min(x["cpu_s"] for x in own)
+                    full_cpu = statistics.median(x["cpu_s"] for x in full) if full else None
+                    full_cpu_min = min(x["cpu_s"] for x in full) if full else None
                     rt = f"{t / lora_t:.2f}" if lora_t else "n/a"
                     rm = f"{100 * (m / lora_m - 1):+.1f}%" if lora_m else "n/a"
                     ft = f"{t / full_t:.2f}" if full_t else "n/a"
-                    fmin = f"{fastest / full_min:.2f}" if full_min else "n/a"
+                    fc = f"{cpu / full_cpu:.2f}" if full_cpu else "n/a"
+                    fcm = f"{cpu_min / full_cpu_min:.2f}" if full_cpu_min else "n/a"
                     fm = f"{m / full_m:.2f}" if full_m else "n/a"
                     trainable = runs[(label, method, batch, seq)][0]["trainable"]
                     lines.append(f"| {method} | " + (f"{label} | " if args.trees else "")
-                                 + f"{trainable:,} | {batch} | {seq} | {t:.3f} | {fastest:.3f} | {rt} | {ft} | "
-                                 f"{fmin} | {m:.0f} | {rm} | {fm} |")
+                                 + f"{trainable:,} | {batch} | {seq} | {t:.3f} | {fastest:.3f} | {cpu:.3f} | "
+                                 f"{cpu_min:.3f} | {rt} | {ft} | {fc} | {fcm} | {m:.0f} | {rm} | {fm} |")
     import torch
 
     on_gpu = args.device.startswith("cuda")

@@ -69,43 +69,47 @@ def stretched_grad(s: torch.Tensor, l: float, r: float,  # noqa: E741
     return z.clamp_(0.0, 1.0), dz.mul_(inside).mul_(r - l)
 
 
-def _use_count(storage: torch.UntypedStorage) -> int:
-    return torch._C._storage_Use_Count(storage._cdata)
+def _in_use(base: torch.Tensor) -> bool:
+    """Whether anything but `base` itself holds its storage (a view handed out and still alive, a `.grad`
+    adopted from one, a tensor saved by a graph not yet freed)."""
+    return torch._C._storage_Use_Count(base.untyped_storage()._cdata) > _ALONE
 
 
 class Workspace:
     """Flat buffers kept from one step to the next, by name. On CPU every fresh buffer of a flat pass's size
     (tens of MB, above glibc's mmap threshold) is mapped anew and page-faulted in as it is first written:
     on this project's 2-core machine a fresh 11M-entry product took ~6x as long as the same product into an
-    existing buffer (`python scripts/bench/profile_phase1.py`, docs/benchmarks.md). A buffer is handed
-    out again only when nothing else holds its storage — not a saved tensor of a graph still alive, not a
-    `.grad` adopted from it and still set, not a view someone kept — else a fresh one replaces it, so reuse
-    can never overwrite a live value; each hand-out is a new tensor on the storage (own version counter,
-    no `_base`)."""
+    existing buffer (docs/benchmarks.md, "Diff pruning's phase 1 at the recipes' batch"). Each buffer is a
+    1-D tensor kept here and handed out only as views (no operation a GPU would launch, and each hand-out
+    has its own autograd identity); it is handed out again only when no view of it is alive any more — not
+    a tensor saved by a graph not yet freed, not a `.grad` adopted from it and still set — else a fresh one
+    replaces it, so reuse can never overwrite a live value."""
 
     def __init__(self) -> None:
-        self.storages: dict[str, torch.UntypedStorage] = {}
+        self.bases: dict[str, torch.Tensor] = {}
 
-    def get(self, key: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
         numel = math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        storage = self.storages.get(key)
-        if (storage is None or storage.nbytes() != nbytes or storage.device != device
-                or _use_count(storage) > _ALONE):
-            fresh = torch.empty(numel, dtype=dtype, device=device)
-            self.storages[key] = storage = fresh.untyped_storage()
-            del fresh
-        return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
+        base = self.bases.get(key)
+        if base is None or base.numel() != numel or base.dtype != dtype or base.device != device or _in_use(base):
+            self.bases[key] = base = torch.empty(numel, dtype=dtype, device=device)
+        return base.view(shape)
 
     def like(self, key: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Buffer `key` shaped as `like` (its dtype unless given)."""
         return self.get(key, like.shape, like.dtype if dtype is None else dtype, like.device)
 
     def clear(self) -> None:
-        self.storages.clear()
+        self.bases.clear()
 
 
-_ALONE = _use_count(torch.empty(1).untyped_storage())  # the count of a storage only its Python object holds
+def _alone() -> int:
+    t = torch.empty(1)
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ALONE = _alone()  # the count of a storage only its own tensor holds (the storage object asked adds its own)
 
 
 def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
