@@ -17,7 +17,9 @@ work (wrapped here, not in the library), in ms per step (inclusive CPU time of t
   backward of its row indexing: the dense w / α gradients of the table, autograd's IndexBackward0);
 - penalty: method.penalty() (the λ-scaled term from the forward's value), clip, optimizer (AdamW over w and
   α: the vocabulary's w and α are half of them), zero_grad + after_step.
-The timed column is a separate run of `--steps` steps without the profiler (median), for scale.
+The timed columns are a separate run of `--steps` steps without the profiler (median wall and process CPU
+time), for scale. The profiler's ranges are wall time on the step's thread: on a shared machine they include
+waiting for a core, so compare rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -127,11 +129,12 @@ def child(variant: str, model: str, batch: int, seq: int, image: int, steps: int
 
     for i in range(3):
         step(i)
-    times = []
+    times, cpu_times = [], []
     for i in range(3, 3 + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(3 + steps, 3 + 2 * steps):
             step(i)
@@ -148,6 +151,7 @@ def child(variant: str, model: str, batch: int, seq: int, image: int, steps: int
     ms["backward"] -= ms["gates bwd"] + ms["vocab bwd"]
     ms["gates bwd"] -= ms["penalty bwd"]
     return {"variant": variant, "ms": ms, "profiled_ms": sum(ms.values()), "step_s": statistics.median(times),
+            "cpu_s": statistics.median(cpu_times),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in method.trainable_parameters()) if hasattr(
                 method, "trainable_parameters") else None}
@@ -188,11 +192,12 @@ def main() -> None:
             row["variant"] = f"{variant} ({label})" if label else variant
             rows.append(row)
     shown = [g for g in GROUPS if any(r["ms"][g] >= 0.05 for r in rows)]
-    lines = ["| variant | " + " | ".join(shown) + " | sum profiled | timed s/step (median) | peak RSS MiB |",
-             "|---|" + "---|" * (len(shown) + 3)]
+    lines = ["| variant | " + " | ".join(shown)
+             + " | sum profiled | timed s/step (median) | CPU s/step | peak RSS MiB |",
+             "|---|" + "---|" * (len(shown) + 4)]
     for r in rows:
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r['ms'][g]:.1f}" for g in shown)
-                     + f" | {r['profiled_ms']:.1f} | {r['step_s']:.3f} | {r['peak_rss_mib']:.0f} |")
+                     + f" | {r['profiled_ms']:.1f} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['peak_rss_mib']:.0f} |")
     shape = f"{args.batch} images of {args.image} px" if args.model.startswith(("dinov2", "vit")) else \
         f"{args.batch} x {args.seq} tokens"
     command = "python scripts/bench/profile_phase1.py " + " ".join(sys.argv[1:])
