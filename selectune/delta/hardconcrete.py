@@ -14,6 +14,10 @@ Two paths compute the same thing. A module on its own gates its tensors one by o
 per forward (one noise draw, one autograd Function with its backward written out, one penalty
 reduction): on a GPU the per-tensor path is a launch storm of thousands of tiny kernels per step
 (docs/benchmarks.md, "Selective steps shaped for a GPU"), while the flat pass costs about as many kernels as one tensor.
+On a CPU at the recipes' batch of 8 the same pass is bound by its passes over memory and by the page faults of
+fresh flat buffers: the pass writes into buffers kept from step to step (`Workspace`), computes the penalty's
+gradient in the forward that computes its value, and penalises the vocabulary table with the rest
+(docs/benchmarks.md, "Diff pruning's phase 1 at the recipes' batch").
 """
 
 from __future__ import annotations
