@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", default=[], metavar="LABEL=PATH",
                         help="time each row with each of these checkouts on PYTHONPATH in turn (e.g. before=/tmp/old "
                              "after=.), alternating within every round")
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="build the table from the per-round lines this script printed (a run cut short) "
+                             "instead of running; give the same --methods/--batches/--seqs/--trees")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,8 +175,10 @@ def main() -> None:
         return
     trees = [tuple(t.split("=", 1)) for t in args.trees] or [("", "")]
     envs = {label: {**env, "PYTHONPATH": str(Path(path).resolve())} if path else env for label, path in trees}
-    runs: dict[tuple[str, str, int, int], list[dict]] = {}
-    for r in range(args.rounds):
+    runs: dict[tuple[str, str, int, int], list[dict]] = read_log(args.from_log) if args.from_log else {}
+    if args.from_log:
+        args.rounds = max(len(v) for v in runs.values())
+    for r in range(0 if args.from_log else args.rounds):
         order = args.methods if r % 2 == 0 else list(reversed(args.methods))
         labels = [label for label, _ in trees]
         for batch in args.batches:
@@ -184,7 +189,7 @@ def main() -> None:
                         runs.setdefault((label, method, batch, seq), []).append(result)
                         print(f"round {r + 1}: {label + ' ' if label else ''}{method:9s} batch {batch:3d} "
                               f"seq {seq:4d}: {result['step_s']:.3f} s/step, CPU {result['cpu_s']:.3f} s/step, "
-                              f"{result['peak_mb']:.0f} MiB", flush=True)
+                              f"{result['peak_mb']:.0f} MiB, trainable {result['trainable']:,}", flush=True)
     lines = ["| method | " + ("code | " if args.trees else "") + "trainable | batch | seq | "
              "s/step (median of rounds) | min of rounds | CPU s/step (median) | CPU min | x LoRA time | "
              "x full FT time | x full FT CPU time (medians) | x full FT CPU time (mins) | "
@@ -201,6 +206,8 @@ def main() -> None:
                 lora_t, lora_m = (median(label, "lora", batch, seq, k) for k in ("step_s", "peak_mb"))
                 full_t, full_m = (median(label, "full", batch, seq, k) for k in ("step_s", "peak_mb"))
                 for method in args.methods:
+                    if (label, method, batch, seq) not in runs:  # a run cut short (--from-log)
+                        continue
                     t, m = (median(label, method, batch, seq, k) for k in ("step_s", "peak_mb"))
                     own, full = runs[(label, method, batch, seq)], runs.get((label, "full", batch, seq))
                     fastest = min(x["step_s"] for x in own)
@@ -213,9 +220,10 @@ def main() -> None:
                     fc = f"{cpu / full_cpu:.2f}" if full_cpu else "n/a"
                     fcm = f"{cpu_min / full_cpu_min:.2f}" if full_cpu_min else "n/a"
                     fm = f"{m / full_m:.2f}" if full_m else "n/a"
-                    trainable = runs[(label, method, batch, seq)][0]["trainable"]
+                    trainable = runs[(label, method, batch, seq)][0].get("trainable")
+                    trainable = f"{trainable:,}" if trainable else "n/a"
                     lines.append(f"| {method} | " + (f"{label} | " if args.trees else "")
-                                 + f"{trainable:,} | {batch} | {seq} | {t:.3f} | {fastest:.3f} | {cpu:.3f} | "
+                                 + f"{trainable} | {batch} | {seq} | {t:.3f} | {fastest:.3f} | {cpu:.3f} | "
                                  f"{cpu_min:.3f} | {rt} | {ft} | {fc} | {fcm} | {m:.0f} | {rm} | {fm} |")
     import torch
 
@@ -232,10 +240,31 @@ def main() -> None:
             f"trainer does, {args.rounds} rounds; "
             + (f"code: {', '.join(f'{label} = {path}' for label, path in trees)}, alternating in every round; "
                if args.trees else "")
-            + f"memory = {runs[next(iter(runs))][0]['memory']}.\n\n" + "\n".join(lines))
+            + (f"table built from the per-round lines of that run (`--from-log`), {args.rounds} rounds completed; "
+               if args.from_log else "")
+            + f"memory = {runs[next(iter(runs))][0].get('memory', 'peak RSS' if not on_gpu else 'cuda')}.\n\n"
+            + "\n".join(lines))
     print(body)
     if args.write:
         write_section(args.write, args.section or ("bench:step_cuda" if on_gpu else "bench:step"), body)
+
+
+def read_log(path: Path) -> dict[tuple[str, str, int, int], list[dict]]:
+    """The results of the per-round lines a run of this script printed: {(code, method, batch, seq): [...]}."""
+    import re
+
+    pattern = re.compile(r"round (\d+): (.+?)\s+batch\s+(\d+) seq\s+(\d+): ([\d.]+) s/step, CPU ([\d.]+) s/step, "
+                         r"(\d+) MiB(?:, trainable ([\d,]+))?")
+    runs: dict[tuple[str, str, int, int], list[dict]] = {}
+    for line in path.read_text().splitlines():
+        match = pattern.match(line)
+        if match:
+            _, names, batch, seq, step_s, cpu_s, peak, trainable = match.groups()
+            label, method = names.split() if len(names.split()) == 2 else ("", names.strip())
+            runs.setdefault((label, method, int(batch), int(seq)), []).append(
+                {"step_s": float(step_s), "cpu_s": float(cpu_s), "peak_mb": float(peak),
+                 "trainable": int(trainable.replace(",", "")) if trainable else None})
+    return runs
 
 
 def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
