@@ -82,8 +82,8 @@ def _in_use(base: torch.Tensor) -> bool:
 class Workspace:
     """Flat buffers kept from one step to the next, by name. On CPU every fresh buffer of a flat pass's size
     (tens of MB, above glibc's mmap threshold) is mapped anew and page-faulted in as it is first written:
-    on this project's 2-core machine a fresh 11M-entry product took ~6x as long as the same product into an
-    existing buffer (docs/benchmarks.md, "Diff pruning's phase 1 at the recipes' batch"). Each buffer is a
+    on this project's 2-core machine a product into a fresh 11M-entry buffer costs many times the same product
+    into a kept one (`scripts/bench/bench_flat_ops.py`, docs/benchmarks.md). Each buffer is a
     1-D tensor kept here and handed out only as views (no operation a GPU would launch, and each hand-out
     has its own autograd identity); it is handed out again only when no view of it is alive any more — not
     a tensor saved by a graph not yet freed, not a `.grad` adopted from it and still set — else a fresh one
