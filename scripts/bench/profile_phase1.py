@@ -14,7 +14,8 @@ work (wrapped here, not in the library), in ms per step (inclusive CPU time of t
   there is listed apart as "penalty fwd"); gates bwd: the flat Function's backward (penalty gradient apart
   as "penalty bwd" where it is a separate function);
 - vocab fwd / bwd: the word embeddings' looked-up rows (`HardConcreteModule._looked_up`, and the
-  backward of its row indexing: the dense w / α gradients of the table, autograd's IndexBackward0);
+  backward of its row indexing: the dense w / α gradients of the table, autograd's IndexBackward0, since
+  2026-12-06 `_RowGather`'s backward);
 - penalty: method.penalty() (the λ-scaled term from the forward's value), clip, optimizer (AdamW over w and
   α: the vocabulary's w and α are half of them), zero_grad + after_step.
 The timed columns are a separate run of `--steps` steps without the profiler (median wall and process CPU
@@ -141,7 +142,8 @@ def child(variant: str, model: str, batch: int, seq: int, image: int, steps: int
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key
-        if name.startswith("autograd::engine::evaluate_function: IndexBackward0"):
+        if name.startswith(("autograd::engine::evaluate_function: IndexBackward0",
+                            "autograd::engine::evaluate_function: _RowGatherBackward")):
             name = "vocab bwd"
         if name in GROUPS:
             totals[name] = totals.get(name, 0.0) + event.cpu_time_total / 1000 / steps
