@@ -116,6 +116,50 @@ def test_gradients_arrive_only_through_the_flat_pass_and_the_unused_penalty_is_s
     assert grads[0].abs().sum() > 0 and all((g == 0).all() for g in grads[1:])
 
 
+@pytest.mark.parametrize("structured,group_rows,penalty", VARIANTS)
+def test_a_vocabulary_table_is_penalised_in_the_pass_with_the_per_tensor_values_and_gradients(structured, group_rows,
+                                                                                                penalty):
+    """A vocabulary-sized embedding gates its looked-up rows itself, but its E‖δ‖₀ (every row's) is part of the
+    pass: the penalty and every gradient (its α gets the rows' gate gradient and the whole table's penalty
+    gradient, in one flat buffer) equal the per-tensor computation's, float64."""
+    modules = gated_modules(structured, group_rows, penalty)
+    table = nn.Embedding(LOOKUP_MIN_ROWS, 2, padding_idx=1).double().requires_grad_(False)
+    vocab = HardConcreteModule(table, ["weight"], 5.0, L, R, group_rows, structured, penalty)
+    with torch.no_grad():
+        for name, p in vocab.named_parameters():
+            if name.endswith(("_w", "alpha")):
+                p.normal_(0, 2)
+    gates = FlatGates([*modules, vocab])
+    assert gates.lookups == [vocab] and vocab.weight_alpha.data_ptr() == gates.flats[2][gates.n:].data_ptr()
+    ids = torch.tensor([[3, 1, 7, 3], [LOOKUP_MIN_ROWS - 1, 0, 2, 7]])
+    torch.manual_seed(5)
+    gates.materialize(training=True)
+    flat, l0 = [m.flat_tensors[n] for m, n in gates.entries], gates.take_l0()
+    torch.manual_seed(6)
+    rows = vocab(ids)
+    torch.manual_seed(5)
+    u = torch.rand(gates.n + sum(gates.group_counts), dtype=torch.float64)
+    expected, _ = per_tensor_reference(gates, u)
+    expected_l0 = sum(m.expected_l0(n) for m in [*modules, vocab] for n in m.delta_names)
+    torch.manual_seed(6)
+    vocab.rows_work, work = None, vocab.rows_work  # the reference: plain indexing's backward
+    expected_rows = vocab(ids)
+    vocab.rows_work = work
+    assert torch.allclose(l0, expected_l0, rtol=1e-12) and torch.equal(rows, expected_rows)
+    weights = [torch.randn_like(t) for t in [*expected, rows]]
+    params = trainables([*modules, vocab])
+
+    def loss(thetas, penalty_term):
+        return sum((t * k).sum() for t, k in zip(thetas, weights, strict=True)) + 0.3 * penalty_term
+
+    got = torch.autograd.grad(loss([*flat, rows], l0), params)
+    want = torch.autograd.grad(loss([*expected, expected_rows], expected_l0), params)
+    for g, w, p in zip(got, want, params, strict=True):
+        assert g.shape == p.shape and torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    table_alpha = next(g for g, p in zip(got, params, strict=True) if p is vocab.weight_alpha)
+    assert (table_alpha[100:] != 0).all()  # rows never looked up: the penalty's gradient still reaches them
+
+
 def test_a_vocabulary_sized_embedding_keeps_its_looked_up_path():
     small = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS - 1, 2), ["weight"], 5.0, L, R, None, False, "paper")
     large = HardConcreteModule(nn.Embedding(LOOKUP_MIN_ROWS, 2), ["weight"], 5.0, L, R, None, False, "paper")

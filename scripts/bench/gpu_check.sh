@@ -75,7 +75,7 @@ check() {  # $1: device, $2: model, $3: steps, $4: rounds, $5: docs file
     timeout $((150 * SCALE)) "$PY" scripts/bench/gpu_profile.py --device "$device" --model "$model" "${extra[@]}" --seq "$seq" \
         --steps "$steps" --methods "${METHODS[@]}" --write "$docs" || echo "PROFILE FAILED"
     echo "== bench_step, $rounds rounds ($(date +%T))"
-    timeout $((330 * SCALE)) "$PY" scripts/bench/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" \
+    timeout $((330 * SCALE)) "$PY" scripts/bench/bench_step.py --device "$device" --model "$model" "${extra[@]}" --seqs "$seq" --batches 32 \
         --rounds "$rounds" --steps "$((steps + 4))" --methods "${METHODS[@]}" --write "$docs" || echo "BENCH FAILED"
     echo "== done ($(date +%T))"
 }

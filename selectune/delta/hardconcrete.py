@@ -14,6 +14,10 @@ Two paths compute the same thing. A module on its own gates its tensors one by o
 per forward (one noise draw, one autograd Function with its backward written out, one penalty
 reduction): on a GPU the per-tensor path is a launch storm of thousands of tiny kernels per step
 (docs/benchmarks.md, "Selective steps shaped for a GPU"), while the flat pass costs about as many kernels as one tensor.
+On a CPU at the recipes' batch of 8 the same pass is bound by its passes over memory and by the page faults of
+fresh flat buffers: the pass writes into buffers kept from step to step (`Workspace`), computes the penalty's
+gradient in the forward that computes its value, and penalises the vocabulary table with the rest
+(docs/benchmarks.md, "Diff pruning's phase 1 at the recipes' batch").
 """
 
 from __future__ import annotations
@@ -43,20 +47,73 @@ def gate(alpha: torch.Tensor, l: float, r: float, training: bool) -> torch.Tenso
     return stretched(alpha, torch.rand_like(alpha) if training else None, l, r)[0]
 
 
-def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float  # noqa: E741
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def stretched(alpha: torch.Tensor, u: torch.Tensor | None, l: float, r: float,  # noqa: E741
+              work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, s) for logits α and uniform noise u (None: eval): s = σ(α + logit u), z = clamp(s·(r − l) + l, 0, 1).
     Elementwise, the one formula of both paths. u is overwritten (by s): each fresh flat buffer is an
-    allocation, which on CPU costs page faults, more than the arithmetic."""
+    allocation, which on CPU costs page faults, more than the arithmetic; z goes into `work`'s buffer when given."""
     s = torch.sigmoid(alpha) if u is None else u.logit_(EPS).add_(alpha).sigmoid_()  # logit u = log u − log(1 − u)
-    return s.mul(r - l).add_(l).clamp_(0.0, 1.0), s
+    z = s.mul(r - l) if work is None else torch.mul(s, r - l, out=work.like("z", s))
+    return z.add_(l).clamp_(0.0, 1.0), s
 
 
-def stretched_grad(s: torch.Tensor, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
-    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient)."""
-    z = s.mul(r - l).add_(l)
-    inside = z.ge(0.0).logical_and_(z.le(1.0))
-    return z.clamp_(0.0, 1.0), torch.addcmul(s, s, s, value=-1).mul_(inside).mul_(r - l)
+def stretched_grad(s: torch.Tensor, l: float, r: float,  # noqa: E741
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, dz/dα) from s: dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (inclusive, as torch.clamp's gradient).
+    z and dz/dα are handed on (as gradients): `work`'s "dw" and "da" buffers when given."""
+    if work is None:
+        z = s.mul(r - l).add_(l)
+        inside = z.ge(0.0).logical_and_(z.le(1.0))
+        dz = torch.addcmul(s, s, s, value=-1)
+    else:
+        z = torch.mul(s, r - l, out=work.like("dw", s)).add_(l)
+        inside = torch.ge(z, 0.0, out=work.like("inside", s, torch.bool))
+        inside.logical_and_(torch.le(z, 1.0, out=work.like("below", s, torch.bool)))
+        dz = torch.addcmul(s, s, s, value=-1, out=work.like("da", s))
+    return z.clamp_(0.0, 1.0), dz.mul_(inside).mul_(r - l)
+
+
+def _in_use(base: torch.Tensor) -> bool:
+    """Whether anything but `base` itself holds its storage (a view handed out and still alive, a `.grad`
+    adopted from one, a tensor saved by a graph not yet freed)."""
+    return torch._C._storage_Use_Count(base.untyped_storage()._cdata) > _ALONE
+
+
+class Workspace:
+    """Flat buffers kept from one step to the next, by name. On CPU every fresh buffer of a flat pass's size
+    (tens of MB, above glibc's mmap threshold) is mapped anew and page-faulted in as it is first written:
+    on this project's 2-core machine a product into a fresh 11M-entry buffer costs many times the same product
+    into a kept one (`scripts/bench/bench_flat_ops.py`, docs/benchmarks.md). Each buffer is a
+    1-D tensor kept here and handed out only as views (no operation a GPU would launch, and each hand-out
+    has its own autograd identity); it is handed out again only when no view of it is alive any more — not
+    a tensor saved by a graph not yet freed, not a `.grad` adopted from it and still set — else a fresh one
+    replaces it, so reuse can never overwrite a live value."""
+
+    def __init__(self) -> None:
+        self.bases: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        base = self.bases.get(key)
+        if base is None or base.numel() != numel or base.dtype != dtype or base.device != device or _in_use(base):
+            self.bases[key] = base = torch.empty(numel, dtype=dtype, device=device)
+        return base.view(shape)
+
+    def like(self, key: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Buffer `key` shaped as `like` (its dtype unless given)."""
+        return self.get(key, like.shape, like.dtype if dtype is None else dtype, like.device)
+
+    def clear(self) -> None:
+        self.bases.clear()
+
+
+def _alone() -> int:
+    t = torch.empty(1)
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ALONE = _alone()  # the count of a storage only its own tensor holds (the storage object asked adds its own)
 
 
 def p_nonzero(alpha: torch.Tensor, l: float, r: float) -> torch.Tensor:  # noqa: E741
@@ -105,6 +162,7 @@ class HardConcreteModule(nn.Module):
         self.delta_names, self.l, self.r, self.structured = sorted(names), l, r, structured
         self.group_penalty, self.group_rows = group_penalty, group_rows if structured else None
         self.flat_tensors: dict[str, torch.Tensor] = {}  # θ views a FlatGates pass handed this forward
+        self.rows_work: Workspace | None = None  # a vocabulary table's row gradients go into these (FlatGates)
         for name in self.delta_names:
             base_param = getattr(base, name)
             self.register_parameter(f"{name}_w", nn.Parameter(torch.zeros_like(base_param)))
@@ -131,7 +189,7 @@ class HardConcreteModule(nn.Module):
         alpha = getattr(self, f"{name}_alpha")
         ids = self.group_ids(name)
         if rows is not None:
-            alpha = alpha[rows]
+            alpha = _rows(alpha, rows, self.rows_work)
             ids = None if ids is None else ids.view(getattr(self, name).shape)[rows].reshape(-1)
         z = gate(alpha, self.l, self.r, training)
         if self.structured:
@@ -189,13 +247,39 @@ class HardConcreteModule(nn.Module):
         and int(), two host syncs. torch.unique is this path's one sync."""
         base = self.wrapped
         rows, where = torch.unique(ids, return_inverse=True)
-        delta = self.mask("weight", self.training, rows) * self.weight_w[rows]
+        delta = self.mask("weight", self.training, rows) * _rows(self.weight_w, rows, self.rows_work)
         if base.padding_idx is not None:
             delta = torch.where((rows != base.padding_idx).unsqueeze(-1), delta, delta.detach())
         return F.embedding(where, self.weight[rows] + delta, None, None, 2.0, base.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return f"{', '.join(self.delta_names)}: hard-concrete diff{' (structured)' if self.structured else ''}"
+
+
+class _RowGather(torch.autograd.Function):
+    """table[rows] whose backward scatters into a kept buffer (`Workspace`), zeroed, instead of a fresh zero
+    table: the gradient of a vocabulary's w and α is dense (AdamW steps every row) but only `rows` are
+    nonzero, and a fresh table-sized buffer each step costs its page faults. `rows` are unique (torch.unique),
+    so index_add_ writes each row once: the same values as indexing's own backward."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, work: Workspace) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.work, ctx.key, ctx.meta = work, f"rows:{id(table)}", (table.shape, table.dtype, table.device)
+        return table[rows]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        out = ctx.work.get(ctx.key, *ctx.meta).zero_()
+        return out.index_add_(0, rows, grad), None, None
+
+
+def _rows(table: torch.Tensor, rows: torch.Tensor, work: Workspace | None) -> torch.Tensor:
+    """table[rows], the backward into `work` when given (and gradients are being recorded)."""
+    if work is None or not (torch.is_grad_enabled() and table.requires_grad):
+        return table[rows]
+    return _RowGather.apply(table, rows, work)
 
 
 # ---------------------------------------------------------------------------- the flat pass
@@ -207,34 +291,46 @@ def _scale_blocks(flat: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_forward(theta0: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor | None,
-                  zg: torch.Tensor | None, l: float, r: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+                  zg: torch.Tensor | None, l: float, r: float,  # noqa: E741
+                  work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """θ = θ0 + z ⊙ z_g ⊙ w over the flat buffers (zg: group gates per block, `FlatGates.repeat`; None
-    unstructured),
-    and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one kernel."""
-    z, s = stretched(alpha, u, l, r)
+    unstructured), and the s the backward needs. Elementwise only, so `torch.compile` can fuse it into one
+    kernel; eager, every buffer comes from `work` when given (θ included)."""
+    z, s = stretched(alpha, u, l, r, work)
     if zg is not None:
         _scale_blocks(z, zg)
-    return torch.addcmul(theta0, z, w), s
+    return (torch.addcmul(theta0, z, w) if work is None else torch.addcmul(theta0, z, w, out=work.like("theta", z))), s
 
 
 def _flat_backward(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, zg: torch.Tensor | None,
-                   l: float, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # noqa: E741
+                   acc: torch.Tensor | None, l: float, r: float,  # noqa: E741
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The chain rule of `_flat_forward` written out (the reference code's manual backward): from g = dL/dθ,
     dw = g·z·z_g, dα = g·w·z_g·dz/dα with dz/dα = s(1 − s)(r − l) where 0 ≤ s̄ ≤ 1 (torch.clamp's
-    inclusive rule), and g·w·z, which each group's logit sums (None unstructured). In place on its own
-    temporaries only."""
-    z, dz = stretched_grad(s, l, r)
-    gw = g * w
-    if zg is None:
-        return z.mul_(g), dz.mul_(gw), None
-    gwz = gw * z
-    return _scale_blocks(z, zg).mul_(g), dz.mul_(_scale_blocks(gw, zg)), gwz
+    inclusive rule), and g·w·z, which each group's logit sums (None unstructured). `acc`: the penalty's
+    gradient for these entries, already scaled (None: no penalty); dα is accumulated into it in place, so the
+    penalty costs no pass and no buffer of its own here (the sum may round differently in the last bit from
+    adding the penalty last, as before). In place on its own temporaries and `acc` only."""
+    z, dz = stretched_grad(s, l, r, work)
+    gw = g * w if work is None else torch.mul(g, w, out=work.like("gw", g))
+    gwz = None
+    if zg is not None:
+        gwz = gw * z if work is None else torch.mul(gw, z, out=work.like("gwz", g))
+        _scale_blocks(z, zg)
+        _scale_blocks(gw, zg)
+    dw = z.mul_(g)
+    da = dz.mul_(gw) if acc is None else acc.addcmul_(dz, gw)
+    return dw, da, gwz
 
 
-def _penalty_terms(alpha: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, dp/dα) of the expected-L0 term p = σ(α − c)."""
-    p = (alpha - c).sigmoid_()
-    return p, torch.addcmul(p, p, p, value=-1)
+def _penalty_terms(alpha: torch.Tensor, c: float, block: int = 0,
+                   work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expected-L0 terms p = σ(α − c) in one pass, for the forward: (Σ p, or its sums over blocks of
+    `block` entries when block > 0; dp/dα = p(1 − p)), dp in p's own buffer. The backward then needs no
+    σ of its own: the penalty's gradient is computed once, from the values the forward already has."""
+    p = (alpha - c if work is None else torch.sub(alpha, c, out=work.like("p", alpha))).sigmoid_()
+    sums = p.sum() if block == 0 else p.view(-1, block).sum(1)
+    return sums, p.addcmul_(p, p, value=-1)
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -261,50 +357,69 @@ class _FlatGate(torch.autograd.Function):
     """(θ_flat, E‖δ‖₀) for every tensor of a `FlatGates`, from the per-tensor parameters: one Function so
     that autograd sees a single node, and the backward returns each parameter's gradient as a view of one
     flat buffer (AccumulateGrad adopts it as `.grad` without a copy). The parameters are read through the
-    flat buffers they are views of (`FlatGates.bind`), so nothing is concatenated; saved: s (one flat buffer)."""
+    flat buffers they are views of (`FlatGates.bind`), so nothing is concatenated. Saved: s (one flat buffer
+    over the gated entries) and, when the penalty is computed, dp/dα (over every penalised entry, the
+    vocabulary's included), which the backward scales in place into dα: a second backward of the same
+    graph would find it changed, and autograd's version check refuses it."""
 
     @staticmethod
     def forward(ctx, gates: FlatGates, u: torch.Tensor | None, penalty: bool, *params: torch.Tensor):
         group_alpha = gates.unpack(params)[3]
         theta0, w, a = gates.flats
-        zg_rep = sg = ga = None
+        n = gates.n
+        ga = zg_rep = sg = None
         if gates.structured:
             ga = torch.cat(group_alpha)
-            zg, sg = stretched(ga, None if u is None else u[gates.n:], gates.l, gates.r)
+            zg, sg = stretched(ga[:gates.gated_groups], None if u is None else u[n:], gates.l, gates.r)
             zg_rep = gates.repeat(zg)
-        theta, s = gates.math[0](theta0, w, a, None if u is None else u[:gates.n], zg_rep, gates.l, gates.r)
-        l0 = gates.expected_l0(a, ga) if penalty else a.new_zeros(())
+        theta, s = gates.math[0](theta0, w, a[:n], None if u is None else u[:n], zg_rep, gates.l, gates.r,
+                                 gates.eager_work)
+        l0, saved = gates.penalty_forward(a, ga) if penalty else (a.new_zeros(()), ())
         ctx.gates, ctx.penalty = gates, penalty
-        ctx.save_for_backward(s, sg, *group_alpha)
-        return theta, l0
+        ctx.save_for_backward(s, sg, *saved)
+        return (*gates.per_tensor(theta), l0)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor | None, g_l0: torch.Tensor | None):
+    def backward(ctx, *grads: torch.Tensor | None):
         gates: FlatGates = ctx.gates
-        s, sg, *group_alpha = ctx.saved_tensors
-        count = len(gates.entries)
-        _, w, alpha = gates.flats
-        g = torch.zeros_like(s) if g is None else g
+        s, sg, *saved = ctx.saved_tensors
+        n = gates.n
+        _, w, _ = gates.flats
+        g, g_l0 = gates.gathered(grads[:-1], s, gates.eager_work), grads[-1]
         zg_rep = dzg = None
         if gates.structured:
             zg, dzg = stretched_grad(sg, gates.l, gates.r)
             zg_rep = gates.repeat(zg)
-        dw, da, gwz = gates.math[1](g, w, s, zg_rep, gates.l, gates.r)
-        dga = None if gwz is None else gates.segment_sum(gwz).mul_(dzg)
-        del zg_rep, gwz  # flat buffers: free them before the penalty's
+        acc = dga = None  # the penalty's gradient over every penalised entry (group), scaled by dL/dE‖δ‖₀
         if ctx.penalty and g_l0 is not None:
-            p, dp = gates.math[2](alpha, gates.c)
+            acc = saved[0]
             if gates.structured:
-                pg, dpg = _penalty_terms(torch.cat(group_alpha), gates.c)
+                pg = saved[1]
+                dga = torch.addcmul(pg, pg, pg, value=-1)
                 if gates.group_penalty == "paper":  # Σ_j P_j Σ_{i∈j} p_i
-                    dp = _scale_blocks(dp, gates.repeat(pg))
-                    dpg = dpg.mul_(gates.segment_sum(p))
-                dga = dga.addcmul_(dpg, g_l0)
-            da = da.addcmul_(dp, g_l0)
-        grads = gates.per_tensor(dw) + gates.per_tensor(da)
-        if dga is not None:
-            grads += list(dga.split(gates.group_counts))
-        return (None, None, None, *([None] * count), *grads)
+                    acc = _scale_blocks(acc, gates.repeat(pg, every=True))
+                    dga = dga.mul_(saved[2])
+                dga = dga.mul_(g_l0)
+            acc = acc.mul_(g_l0)
+        dw, da, gwz = gates.math[1](g, w, s, zg_rep, None if acc is None else acc[:n], gates.l, gates.r,
+                                    gates.eager_work)
+        if gwz is not None:
+            gate_part = gates.segment_sum(gwz).mul_(dzg)
+            dga = gate_part if dga is None else _add_front(dga, gate_part)
+        del zg_rep, gwz  # flat buffers: free them before the gradients are handed on
+        unused = [None] * (len(gates.penalized) - len(gates.entries))
+        grads = list(gates.per_tensor(dw))
+        grads += gates.per_tensor(acc, every=True) if acc is not None else gates.per_tensor(da) + unused
+        if gates.structured:
+            grads += list(dga.split(gates.all_group_counts)) if acc is not None else \
+                list(dga.split(gates.group_counts)) + unused
+        return (None, None, None, *([None] * len(gates.entries)), *grads)
+
+
+def _add_front(total: torch.Tensor, front: torch.Tensor) -> torch.Tensor:
+    """total[:len(front)] += front, in place: the gated groups come first in every group-ordered vector."""
+    total[:front.numel()].add_(front)
+    return total
 
 
 class FlatGates:
@@ -317,34 +432,54 @@ class FlatGates:
     do not change. S-Diff groups (one per tensor or `group_rows` row blocks) are contiguous segments of the
     flat buffer: z_g is repeated per entry with a known output size, and a group's gradient is a segment
     sum, both without a host sync.
-    Embeddings of at least LOOKUP_MIN_ROWS rows keep their looked-up-rows path and are left out."""
+    Embeddings of at least LOOKUP_MIN_ROWS rows (`lookups`) keep their looked-up-rows path for the gates,
+    but their logits are penalised here with the rest: their α (and group α) sit at the end of the flat α
+    buffer, so E‖δ‖₀ and its gradient over the whole vocabulary are one pass with the others', not a
+    separate autograd chain of ~6 passes over the table every step (`penalized` = `entries` + theirs)."""
 
     def __init__(self, modules: list[HardConcreteModule], compile_mode: str = "false") -> None:
         self.modules = [m for m in modules if not m.looks_up_rows]
+        self.lookups = [m for m in modules if m.looks_up_rows] if self.modules else []
         self.entries = [(m, n) for m in self.modules for n in m.delta_names]
+        self.penalized = self.entries + [(m, n) for m in self.lookups for n in m.delta_names]
         first = self.modules[0] if self.modules else None
         self.l, self.r = (first.l, first.r) if first else (-1.5, 1.5)
         self.c = math.log(-self.l / self.r)
         self.structured = bool(first and first.structured)
         self.group_penalty = first.group_penalty if first else "reference"
-        self.shapes = [getattr(m, n).shape for m, n in self.entries]
-        self.sizes = [math.prod(shape) for shape in self.shapes]
-        self.n = sum(self.sizes)
-        self.group_counts = [getattr(m, f"{n}_group_alpha").numel() for m, n in self.entries] \
+        self.all_shapes = [getattr(m, n).shape for m, n in self.penalized]
+        self.all_sizes = [math.prod(shape) for shape in self.all_shapes]
+        self.shapes, self.sizes = self.all_shapes[:len(self.entries)], self.all_sizes[:len(self.entries)]
+        self.n, self.n_all = sum(self.sizes), sum(self.all_sizes)
+        self.all_group_counts = [getattr(m, f"{n}_group_alpha").numel() for m, n in self.penalized] \
             if self.structured else []
-        self.group_lengths = [length for (m, n), shape in zip(self.entries, self.shapes, strict=True)
+        self.group_counts = self.all_group_counts[:len(self.entries)]
+        self.gated_groups = sum(self.group_counts)
+        self.group_lengths = [length for (m, n), shape in zip(self.penalized, self.all_shapes, strict=True)
                               for length in group_lengths(shape, m.group_rows)] if self.structured else []
         self.block = math.gcd(*self.group_lengths) if self.group_lengths else 1
         self.compile_mode = compile_mode
         self._lengths: dict[torch.device, torch.Tensor] = {}
         self._math: tuple[Callable, Callable, Callable] | None = None
+        self.compiled = False
+        self.work = Workspace()
+        for module in self.lookups:
+            module.rows_work = self.work
         self.l0: torch.Tensor | None = None
         self.flats: tuple[torch.Tensor, ...] = ()
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.offsets = [sum(self.all_sizes[:i]) for i in range(len(self.all_sizes))]
         self.bind()
 
+    @property
+    def penalized_modules(self) -> list[HardConcreteModule]:
+        """The modules whose E‖δ‖₀ this pass computes: the gated ones and the vocabulary tables."""
+        return self.modules + self.lookups
+
     # ---------------------------------------------------------------- flat storage
-    KINDS = ("", "_w", "_alpha")  # θ0, w, α
+    KINDS = ("", "_w", "_alpha")  # θ0, w, α (α: every penalised tensor; θ0 and w: the gated ones)
+
+    def _kind_entries(self, kind: str) -> list[tuple[HardConcreteModule, str]]:
+        return self.penalized if kind == "_alpha" else self.entries
 
     def bind(self) -> None:
         """Make θ0, w and α of every tensor views of one flat buffer each (FSDP's FlatParameter idea): the
@@ -357,9 +492,11 @@ class FlatGates:
         flats = []
         with torch.no_grad():
             for kind in self.KINDS:
-                params = [getattr(m, f"{n}{kind}") for m, n in self.entries]
+                entries = self._kind_entries(kind)
+                params = [getattr(m, f"{n}{kind}") for m, n in entries]
                 flat = torch.cat([p.detach().reshape(-1) for p in params])
-                for p, part, shape in zip(params, flat.split(self.sizes), self.shapes, strict=True):
+                sizes, shapes = self.all_sizes[:len(entries)], self.all_shapes[:len(entries)]
+                for p, part, shape in zip(params, flat.split(sizes), shapes, strict=True):
                     p.data = part.view(shape)
                 flats.append(flat)
         self.flats = tuple(flats)
@@ -369,7 +506,7 @@ class FlatGates:
             return False
         for kind, flat in zip(self.KINDS, self.flats, strict=True):
             base, size = flat.data_ptr(), flat.element_size()
-            for (m, n), offset in zip(self.entries, self.offsets, strict=True):
+            for (m, n), offset in zip(self._kind_entries(kind), self.offsets, strict=False):
                 p = getattr(m, f"{n}{kind}")
                 if p.data_ptr() != base + offset * size or p.dtype != flat.dtype or not p.is_contiguous():
                     return False
@@ -377,47 +514,74 @@ class FlatGates:
 
     # ---------------------------------------------------------------- called from _FlatGate
     def unpack(self, params: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
-        count = len(self.entries)
-        return params[:count], params[count:2 * count], params[2 * count:3 * count], params[3 * count:]
+        count, every = len(self.entries), len(self.penalized)
+        return (params[:count], params[count:2 * count], params[2 * count:2 * count + every],
+                params[2 * count + every:])
 
     def lengths(self, device: torch.device) -> torch.Tensor:
-        """The groups' lengths in blocks of `block` entries, on `device` (made once per device)."""
+        """The groups' lengths in blocks of `block` entries, on `device` (made once per device): every
+        penalised tensor's groups, the gated ones first."""
         if device not in self._lengths:
             blocks = [length // self.block for length in self.group_lengths]
             self._lengths[device] = torch.tensor(blocks, dtype=torch.long, device=device)
         return self._lengths[device]
 
-    def repeat(self, per_group: torch.Tensor) -> torch.Tensor:
+    def repeat(self, per_group: torch.Tensor, every: bool = False) -> torch.Tensor:
         """A per-group value repeated over its blocks of `block` entries, shape (blocks, 1), for
-        `_scale_blocks` (output_size given: no host sync on a GPU)."""
-        blocks = per_group.repeat_interleave(self.lengths(per_group.device), output_size=self.n // self.block)
-        return blocks.unsqueeze(1)
+        `_scale_blocks` (output_size given: no host sync on a GPU): over the gated entries, or over every
+        penalised entry (`every`)."""
+        lengths = self.lengths(per_group.device)
+        lengths = lengths if every else lengths[:self.gated_groups]
+        size = (self.n_all if every else self.n) // self.block
+        return per_group.repeat_interleave(lengths, output_size=size).unsqueeze(1)
 
-    def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Σ over each group's entries. `unsafe` skips the length check (two host syncs); the lengths are
-        ours. The CPU kernel adds one entry after another in the input's dtype (float32 loses ~1% over a
-        2M-entry group of values near 1), so blocks of `block` entries (the gcd of the group lengths: 384
-        for MiniLM's tensors, 32 for 32-row groups) are summed first by torch.sum, pairwise."""
+    def segment_sum(self, flat: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """Σ over each group's entries (of the gated entries, or of every penalised one). `unsafe` skips
+        the length check (two host syncs); the lengths are ours. The CPU kernel adds one entry after another
+        in the input's dtype (float32 loses ~1% over a 2M-entry group of values near 1), so blocks of `block`
+        entries (the gcd of the group lengths: 384 for MiniLM's tensors, 32 for 32-row groups) are summed
+        first by torch.sum, pairwise."""
         blocks = flat.view(-1, self.block).sum(1) if self.block > 1 else flat
-        return torch.segment_reduce(blocks, "sum", lengths=self.lengths(flat.device), unsafe=True)
+        return self._segments(blocks, every)
 
-    def expected_l0(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None) -> torch.Tensor:
-        """E‖δ‖₀ of the flat tensors, in the form each module's `expected_l0` uses (docs/methods.md, diff pruning).
-        In place on `group_alpha` (a fresh concatenation)."""
-        p = (alpha - self.c).sigmoid_()
+    def _segments(self, blocks: torch.Tensor, every: bool) -> torch.Tensor:
+        lengths = self.lengths(blocks.device)
+        lengths = lengths if every else lengths[:self.gated_groups]
+        return torch.segment_reduce(blocks, "sum", lengths=lengths, unsafe=True)
+
+    def penalty_forward(self, alpha: torch.Tensor, group_alpha: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """E‖δ‖₀ of every penalised tensor, in the form each module's `expected_l0` uses (docs/methods.md,
+        diff pruning), and what its gradient needs, computed in the same pass: dp/dα over the flat α
+        buffer (in p's own buffer), and for S-Diff P(z^j > 0) per group and, in the paper's form, each
+        group's Σ_i p_i."""
+        paper = self.structured and self.group_penalty == "paper"
+        sums, dp = self.math[2](alpha, self.c, self.block if paper else 0, self.eager_work)
         if group_alpha is None:
-            return p.sum()
-        pg = group_alpha.sub_(self.c).sigmoid_()
-        if self.group_penalty == "reference":
-            return p.sum() + pg.sum()
-        return (self.segment_sum(p) * pg).sum()
+            return sums, (dp,)
+        pg = (group_alpha - self.c).sigmoid_()
+        if not paper:
+            return sums + pg.sum(), (dp, pg)
+        per_group = self._segments(sums, every=True)
+        return (per_group * pg).sum(), (dp, pg, per_group)
 
-    def per_tensor(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [part.view(shape) for part, shape in zip(flat.split(self.sizes), self.shapes, strict=True)]
+    def gathered(self, grads: tuple[torch.Tensor | None, ...], like: torch.Tensor,
+                 work: Workspace | None) -> torch.Tensor:
+        """dL/dθ of every gated tensor as one flat buffer (zeros where a tensor got none), copied into
+        `work`'s buffer: θ is handed out as one output per tensor so that autograd does not gather their
+        gradients itself (a split's backward concatenates them into a fresh flat buffer every step)."""
+        parts = [like.new_zeros(size) if grad is None else grad.reshape(-1)
+                 for grad, size in zip(grads, self.sizes, strict=True)]
+        return torch.cat(parts) if work is None else torch.cat(parts, out=work.like("g", like))
+
+    def per_tensor(self, flat: torch.Tensor, every: bool = False) -> list[torch.Tensor]:
+        count = len(self.penalized if every else self.entries)
+        sizes, shapes = self.all_sizes[:count], self.all_shapes[:count]
+        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
     @property
     def math(self) -> tuple[Callable, Callable, Callable]:
-        """The elementwise forward, backward and penalty gradient: compiled (one fused kernel each) when
+        """The elementwise forward, backward and penalty terms: compiled (one fused kernel each) when
         method.compile says so, else eager. torch.rand stays outside, so both see the same noise."""
         if self._math is None:
             module, name = self.entries[0]
@@ -426,7 +590,13 @@ class FlatGates:
             compiled = self.compile_mode == "true" or (self.compile_mode == "auto" and device.type == "cuda" and triton)
             fns = (_flat_forward, _flat_backward, _penalty_terms)
             self._math = tuple(_compiled(f) for f in fns) if compiled else fns
+            self.compiled = compiled
         return self._math
+
+    @property
+    def eager_work(self) -> Workspace | None:
+        """The buffers the eager math writes into; None when compiled (inductor plans its own)."""
+        return None if self.math and self.compiled else self.work
 
     # ---------------------------------------------------------------- per forward
     def materialize(self, training: bool) -> None:
@@ -437,19 +607,21 @@ class FlatGates:
         self.bind()
         params = [getattr(m, n) for m, n in self.entries]
         params += [getattr(m, f"{n}_w") for m, n in self.entries]
-        params += [getattr(m, f"{n}_alpha") for m, n in self.entries]
+        params += [getattr(m, f"{n}_alpha") for m, n in self.penalized]
         if self.structured:
-            params += [getattr(m, f"{n}_group_alpha") for m, n in self.entries]
+            params += [getattr(m, f"{n}_group_alpha") for m, n in self.penalized]
         alpha = params[2 * len(self.entries)]
-        u = torch.rand(self.n + sum(self.group_counts), device=alpha.device, dtype=alpha.dtype) if training else None
+        u = None  # the same stream as torch.rand(n + groups), drawn into a kept buffer (`Workspace`)
+        if training:
+            u = self.work.get("u", (self.n + self.gated_groups,), alpha.dtype, alpha.device).uniform_()
         penalty = training and torch.is_grad_enabled()
-        theta, l0 = _FlatGate.apply(self, u, penalty, *params)
+        *thetas, l0 = _FlatGate.apply(self, u, penalty, *params)
         self.l0 = l0 if penalty else None
-        for (module, name), view in zip(self.entries, self.per_tensor(theta), strict=True):
+        for (module, name), view in zip(self.entries, thetas, strict=True):
             module.flat_tensors[name] = view
 
     def take_l0(self) -> torch.Tensor | None:
-        """E‖δ‖₀ of the flat tensors from the last training forward (once: None after that)."""
+        """E‖δ‖₀ of every penalised tensor from the last training forward (once: None after that)."""
         l0, self.l0 = self.l0, None
         return l0
 

@@ -161,7 +161,7 @@ class DiffPruning(Method):
         flat = self.flat.take_l0()  # the flat pass's term, from this step's forward
         if flat is None:
             return self.cfg.l0_weight * self.expected_l0()
-        rest = [m.expected_l0(n) for m in self.hardconcrete.values() if m not in self.flat.modules
+        rest = [m.expected_l0(n) for m in self.hardconcrete.values() if m not in self.flat.penalized_modules
                 for n in m.delta_names]
         return self.cfg.l0_weight * (flat + sum(rest))
 
