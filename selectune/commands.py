@@ -216,6 +216,7 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
     runfs.write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n", run_dir)
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")
+    print(run_dir, flush=True)  # stdout's last line: the folder `eval`/`export run=` take (RUN=$(selectune train ...))
     return results
 
 
@@ -243,16 +244,30 @@ def remove_run_dir(run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- eval
-def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str) -> dict[str, Any]:
-    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default)."""
+def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str,
+                   max_examples: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default).
+
+    The whole split is scored unless `max_examples` says otherwise: the training run's own
+    `task.max_eval_examples` (a quick run's 64) is not inherited, so a number printed here is a dev-set
+    number. Scoring a delta on another task than its own is refused unless `force`: its head was
+    trained for the other task's labels, and the score would be silently meaningless."""
     from selectune.delta.taskdelta import TaskDelta
     from selectune.evaluation import evaluate
 
     path = Path(run)
     delta = TaskDelta.load(path)
     cfg = OmegaConf.create(delta.meta["config"])
+    trained_on = str(delta.meta.get("task", cfg.task.get("name")))
     if task_node is not None:
+        if str(task_node.get("name")) != trained_on and not force:
+            raise SelectuneError(f"this delta was trained on {trained_on}, not {task_node.get('name')}: its head "
+                                 f"predicts {trained_on}'s labels; pass force=true to score it anyway")
         cfg.task = task_node
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples <= 0):
+        raise SelectuneError(f"max_eval_examples={max_examples!r}: a positive number of examples, or null for all")
+    cfg.task.max_eval_examples = max_examples
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
     backbone, _ = build(spec, task)
@@ -264,10 +279,16 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
     metrics, _ = evaluate(backbone.model, task, splits, batch_size, target)
-    result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
+    examples = {name: len(split) for name, split in splits.items()}
+    result = {"run": str(path), "task": task.name, "trained_on": trained_on, "method": delta.meta["method"],
+              "examples": examples, "max_eval_examples": max_examples, "metrics": metrics}
     out_dir = path if path.is_dir() else path.parent
-    runfs.write_text(out_dir / f"eval_{task.name}.json", json.dumps(result, indent=2) + "\n", out_dir)
-    print(f"{task.name} · {delta.meta['method']} · {format_metrics(metrics)}")
+    # a partial score never overwrites (or passes for) the whole split's
+    name = f"eval_{task.name}.json" if max_examples is None else f"eval_{task.name}_first{max_examples}.json"
+    runfs.write_text(out_dir / name, json.dumps(result, indent=2) + "\n", out_dir)
+    scope = "whole split" if max_examples is None else f"first {max_examples} at most"
+    counts = ", ".join(f"{split} {n:,}" for split, n in examples.items())
+    print(f"{task.name} · {delta.meta['method']} · {counts} examples ({scope}) · {format_metrics(metrics)}")
     return result
 
 

@@ -1,0 +1,116 @@
+"""What a new user trips on (issue 37), each through the real CLI: finding the run just made, eval that says
+what it scored, recipes to copy and filter, a positional recipe for train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+
+QUICK = [*TINY, "trainer.max_steps=2"]
+
+
+def one_error(result, *patterns: str) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("selectune: error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for pattern in patterns:
+        assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def two_runs(glue_root, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """Two finished runs of one recipe in its default timestamped folders, made as a user makes them: the
+    folder each printed as its last stdout line."""
+    cwd = tmp_path_factory.mktemp("user")
+    made = []
+    for seed, stamp in ((1, "20260101-000000"), (2, "20260101-000100")):
+        result = run_cli("train", "glue/rte_bitfit", *QUICK, f"trainer.seed={seed}", f"out_dir=runs/rte_bitfit/{stamp}",
+                         cwd=cwd, env={"SELECTUNE_DATA": str(glue_root)})
+        assert result.returncode == 0, result.stderr
+        made.append(Path(result.stdout.strip().splitlines()[-1]))  # train's last line: its run folder
+    return cwd, made
+
+
+def test_train_takes_a_positional_recipe_and_prints_its_folder_last(two_runs):
+    cwd, made = two_runs
+    assert made == [Path("runs/rte_bitfit/20260101-000000"), Path("runs/rte_bitfit/20260101-000100")]
+    assert all((cwd / run / "results.json").is_file() for run in made)
+
+
+def test_eval_and_export_take_the_newest_finished_run_of_a_recipe_folder(two_runs, glue_root):
+    cwd, made = two_runs
+    (cwd / "runs/rte_bitfit/20260101-000200").mkdir()  # an unfinished (killed) run is never taken
+    (cwd / "runs/rte_bitfit/20260101-000200/config.yaml").write_text("{}\n")
+    env = {"SELECTUNE_DATA": str(glue_root)}
+    result = run_cli("eval", "run=runs/rte_bitfit", cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"eval: using {made[1]} (newest of 2 finished runs)" in result.stderr
+    assert (cwd / made[1] / "eval_rte.json").is_file() and not (cwd / made[0] / "eval_rte.json").exists()
+    result = run_cli("export", "run=runs/rte_bitfit", "out=merged", cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"export: using {made[1]}" in result.stderr and (cwd / "merged" / "config.json").is_file()
+    (cwd / "empty").mkdir()
+    one_error(run_cli("eval", "run=empty", cwd=cwd, env=env), "no task delta at empty and no finished run below it")
+
+
+def test_eval_scores_the_whole_split_and_says_how_many(two_runs, glue_root, tmp_path):
+    cwd, made = two_runs
+    env = {"SELECTUNE_DATA": str(glue_root)}
+    # a quick run scored 8 dev examples; eval scores all 48 unless told
+    result = run_cli("train", "glue/rte_bitfit", *QUICK, "task.max_eval_examples=8", "out_dir=quick", cwd=tmp_path,
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("eval", "run=quick", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("rte · bitfit · dev 48 examples (whole split) · dev: accuracy "), result.stdout
+    whole = json.loads((tmp_path / "quick" / "eval_rte.json").read_text())
+    assert whole["examples"] == {"dev": 48} and whole["max_eval_examples"] is None
+    result = run_cli("eval", "run=quick", "max_eval_examples=8", cwd=tmp_path, env=env)
+    assert "rte · bitfit · dev 8 examples (first 8 at most) · " in result.stdout, result.stderr
+    first = json.loads((tmp_path / "quick" / "eval_rte_first8.json").read_text())
+    trained = json.loads((tmp_path / "quick" / "results.json").read_text())
+    assert first["metrics"] == trained["metrics"]  # the same 8 examples, the same number
+    assert json.loads((tmp_path / "quick" / "eval_rte.json").read_text()) == whole  # never overwritten by a part
+
+
+def test_eval_refuses_another_task_unless_forced(two_runs, glue_root):
+    cwd, made = two_runs
+    env = {"SELECTUNE_DATA": str(glue_root)}
+    one_error(run_cli("eval", f"run={made[0]}", "task=glue/mrpc", cwd=cwd, env=env),
+              "this delta was trained on rte, not mrpc", "force=true")
+    result = run_cli("eval", f"run={made[0]}", "task=glue/mrpc", "force=true", cwd=cwd, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("mrpc · bitfit · dev 48 examples"), result.stderr
+
+
+def test_ls_honours_its_filter(tmp_path):
+    result = run_cli("ls", "mrpc", "lora", cwd=tmp_path)
+    names = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("glue/")]
+    assert names == ["glue/mrpc_adalora", "glue/mrpc_lora", "glue/mrpc_spt_lora"], result.stdout
+    result = run_cli("ls", "glue/*_sdiff", cwd=tmp_path)
+    assert "9 recipes" in result.stdout and "glue/rte_sdiff " in result.stdout
+    one_error(run_cli("ls", "nothing_like_it", cwd=tmp_path), "no recipe matches nothing_like_it")
+
+
+def test_cp_writes_a_recipe_usable_at_once(data_env, tmp_path):
+    result = run_cli("cp", "glue/rte_lora", "conf/recipe/mine/rte.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "conf/recipe/mine/rte.yaml"
+    assert path.read_text().startswith("# @package _global_\n")
+    train_line = result.stdout.strip().splitlines()[-1].strip()
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    assert train_line == f"selectune train recipe=mine/rte '{searchpath}'"
+    path.write_text(path.read_text().replace("lr: 5.0e-4", "lr: 1.0e-3"))  # the user edits it
+    result = run_cli("cat", "mine/rte", searchpath, cwd=tmp_path)
+    assert "lr: 0.001" in result.stdout and "name: rte" in result.stdout and "name: lora" in result.stdout
+    result = run_cli("train", "recipe=mine/rte", searchpath, *QUICK, "out_dir=mine_run", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "mine_run", result.stderr
+    one_error(run_cli("cp", "glue/rte_lora", "conf/recipe/mine/rte.yaml", cwd=tmp_path), "already exists")
+    one_error(run_cli("cp", "glue/rte_lora", "rte.yaml", cwd=tmp_path), "below a folder named recipe/")
+    one_error(run_cli("cp", "glue/rte_lorra", "conf/recipe/x.yaml", cwd=tmp_path), "did you mean glue/rte_lora")
+    assert not (tmp_path / "conf/recipe/x.yaml").exists() and not (tmp_path / "rte.yaml").exists()
