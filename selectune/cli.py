@@ -35,13 +35,14 @@ commands:
   probe     sensitivity maps:        selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]
   report    compare runs:            selectune report runs/multirun/<time> [more dirs] [out=<dir>] [pair=sdiff:full]
   ls        list the recipes:        selectune ls [mrpc] [lora] [glue/*_sdiff]
+  predict   label a file with a delta: selectune predict run=<run dir> file=<csv|tsv|jsonl> out=<preds.csv>
   cp        copy a recipe to edit:   selectune cp glue/mrpc_lora conf/recipe/mine/mrpc_lora.yaml
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate", "cp")
+COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate", "cp", "predict")
 HYDRA_COMMANDS = {"train": "train", "probe": "probe", "eval": "eval", "export": "export"}
 
 
@@ -318,6 +319,15 @@ def _ls(command: str, rest: list[str]) -> None:
     print_recipes(names)
 
 
+def _predict(command: str, rest: list[str]) -> None:
+    from selectune.config import set_network
+    from selectune.predict import parse, predict_file
+
+    args = parse(rest)
+    set_network(False)
+    predict_file(args)
+
+
 def _cp(command: str, rest: list[str]) -> None:
     """`selectune cp <recipe> <folder>/recipe/<name>.yaml`: an editable copy, checked to compose before it is
     kept, and the command line that runs it."""
@@ -415,7 +425,7 @@ def _hydra_command(command: str, rest: list[str]) -> None:
 # what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
 HYDRA_BODIES: dict[str, Callable] = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}
 LOCAL_COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
-    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate, "cp": _cp}
+    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate, "cp": _cp, "predict": _predict}
 
 
 def run_hydra(command: str, body: Callable, rest: list[str]) -> None:

@@ -33,6 +33,7 @@ VTAB_1K = ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet",
 
 SETS = (
     RecipeSet("glue", "glue", ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")),
+    RecipeSet("text", "glue", ("custom",)),  # a user's own CSV/TSV/JSONL with the GLUE presets: text/custom_lora
     RecipeSet("vtab", "vtab", VTAB_1K),  # ViT-B/16 IN-21k, the references' backbone (online)
     # the VTAB-1k-layout tasks scripts/reproduction/vtab_digits.py writes, on the offline DINOv2 ViT-S/14
     RecipeSet("vtab", "vtab_dinov2", ("cifar10_1k", "digits", "dtd10", "fashion_mnist_1k")),
