@@ -225,6 +225,7 @@ def _comparable(config: Any) -> Any:
     config = json.loads(json.dumps(config))
     config.get("trainer", {}).pop("resume", None)
     config.get("trainer", {}).pop("progress", None)
+    config.get("trainer", {}).pop("checkpoint_minutes", None)  # when to save changes no result (and is newer)
     config.pop("out_dir", None)
     return config
 
@@ -301,6 +302,7 @@ def validate(cfg: DictConfig) -> None:
     or diff-pruning schedule that does not fit fails), so what validate accepts, train starts."""
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
+    full = dict(task.splits)
     n_train = len(task.splits["train"])
     task.splits = {name: rows[:8] for name, rows in task.splits.items()}
     backbone, method = build(spec, task)
@@ -319,3 +321,32 @@ def validate(cfg: DictConfig) -> None:
     print(report.line())
     print(f"one training batch of {len(split)} examples: loss {loss.item():.4f}")
     print(f"schedule: {total_steps:,} steps ({steps_per_epoch:,} per epoch of {n_train:,} training examples)")
+    print(expected_cost(spec, task, method, backbone, full, total_steps, steps_per_epoch).line())
+
+
+def expected_cost(spec: RunSpec, task: Task, method, backbone: Backbone, full: dict[str, list[Any]],
+                  total_steps: int, steps_per_epoch: int):
+    """The run's expected wall time (cost.py): the trainer's own steps timed per phase on a seeded sample of
+    `trainer.batch_size` rows, one evaluation timed on a sample and scaled, setup as this process took it."""
+    import time
+
+    from selectune import cost
+
+    setup_s = cost.process_age()
+    real_switch = getattr(method, "switch_step", None)
+    seed, eval_rows = spec.trainer.seed, 2 * spec.trainer.eval_batch_size
+    sample = {"train": [full["train"][i] for i in cost.sample_rows(
+        len(full["train"]), cost.timing_steps(method) * spec.trainer.batch_size, seed)]}
+    for name in (n for n in full if n != "train"):
+        sample[name] = [full[name][i] for i in cost.sample_rows(len(full[name]), min(len(full[name]), eval_rows), seed)]
+    task.splits = sample
+    t0 = time.perf_counter()
+    splits = encode_splits(task, backbone, list(sample))
+    setup_s += (time.perf_counter() - t0) * sum(map(len, full.values())) / sum(map(len, sample.values()))
+    times, eval_s = cost.time_steps(spec, task, method, splits)
+    phases, switch_s = cost.estimate(times, real_switch, total_steps)
+    evaluated = [n for n in full if n != "train"]
+    eval_s *= sum(len(full[n]) for n in evaluated) / sum(len(sample[n]) for n in evaluated)
+    device = str(distributed.device_for(distributed.Context(), resolve_device(spec.trainer.device)))
+    return cost.Estimate(setup_s, phases, switch_s, cost.evaluations(total_steps, spec.trainer.eval_every
+                                                                     or steps_per_epoch), eval_s, device)

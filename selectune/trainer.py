@@ -50,6 +50,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     eval_every: Optional[int] = None  # steps; None: at the end of every epoch (and always at the end)
     checkpoint_every: Optional[int] = None  # steps; None: at every evaluation
+    checkpoint_minutes: Optional[float] = 10.0  # also a checkpoint once this long has passed since the last; null: off
     log_every: int = 10
     select: str = "last"  # which evaluation the stored delta and results come from: last | best
     seed: int = 42
@@ -74,6 +75,9 @@ class TrainerConfig:
         for key in ("max_steps", "eval_every", "checkpoint_every"):  # None: the default; 0 would mean "never"
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be a positive number of steps, got {getattr(self, key)}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise SelectuneError(f"trainer.checkpoint_minutes must be positive (or null for none), got "
+                                 f"{self.checkpoint_minutes}")
         if not self.lr > 0:
             raise SelectuneError(f"trainer.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -190,6 +194,10 @@ class RunState:
     window_n: int = 0  # rows trained since the last metrics record
     window_extra: dict[str, Any] = field(default_factory=dict)  # what after_step reported since then (latest each)
     window_t0: float = 0.0
+    phase_time: dict[str, list[float]] = field(default_factory=dict)  # phase -> [seconds, steps] (s/step by phase)
+    session_t0: float = 0.0  # when this process started training (elapsed and ETA in the log lines)
+    session_step: int = 0  # the step it started at
+    saved_at: float = 0.0  # when the last checkpoint was written (trainer.checkpoint_minutes)
 
 
 class Trainer:
@@ -321,9 +329,21 @@ class Trainer:
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
-                if step % self.checkpoint_every == 0 and step < self.total_steps and self.ctx.main:
+                if step < self.total_steps and self.ctx.main and (step % self.checkpoint_every == 0
+                                                                  or self._checkpoint_due(run)):
                     self._checkpoint(run)
         return self._finish(run)
+
+    def _checkpoint_due(self, run: RunState) -> bool:
+        """Whether trainer.checkpoint_minutes have passed since the last checkpoint (or the start): a long epoch
+        (8,419 steps on SST-2) is never all lost to a kill."""
+        minutes = self.cfg.checkpoint_minutes
+        return minutes is not None and time.perf_counter() - run.saved_at >= 60 * minutes
+
+    def _phase(self) -> str:
+        """The method's phase as the bar and the log show it (diff pruning: 1 or 2); "" for one-phase methods."""
+        phase = getattr(self.method, "phase", None)
+        return "" if phase is None else str(phase)
 
     def _restore(self) -> RunState:
         """A fresh run, or the one the checkpoint in run_dir left (weights, optimiser, schedule, RNG, data
@@ -335,6 +355,9 @@ class Trainer:
             method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
             run.step, run.evals, run.best, run.delta_bytes, run.train_time = (
                 state["step"], state["evals"], state["best"], state["delta_bytes"], state["train_time"])
+            kept = state.get("phase_time")  # absent in checkpoints written before it existed
+            run.phase_time = ({str(k): [float(v[0]), int(v[1])] for k, v in kept.items()}
+                              if isinstance(kept, dict) else {})
         self._build_optimizer(run)
         run.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is not None:
@@ -360,21 +383,25 @@ class Trainer:
 
     def _progress(self, run: RunState) -> Progress:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
-                                       "{task.fields[eps]:.1f} ex/s"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                             console=self.console, disable=not (self.cfg.progress and self.ctx.main),
                             transient=False)
-        run.bar = progress.add_task(f"{self.task.name} · {self.method.cfg.name}", total=self.total_steps,
-                                    completed=run.step, loss=float("nan"), lr=run.scheduler.get_last_lr()[0],
-                                    eps=0.0)
-        run.window_t0 = time.perf_counter()
+        # the stats stay empty until the first logging window has a loss and a speed to show
+        run.bar = progress.add_task(self._bar_title(), total=self.total_steps, completed=run.step, stats="")
+        run.window_t0 = run.session_t0 = run.saved_at = time.perf_counter()
+        run.session_step = run.step
         return progress
+
+    def _bar_title(self) -> str:
+        phase = self._phase()
+        return f"{self.task.name} · {self.method.cfg.name}" + (f" · phase {phase}" if phase else "")
 
     def _step(self, run: RunState) -> tuple[dict[str, Any], Optional[torch.Tensor], int]:
         """One optimiser step on the next batch: forward, task loss + method.penalty(), backward, clip, step,
         method.after_step. Returns what after_step logged, the penalty and this process's row count."""
         cfg, method, train = self.cfg, self.method, self.splits["train"]
         t0 = time.perf_counter()
+        phase = self._phase() or "train"
         epoch, offset = divmod(run.step, self.steps_per_epoch)
         global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
         rows = self.ctx.shard(global_rows)
@@ -399,7 +426,11 @@ class Trainer:
         run.optimizer.zero_grad(set_to_none=True)
         if method.trainable_version != run.built_for:  # the method changed what trains (re-selection)
             self._build_optimizer(run)
-        run.train_time += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        run.train_time += took
+        spent = run.phase_time.setdefault(phase, [0.0, 0])
+        spent[0] += took
+        spent[1] += 1
         return extra, penalty, len(rows)
 
     def _log_window(self, run: RunState, penalty: Optional[torch.Tensor], progress: Progress) -> None:
@@ -413,10 +444,17 @@ class Trainer:
         if penalty is not None:
             record["penalty"] = penalty.item()
         self._write_jsonl(record)
-        progress.update(run.bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
+        stats = f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s"
+        progress.update(run.bar, stats=stats, description=self._bar_title())
         if self.cfg.progress and self.ctx.main and not self.console.is_terminal:  # a log file gets plain lines
-            self.console.print(f"step {run.step}/{self.total_steps} · loss {record['loss']:.4f} · "
-                               f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
+            from selectune.cost import duration
+
+            elapsed = time.perf_counter() - run.session_t0
+            done = run.step - run.session_step
+            eta = elapsed / max(done, 1) * (self.total_steps - run.step)
+            phase = self._phase()
+            self.console.print(f"step {run.step}/{self.total_steps}" + (f" · phase {phase}" if phase else "")
+                               + f" · {stats} · elapsed {duration(elapsed)} · ETA {duration(eta)}", soft_wrap=True)
         run.window_n, run.window_t0 = 0, time.perf_counter()
         run.window_extra.clear()
 
@@ -438,7 +476,9 @@ class Trainer:
         checkpoint.save(self.run_dir, run.params, {
             "step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "method": self.method.state(), "evals": run.evals,
-            "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time})
+            "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time,
+            "phase_time": run.phase_time})
+        run.saved_at = time.perf_counter()
 
     def _finish(self, run: RunState) -> dict[str, Any]:
         """Store the delta (select=last), the method's artifacts, drop the checkpoint; the run's results."""
@@ -461,6 +501,8 @@ class Trainer:
                 "metrics": chosen["metrics"],
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
+                "step_time_s_by_phase": {phase: round(seconds / max(steps, 1), 4)
+                                         for phase, (seconds, steps) in run.phase_time.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
                 "distributed": distributed}
 

@@ -4,6 +4,7 @@ what it scored, recipes to copy and filter, a positional recipe for train."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,36 @@ def test_cp_writes_a_recipe_usable_at_once(data_env, tmp_path):
     one_error(run_cli("cp", "glue/rte_lora", "rte.yaml", cwd=tmp_path), "below a folder named recipe/")
     one_error(run_cli("cp", "glue/rte_lorra", "conf/recipe/x.yaml", cwd=tmp_path), "did you mean glue/rte_lora")
     assert not (tmp_path / "conf/recipe/x.yaml").exists() and not (tmp_path / "rte.yaml").exists()
+
+
+def test_validate_prints_the_expected_wall_time_per_phase(data_env, tmp_path):
+    result = run_cli("validate", "glue/rte_sdiff", *TINY, "trainer.max_steps=10", "method.phase1_share=0.4",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"expected wall time: (.+) on cpu \(setup (.+) \+ phase 1 4 steps × ([\d.]+) s \+ "
+                         r"phase 2 6 steps × ([\d.]+) s \+ projection (.+) \+ 2 evaluations × (.+)\)", line)
+    assert match and float(match[3]) > 0 and float(match[4]) > 0, line
+    result = run_cli("validate", "glue/rte_lora", *TINY, cwd=tmp_path)
+    assert re.search(r"\(setup .+ \+ train 18 steps × [\d.]+ s \+ 3 evaluations × .+\)$", result.stdout.strip())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_log_lines_outside_a_terminal_say_phase_elapsed_and_eta(data_env, tmp_path):
+    result = run_cli("train", "glue/rte_sdiff", *TINY, "trainer.progress=true", "trainer.max_steps=8",
+                     "method.phase1_share=0.5", "trainer.log_every=2", "out_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = [line for line in result.stderr.splitlines() if line.startswith("step ") and "/8" in line]
+    assert len(logged) == 4, result.stderr
+    assert re.fullmatch(r"step 2/8 · phase 1 · loss [\d.]+ · lr \S+ · [\d.]+ ex/s · elapsed [\d.]+ s · ETA [\d.]+ s",
+                        logged[0]), logged[0]
+    assert " · phase 2 · " in logged[-1] and logged[-1].endswith("ETA 0.0 s")
+    assert "nan" not in result.stderr  # the bar shows no loss before it has one
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["step_time_s_by_phase"]) == {"1", "2"} and all(
+        v > 0 for v in results["step_time_s_by_phase"].values())
+
+
+def test_a_checkpoint_minutes_value_must_be_positive(data_env, tmp_path):
+    one_error(run_cli("validate", "glue/rte_lora", *TINY, "trainer.checkpoint_minutes=0", cwd=tmp_path),
+              "trainer.checkpoint_minutes must be positive")
