@@ -51,6 +51,9 @@ class RunSpec:
                    typed(BudgetConfig, cfg.budget, "budget"), typed(TrainerConfig, cfg.trainer, "trainer"),
                    method_config(cfg.method))
         spec.trainer.validate()
+        if spec.trainer.patience is not None and spec.task.validation is None:  # before any folder is made
+            raise SelectuneError("trainer.patience stops on the validation split, and this run has none: add "
+                                 "task.validation=0.1 (a share of the training file), so dev is never chosen on")
         for key in ("max_train_examples", "max_eval_examples"):  # 0 would keep one example, not none
             value = getattr(spec.task, key, None)
             if value is not None and value <= 0:
@@ -225,7 +228,11 @@ def _comparable(config: Any) -> Any:
     config = json.loads(json.dumps(config))
     config.get("trainer", {}).pop("resume", None)
     config.get("trainer", {}).pop("progress", None)
-    config.get("trainer", {}).pop("checkpoint_minutes", None)  # when to save changes no result (and is newer)
+    trainer = config.get("trainer", {})
+    trainer.pop("checkpoint_minutes", None)  # when to save changes no result (and is newer than older runs)
+    trainer.pop("grad_accum", None)  # how many passes a batch takes: memory, not the result
+    if trainer.get("patience", 0) is None:  # unset: the same as a run from before the key existed
+        trainer.pop("patience")
     config.pop("out_dir", None)
     return config
 

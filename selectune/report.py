@@ -33,8 +33,8 @@ from selectune.tasks.glue import GLUE
 
 # Settings that differ between runs of one experiment without making them different experiments.
 NOT_A_VARIANT = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
-                 "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_minutes", "out_dir", "run_name",
-                 "task.data_root", "debug", "online")
+                 "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.grad_accum",
+                 "out_dir", "run_name", "task.data_root", "debug", "online")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:

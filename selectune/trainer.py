@@ -9,6 +9,7 @@ is stored, never this file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ class TrainerConfig:
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs when set
     batch_size: int = 32
+    grad_accum: int = 1  # split each batch into this many forward/backward passes (less memory, the same steps)
     eval_batch_size: int = 128
     lr: float = 2e-5  # for the method's parameters unless method.lr is set
     weight_decay: float = 0.01
@@ -53,6 +55,7 @@ class TrainerConfig:
     checkpoint_minutes: Optional[float] = 10.0  # also a checkpoint once this long has passed since the last; null: off
     log_every: int = 10
     select: str = "last"  # which evaluation the stored delta and results come from: last | best
+    patience: Optional[int] = None  # stop once this many evaluations in a row did not improve on the val split
     seed: int = 42
     resume: bool = False  # continue from the run directory's checkpoint (same hydra.run.dir / out_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -69,12 +72,17 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.select not in ("last", "best"):
             raise SelectuneError(f"trainer.select='{self.select}': use last or best")
-        for key in ("batch_size", "eval_batch_size", "log_every"):
+        for key in ("batch_size", "eval_batch_size", "log_every", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be positive, got {getattr(self, key)}")
         for key in ("max_steps", "eval_every", "checkpoint_every"):  # None: the default; 0 would mean "never"
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be a positive number of steps, got {getattr(self, key)}")
+        if self.grad_accum > self.batch_size:
+            raise SelectuneError(f"trainer.grad_accum={self.grad_accum} splits each batch of trainer.batch_size="
+                                 f"{self.batch_size} rows: it can be at most the batch size")
+        if self.patience is not None and self.patience <= 0:
+            raise SelectuneError(f"trainer.patience must be a positive number of evaluations, got {self.patience}")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
             raise SelectuneError(f"trainer.checkpoint_minutes must be positive (or null for none), got "
                                  f"{self.checkpoint_minutes}")
@@ -195,6 +203,7 @@ class RunState:
     window_extra: dict[str, Any] = field(default_factory=dict)  # what after_step reported since then (latest each)
     window_t0: float = 0.0
     phase_time: dict[str, list[float]] = field(default_factory=dict)  # phase -> [seconds, steps] (s/step by phase)
+    stopped_early: Optional[int] = None  # the step trainer.patience stopped the run at
     session_t0: float = 0.0  # when this process started training (elapsed and ETA in the log lines)
     session_step: int = 0  # the step it started at
     saved_at: float = 0.0  # when the last checkpoint was written (trainer.checkpoint_minutes)
@@ -222,6 +231,9 @@ class Trainer:
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         method.plan(self.total_steps, self.steps_per_epoch)  # schedules are validated before any step
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        if cfg.patience is not None and task.select_split != "val":
+            raise SelectuneError("trainer.patience stops on the validation split, and this run has none: add "
+                                 "task.validation=0.1 (a share of the training file), so dev is never chosen on")
         self.sink = open_sink(run_dir, cfg.tensorboard and ctx.main)
 
     # ------------------------------------------------------------------ helpers
@@ -329,10 +341,25 @@ class Trainer:
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
+                    if self._stale(run):
+                        if self.ctx.main:
+                            stop = (f"early stop at step {step}: no better {self.task.select_split} "
+                                    f"{self.task.spec.primary} in {self.cfg.patience} evaluations (trainer.patience)")
+                            progress.console.print(stop, soft_wrap=True)
+                        run.stopped_early = step
+                        break
                 if step < self.total_steps and self.ctx.main and (step % self.checkpoint_every == 0
                                                                   or self._checkpoint_due(run)):
                     self._checkpoint(run)
         return self._finish(run)
+
+    def _stale(self, run: RunState) -> bool:
+        """Whether the last trainer.patience evaluations all failed to beat the best one before them."""
+        patience = self.cfg.patience
+        if patience is None or len(run.evals) <= patience:
+            return False
+        scores = [self._primary(e["metrics"]) for e in run.evals]
+        return max(scores[-patience:]) <= max(scores[:-patience])
 
     def _checkpoint_due(self, run: RunState) -> bool:
         """Whether trainer.checkpoint_minutes have passed since the last checkpoint (or the start): a long epoch
@@ -405,16 +432,26 @@ class Trainer:
         epoch, offset = divmod(run.step, self.steps_per_epoch)
         global_rows = train_batches(len(train), cfg.batch_size, cfg.seed, epoch)[offset]
         rows = self.ctx.shard(global_rows)
-        batch = self._to_device(train.batch(rows))
-        labels = batch.pop("labels")
-        with self.autocast():
-            loss = task_loss(run.forward_model(**batch).logits, labels, self.task.spec.is_regression)
-        # DDP averages gradients over ranks: weigh each rank's mean by its share of the global batch
-        share = len(rows) * self.ctx.world / len(global_rows)
-        penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
-        total = loss * share if penalty is None else loss * share + penalty
-        run.watch.add(loss, total, len(rows), run.step + 1)  # on the device: read back only at log_every
-        run.scaler.scale(total).backward()
+        parts = [part.tolist() for part in np.array_split(np.array(rows, dtype=np.int64), cfg.grad_accum)
+                 if len(part)]  # trainer.grad_accum: the same batch in several passes, gradients summed
+        penalty = None
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            batch = self._to_device(train.batch(part))
+            labels = batch.pop("labels")
+            # DDP syncs gradients on the last pass only
+            sync = contextlib.nullcontext() if last or not self.ctx.active else run.forward_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = task_loss(run.forward_model(**batch).logits, labels, self.task.spec.is_regression)
+                # DDP averages gradients over ranks: weigh each pass's mean by its share of the global batch
+                share = len(part) * self.ctx.world / len(global_rows)
+                total = loss * share
+                if last:
+                    penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
+                    total = total if penalty is None else total + penalty
+                run.watch.add(loss, total, len(part), run.step + 1)  # on the device: read back at log_every
+                run.scaler.scale(total).backward()
         run.scaler.unscale_(run.optimizer)
         if cfg.max_grad_norm > 0:
             self._clip(run.optimizer)
@@ -501,6 +538,7 @@ class Trainer:
                 "metrics": chosen["metrics"],
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
+                "stopped_early": run.stopped_early,
                 "step_time_s_by_phase": {phase: round(seconds / max(steps, 1), 4)
                                          for phase, (seconds, steps) in run.phase_time.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),

@@ -148,3 +148,34 @@ def test_log_lines_outside_a_terminal_say_phase_elapsed_and_eta(data_env, tmp_pa
 def test_a_checkpoint_minutes_value_must_be_positive(data_env, tmp_path):
     one_error(run_cli("validate", "glue/rte_lora", *TINY, "trainer.checkpoint_minutes=0", cwd=tmp_path),
               "trainer.checkpoint_minutes must be positive")
+
+
+def test_grad_accum_takes_the_same_steps_in_smaller_passes(data_env, tmp_path):
+    """The same batches and schedule: the delta matches the one-pass run's to float rounding (dropout off, so
+    both see the same function)."""
+    from selectune.delta.taskdelta import TaskDelta
+
+    no_dropout = ["+model.config_overrides.hidden_dropout_prob=0.0",
+                  "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+    for name, accum in (("one", 1), ("four", 4)):
+        result = run_cli("train", "glue/rte_bitfit", *QUICK, *no_dropout, f"trainer.grad_accum={accum}",
+                         f"out_dir={name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    one, four = (TaskDelta.load(tmp_path / name).tensors for name in ("one", "four"))
+    assert one.keys() == four.keys()
+    assert all((one[k].float() - four[k].float()).abs().max() < 1e-5 for k in one)
+    one_error(run_cli("validate", "glue/rte_bitfit", *TINY, "trainer.grad_accum=9", cwd=tmp_path),
+              "trainer.grad_accum=9 splits each batch of trainer.batch_size=8 rows")
+
+
+def test_patience_stops_on_the_validation_split_only(data_env, tmp_path):
+    one_error(run_cli("train", "glue/rte_bitfit", *TINY, "trainer.patience=1", cwd=tmp_path),
+              "trainer.patience stops on the validation split, and this run has none: add task.validation=0.1")
+    assert not (tmp_path / "runs").exists()
+    # lr 0: nothing changes, so the second evaluation cannot beat the first
+    result = run_cli("train", "glue/rte_bitfit", *TINY, "trainer.patience=1", "task.validation=8", "trainer.epochs=5",
+                     "trainer.lr=1e-12", "out_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "early stop at step 10: no better val accuracy in 1 evaluations (trainer.patience)" in result.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["stopped_early"] == 10 and results["steps"] == 10 and len(results["evals"]) == 2
