@@ -191,11 +191,11 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
     report = method.report()
     decided = method.describe()
     if ctx.main:
-        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                      f"{len(splits['train']):,} train examples · {report.line()}"
-                      + (f" · {json.dumps(decided)}" if decided else "")
-                      + (f" · {ctx.world} processes" if ctx.active else ""))
-        log.info("%s %s", report.line(), decided)
+        header = (f"{task.name} · {method.cfg.name} · {backbone.name} · {len(splits['train']):,} train examples · "
+                  f"{report.line()}" + (f" · {readable(decided)}" if decided else "")
+                  + (f" · {ctx.world} processes" if ctx.active else ""))
+        console.print(header, markup=False, highlight=False)
+        log.info("%s", header)  # train.log: the same lines a person saw (the loop logs its own)
         if stage is not None:  # the run proceeds: what Hydra wrote moves in
             runfs.adopt_staging(stage, run_dir)
         runfs.write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), run_dir)
@@ -219,8 +219,32 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
     runfs.write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n", run_dir)
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")
+    log.info("done · %s (step %s): %s · %s", results["selection"], results["selected_step"],
+             format_metrics(results["metrics"]), run_dir)
     print(run_dir, flush=True)  # stdout's last line: the folder `eval`/`export run=` take (RUN=$(selectune train ...))
     return results
+
+
+def readable(decided: dict[str, Any]) -> str:
+    """What a method decided, for a person: `selected 112,796 · threshold 0.0123 · 6 mask hashes`, not JSON
+    (the full record is in results.json's method_state)."""
+    parts = []
+    for key, value in decided.items():
+        name = key.replace("_", " ")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"{name} {'yes' if value else 'no'}")
+        elif isinstance(value, int):
+            parts.append(f"{name} {value:,}")
+        elif isinstance(value, float):
+            parts.append(f"{name} {value:.4g}")
+        elif isinstance(value, (list, tuple, dict)):
+            parts.append(f"{len(value)} {name}" if len(value) != 1 or isinstance(value, dict)
+                         else f"{name} {value[0]}")
+        else:
+            parts.append(f"{name} {value}")
+    return " · ".join(parts)
 
 
 def _comparable(config: Any) -> Any:

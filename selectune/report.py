@@ -304,6 +304,20 @@ def parse_pair(text: str) -> tuple[str, str]:
     return first, second
 
 
+def _pair_label(name: str, labels: set[str]) -> str:
+    """The report label `pair=` means: itself, or the one label whose method is `name` (`lora` for
+    `lora (trainer.lr=0.001)`); several such labels are named for the user to pick one."""
+    if name in labels:
+        return name
+    matches = sorted(label for label in labels if label.split(" (", 1)[0] == name)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise SelectuneError(f"report: pair label {name!r} fits {len(matches)} labels; give one whole: "
+                             f"{', '.join(repr(m) for m in matches)}")
+    raise SelectuneError(f"report: no GLUE run is labelled {name!r} (labels: {', '.join(sorted(labels))})")
+
+
 def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     """Method A − method B per GLUE task on the seeds both have, so a difference is never one of seed
     luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
@@ -313,10 +327,7 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     lines = _glue_header("A − B", tasks)
     labels = {label for label, _ in cells}
     for a, b in pairs:
-        missing = [label for label in (a, b) if label not in labels]
-        if missing:
-            raise SelectuneError(f"report: no GLUE run is labelled {missing[0]!r} "
-                                 f"(labels: {', '.join(sorted(labels))})")
+        a, b = (_pair_label(label, labels) for label in (a, b))
         shown, means = [], []
         for task in tasks:
             first, second = (_by_seed(cells.get((label, task), []), label, task) for label in (a, b))

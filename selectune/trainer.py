@@ -482,6 +482,7 @@ class Trainer:
             record["penalty"] = penalty.item()
         self._write_jsonl(record)
         stats = f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s"
+        log.info("step %d/%d · %s", run.step, self.total_steps, stats)
         progress.update(run.bar, stats=stats, description=self._bar_title())
         if self.cfg.progress and self.ctx.main and not self.console.is_terminal:  # a log file gets plain lines
             from selectune.cost import duration
@@ -502,6 +503,7 @@ class Trainer:
         self._write_jsonl({"step": run.step, "eval": metrics})
         if self.ctx.main:
             progress.console.print(f"step {run.step}: " + format_metrics(metrics))
+            log.info("step %d: %s", run.step, format_metrics(metrics))
         improved = run.best is None or self._primary(metrics) > self._primary(run.best["metrics"])
         if self.cfg.select == "best" and self.method.storable and improved:
             run.best = {"step": run.step, "metrics": metrics}

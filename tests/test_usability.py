@@ -56,6 +56,11 @@ def test_eval_and_export_take_the_newest_finished_run_of_a_recipe_folder(two_run
     result = run_cli("export", "run=runs/rte_bitfit", "out=merged", cwd=cwd, env=env)
     assert result.returncode == 0, result.stderr
     assert f"export: using {made[1]}" in result.stderr and (cwd / "merged" / "config.json").is_file()
+    config = json.loads((cwd / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    card = (cwd / "merged" / "README.md").read_text()
+    assert card.startswith("# rte · bitfit on ") and f"run `{made[1]}`" in card
+    assert "Labels (id: name): 0: entailment, 1: not_entailment" in card and "| dev | accuracy |" in card
     (cwd / "empty").mkdir()
     one_error(run_cli("eval", "run=empty", cwd=cwd, env=env), "no task delta at empty and no finished run below it")
 
@@ -179,3 +184,37 @@ def test_patience_stops_on_the_validation_split_only(data_env, tmp_path):
     assert "early stop at step 10: no better val accuracy in 1 evaluations (trainer.patience)" in result.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["stopped_early"] == 10 and results["steps"] == 10 and len(results["evals"]) == 2
+
+
+def test_report_pair_takes_a_method_name_for_its_one_labelled_row(tmp_path):
+    from test_report import fake_run
+
+    from selectune.report import _pair_label
+
+    assert _pair_label("lora", {"full", "lora (trainer.lr=0.001)"}) == "lora (trainer.lr=0.001)"
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        fake_run(runs / f"f{seed}", "mrpc", "full", seed, {"f1": 85.0 + seed, "accuracy": 70.0}, 10**6)
+        for r in (4, 16):
+            fake_run(runs / f"l{seed}_{r}", "mrpc", "lora", seed, {"f1": 84.0, "accuracy": 70.0}, 5000,
+                     config={"method": {"name": "lora", "r": r}, "trainer": {"lr": 5e-4}})
+    one_error(run_cli("report", str(runs), "pair=full:lora", cwd=tmp_path),
+              "report: pair label 'lora' fits 2 labels; give one whole: 'lora (r=16)', 'lora (r=4)'")
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", "pair=full:lora (r=16)", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| full − lora (r=16) | +2.50 ± 0.71" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_output_a_person_reads(data_env, tmp_path):
+    result = run_cli("train", "glue/rte_sara", *QUICK, "out_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header = result.stderr.replace("\n", " ")
+    assert re.search(r"head 130\) · selected [\d,]+ · max selected abs weight [\d.]+ · mask hashes [0-9a-f]{12} ",
+                     header), header  # not raw JSON
+    assert '{"' not in header and "['" not in header
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "budget: " in log and "step 2: dev: accuracy" in log and "done · last (step 2)" in log
+    assert not log.rstrip().endswith("{}")
+    one_error(run_cli("validate", "glue/rte_lora", *TINY, "trainer.learning_rate=1e-3", cwd=tmp_path),
+              "unknown config key 'trainer.learning_rate': did you mean trainer.lr?")
+    one_error(run_cli("validate", "glue/rte_lora", *TINY, "method.rank=4", cwd=tmp_path), "did you mean method.r?")
