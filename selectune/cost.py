@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-WARM, TIMED = 1, 3  # steps per phase: one to warm up (allocations, first-call overheads), then timed
+WARM, TIMED = 1, 4  # steps per phase: one to warm up (allocations, first-call overheads), then timed
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Estimate:
 
     setup_s: float
     phases: list[tuple[str, int, float]] = field(default_factory=list)  # (name, steps, s/step)
-    switch_s: float = 0.0  # a one-off between phases (diff pruning's projection)
+    switch_s: float = 0.0  # one-offs: each phase's first steps' extra cost, diff pruning's projection
     evals: int = 0
     eval_s: float = 0.0  # one evaluation of every eval split
     device: str = "cpu"
@@ -44,7 +44,7 @@ class Estimate:
         parts = [f"setup {duration(self.setup_s)}"]
         parts += [f"{name} {n:,} steps × {s:.3f} s" for name, n, s in self.phases]
         if self.switch_s:
-            parts.append(f"projection {duration(self.switch_s)}")
+            parts.append(f"first steps{' and projection' if len(self.phases) > 1 else ''} {duration(self.switch_s)}")
         parts.append(f"{self.evals} evaluations × {duration(self.eval_s)}")
         return f"expected wall time: {duration(self.total_s)} on {self.device} ({' + '.join(parts)})"
 
@@ -110,13 +110,18 @@ def phased(method: Any) -> bool:
 
 def estimate(times: list[float], real_switch: int | None, total_steps: int) -> tuple[list[tuple[str, int, float]],
                                                                                      float]:
-    """Per phase (name, the real run's steps, s/step) and the switch's one-off seconds, from `time_steps`."""
+    """Per phase (name, the real run's steps, s/step) and the one-off seconds (first steps, the switch), from
+    `time_steps`."""
     if real_switch is None:
-        return [("train", total_steps, _mean(times[WARM:]))], 0.0
+        steady = _mean(times[WARM:])
+        return [("train", total_steps, steady)], max(0.0, sum(times[:WARM]) - WARM * steady)
     per_phase = WARM + TIMED
     first, second = times[WARM:per_phase - 1], times[per_phase + WARM:]
-    switch_s = max(0.0, times[per_phase - 1] - _mean(first))  # the switching step also projected
-    return [("phase 1", real_switch, _mean(first)), ("phase 2", total_steps - real_switch, _mean(second))], switch_s
+    one_off = max(0.0, times[per_phase - 1] - _mean(first))  # the switching step also projected
+    # each phase's first steps cost more once (allocations, first calls): a short run feels it
+    one_off += max(0.0, sum(times[:WARM]) - WARM * _mean(first))
+    one_off += max(0.0, sum(times[per_phase:per_phase + WARM]) - WARM * _mean(second))
+    return [("phase 1", real_switch, _mean(first)), ("phase 2", total_steps - real_switch, _mean(second))], one_off
 
 
 def process_age() -> float:
