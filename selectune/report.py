@@ -9,7 +9,7 @@ rates are two rows named by the difference, never one row with a false ±), and 
                          more, also method × task (primary metric) and the average over the tasks; with
                          pair=A:B, A − B per task on the seeds both have (noise of seed choice removed)
     metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
-    training_curves.png  training loss against step, one line per run
+    training_curves.png  training loss against step, one panel per task, one line per run
 
 Run folders are read, not trusted: a results.json that cannot be read or lacks what the table needs,
 an unreadable config.yaml, or a metrics.jsonl line that is not a JSON record is skipped with a
@@ -386,22 +386,30 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
         ax.set_xlabel("stored parameters per task")
         ax.set_ylabel(f"dev {next(r['primary'] for r in rows if r['task'] == task)}")
         ax.set_title(task)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, ncol=2)  # below
     fig.tight_layout()
-    fig.savefig(out / "metric_vs_budget.png", dpi=120)
+    fig.savefig(out / "metric_vs_budget.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # one panel per task: losses of different scales (STS-B's MSE, a classification's cross-entropy) never
+    # share an axis; a run with one logged point is drawn as a marker, not an invisible line
+    curves = {}
     for run in runs:
         path = metrics_file(Path(run["run_dir"]))
-        if path is not None:
-            steps = read_losses(path)
-            if steps:
-                ax.plot(*zip(*steps, strict=True), label=f"{run['task']} {run['method']} s{run['seed']}", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=6, ncol=2)
+        steps = read_losses(path) if path is not None else []
+        if steps:
+            curves.setdefault(run["task"], []).append((f"{run['method']} s{run['seed']}", steps))
+    names = sorted(curves) or ["(no training losses)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], names, strict=True):
+        for label, steps in curves.get(task, []):
+            ax.plot(*zip(*steps, strict=True), label=label, lw=1, marker="o" if len(steps) == 1 else None)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        if curves.get(task):
+            ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=120)
+    fig.savefig(out / "training_curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return ["metric_vs_budget.png", "training_curves.png"]
 

@@ -220,3 +220,21 @@ def test_output_a_person_reads(data_env, tmp_path):
     one_error(run_cli("validate", "glue/rte_lora", *TINY, "trainer.learning_rate=1e-3", cwd=tmp_path),
               "unknown config key 'trainer.learning_rate': did you mean trainer.lr?")
     one_error(run_cli("validate", "glue/rte_lora", *TINY, "method.rank=4", cwd=tmp_path), "did you mean method.r?")
+
+
+def test_report_curves_get_a_panel_per_task_and_one_point_runs_show(tmp_path):
+    import struct
+
+    from test_report import fake_run
+
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", "mrpc", "lora", 1, {"f1": 80.0, "accuracy": 70.0}, 5000)
+    fake_run(runs / "b", "stsb", "lora", 1, {"pearson": 80.0, "spearman": 79.0}, 5000)
+    (runs / "b" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 4.5}) + "\n")  # one point
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    def width(name: str) -> int:
+        return struct.unpack(">I", (tmp_path / "rep" / name).read_bytes()[16:20])[0]
+
+    assert width("training_curves.png") > 2 * 4.5 * 120 * 0.8  # two panels of 4.5 inches at 120 dpi
