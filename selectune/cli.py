@@ -259,7 +259,7 @@ def completion(args: list[str]) -> None:
             print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
             return
         current = "" if line.endswith(" ") else words[-1]
-        if sub in ("cat", "validate") and "=" not in current:
+        if sub in ("cat", "validate", "cp") and "=" not in current:
             print(" ".join(r for r in list_recipes() if r.startswith(current)))
             return
         if current.startswith("recipe="):
