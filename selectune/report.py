@@ -235,9 +235,28 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "seeds": sorted(m["seed"] for m in members), "backbone": members[0]["budget"]["backbone"],
                      "delta_bytes": statistics.mean(m["delta_bytes"] for m in members),
                      "step_time_s": statistics.mean(m["step_time_s"] for m in members),
+                     "phase_step_time_s": _phase_times(members),
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
                      "runs": [m["run_dir"] for m in members]})
     return rows
+
+
+def _phase_times(members: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean s/step of each phase over the runs that recorded it (results.json's step_time_s_by_phase), for a
+    method with phases (diff pruning: "1", "2"); {} when none did or there is only one phase."""
+    seen: dict[str, list[float]] = {}
+    for member in members:
+        phases = member.get("step_time_s_by_phase")
+        if isinstance(phases, dict) and len(phases) > 1:
+            for phase, value in phases.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    seen.setdefault(str(phase), []).append(float(value))
+    return {phase: statistics.mean(values) for phase, values in sorted(seen.items())}
+
+
+def _phases_shown(row: dict[str, Any]) -> str:
+    phases = row.get("phase_step_time_s") or {}
+    return f" (phase {', phase '.join(f'{k}: {v:.2f}' for k, v in phases.items())})" if phases else ""
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -249,7 +268,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
-                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
+                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
     return "\n".join(lines)
 

@@ -238,3 +238,17 @@ def test_report_curves_get_a_panel_per_task_and_one_point_runs_show(tmp_path):
         return struct.unpack(">I", (tmp_path / "rep" / name).read_bytes()[16:20])[0]
 
     assert width("training_curves.png") > 2 * 4.5 * 120 * 0.8  # two panels of 4.5 inches at 120 dpi
+
+
+def test_report_gives_seconds_per_step_per_phase(tmp_path):
+    from test_report import fake_run
+
+    runs = tmp_path / "runs"
+    for seed, (one, two) in ((1, (0.6, 0.2)), (2, (0.8, 0.4))):
+        fake_run(runs / f"s{seed}", "mrpc", "sdiff", seed, {"f1": 80.0, "accuracy": 70.0}, 5000)
+        results = json.loads((runs / f"s{seed}" / "results.json").read_text())
+        (runs / f"s{seed}" / "results.json").write_text(json.dumps({**results, "step_time_s_by_phase": {
+            "1": one, "2": two}}))
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| 0.50 (phase 1: 0.70, phase 2: 0.30) |" in (tmp_path / "rep" / "report.md").read_text()
