@@ -252,3 +252,11 @@ def test_report_gives_seconds_per_step_per_phase(tmp_path):
     result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "| 0.50 (phase 1: 0.70, phase 2: 0.30) |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_peft_export_leaks_no_warning(data_env, tmp_path):
+    result = run_cli("train", "glue/rte_lora", *TINY, "trainer.max_steps=1", "out_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", "run=run", "out=peft", "format=peft", cwd=tmp_path)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert result.stdout.startswith("exported lora delta on ")
