@@ -14,6 +14,7 @@ and prints the same grid as a table.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from selectune.plots import grid_heatmap
 from selectune.sensitivity import SCORES, TYPE_ORDER, Ranking, candidates, layer_index, module_type, probe
 
 GRID_COLUMNS = [*TYPE_ORDER, "vectors"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,10 +92,14 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         grid_heatmap([[100 * v for v in row] for row in grid], GRID_COLUMNS, run_dir / f"heatmap_{score}.png",
                      title, "% of the top-τ entries")
         print_grid(grid, title.replace("\n", "; "))
+        log.info("%s: %s", title.replace("\n", "; "), "; ".join(  # probe.log: the grid as a person reads it
+            f"layer {i} " + " ".join(f"{c} {100 * v:.1f}%" for c, v in zip(GRID_COLUMNS, row, strict=True))
+            for i, row in enumerate(grid)))
     runfs.write_text(run_dir / "summary.json.tmp", json.dumps(summary, indent=1) + "\n", run_dir)
     os.replace(run_dir / "summary.json.tmp", run_dir / "summary.json")  # last: marks the probe finished
     runfs.unlock_run_dir(run_dir)
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
+    log.info("wrote sensitivity.safetensors, summary.json, heatmap_*.png to %s", run_dir)
     return summary
 
 

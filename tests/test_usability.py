@@ -260,3 +260,10 @@ def test_peft_export_leaks_no_warning(data_env, tmp_path):
     result = run_cli("export", "run=run", "out=peft", "format=peft", cwd=tmp_path)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
     assert result.stdout.startswith("exported lora delta on ")
+
+
+def test_probe_log_holds_what_the_probe_printed(data_env, tmp_path):
+    result = run_cli("probe", "glue/rte_bitfit", *TINY, "probe.batches=2", "out_dir=probe", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "probe" / "probe.log").read_text()
+    assert "rte · grad2 · share of the top-" in log and "layer 0 " in log and "wrote sensitivity.safetensors" in log
