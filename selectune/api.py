@@ -229,8 +229,10 @@ def _task_head(delta: Delta) -> tuple[int, bool, tuple[str, ...] | None] | None:
         return None
     from selectune.tasks import TaskConfig, is_causal, task_spec
 
+    own = {k: task[k] for k in ("train_file", "text_column", "label_column", "labels", "regression", "metrics")
+           if k in task}  # a custom text task (tasks/custom.py): its labels are in its config or its file
     spec = task_spec(TaskConfig(name=task["name"], family=task.get("family", "glue"),
-                                num_classes=task.get("num_classes")))
+                                num_classes=task.get("num_classes"), **own))
     if is_causal(spec):  # a causal LM answers with its own LM head: no labels to point its config at
         return None
     return spec.num_labels, spec.is_regression, (None if spec.is_regression else spec.labels)

@@ -35,14 +35,16 @@ commands:
   export    merge into the base:     selectune export run=<run dir or delta file> out=<dir> [dtype=bfloat16]
   probe     sensitivity maps:        selectune probe recipe=glue/sst2_spt_lora [probe.batches=16]
   report    compare runs:            selectune report runs/multirun/<time> [more dirs] [out=<dir>] [pair=sdiff:full]
-  ls        list the recipes
+  ls        list the recipes:        selectune ls [mrpc] [lora] [glue/*_sdiff]
+  predict   label a file with a delta: selectune predict run=<run dir> file=<csv|tsv|jsonl> out=<preds.csv>
+  cp        copy a recipe to edit:   selectune cp glue/mrpc_lora conf/recipe/mine/mrpc_lora.yaml
   cat       print a resolved recipe: selectune cat glue/mrpc_full [overrides]
   validate  build it, train nothing: selectune validate glue/mrpc_full [overrides]
   sweep     choose on validation:    selectune sweep glue/rte_lora [trainer.lr=2e-4,1e-3] [study=<dir>] [write=true]
 
 bash completion:  eval "$(selectune -sc install=bash)"
 """
-COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate", "sweep")
+COMMANDS = ("train", "probe", "eval", "export", "report", "ls", "cat", "validate", "sweep", "cp", "predict")
 HYDRA_COMMANDS = {"train": "train", "probe": "probe", "eval": "eval", "export": "export"}
 
 
@@ -134,9 +136,11 @@ def _train(cfg) -> None:
 
 def _eval(cfg) -> None:
     from selectune.commands import evaluate_delta
+    from selectune.runs import resolve_run
 
     require(cfg, "eval", "run", "run=<run dir or delta file>")
-    evaluate_delta(cfg.run, cfg.get("task"), cfg.batch_size, cfg.device)
+    evaluate_delta(resolve_run(cfg.run, "eval"), cfg.get("task"), cfg.batch_size, cfg.device,
+                   max_examples=cfg.get("max_eval_examples"), force=bool(cfg.get("force", False)))
 
 
 def _probe(cfg) -> None:
@@ -171,7 +175,9 @@ def _export(cfg) -> None:
 
     require(cfg, "export", "run", "run=<run dir or delta file> out=<dir>")
     require(cfg, "export", "out", "run=<run dir or delta file> out=<dir>")
-    export(cfg.run, cfg.out, cfg.dtype, cfg.force, cfg.format)
+    from selectune.runs import resolve_run
+
+    export(resolve_run(cfg.run, "export"), cfg.out, cfg.dtype, cfg.force, cfg.format)
 
 
 def require(cfg, command: str, key: str, usage: str) -> None:
@@ -236,31 +242,30 @@ def _sweep_samples(overrides: list[str]) -> list[list[str]]:
     return samples
 
 
+VALUE_OPTIONS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                 "-cd", "--info", "-i", "--experimental-rerun")  # Hydra options whose next word is their value
+
+
+def _positional_recipe(command: str, args: list[str]) -> list[str]:
+    """`train glue/mrpc_lora x=1` -> `train recipe=glue/mrpc_lora x=1`, as cat and validate take it: a bare word
+    naming a recipe (family/name) that is not an option's value."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        value_of_option = i > 0 and args[i - 1] in VALUE_OPTIONS
+        if "=" not in arg and "/" in arg and not arg.startswith("-") and not value_of_option:
+            if any(a.startswith("recipe=") for a in args) or any(o.startswith("recipe=") for o in out):
+                raise SelectuneError(f"two recipes: {arg} and recipe=...; {command} takes one")
+            arg = f"recipe={arg}"
+        out.append(arg)
+    return out
+
+
 def _recipe_args(args: list[str]) -> list[str]:
     """`cat glue/mrpc_full x=1` -> `recipe=glue/mrpc_full x=1`."""
     return [a if "=" in a or a.startswith("-") else f"recipe={a}" for a in args]
 
 
 # Hydra's flags that take the next word as their value (`--cfg job`), and for the optional ones its choices
-FLAG_VALUES: dict[str, tuple[str, ...] | None] = {
-    "--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"), "--package": None, "-p": None,
-    "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
-    "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"), "--config-path": None,
-    "-cp": None, "--config-name": None, "-cn": None, "--config-dir": None, "-cd": None,
-    "--experimental-rerun": None}
-
-
-def _positional_recipe(args: list[str]) -> list[str]:
-    """`train glue/rte_lora x=1` -> `train recipe=glue/rte_lora x=1`; a flag's value (`--cfg job`) stays."""
-    out: list[str] = []
-    for i, arg in enumerate(args):
-        previous = args[i - 1] if i else ""
-        choices = FLAG_VALUES.get(previous, ())
-        is_value = previous in FLAG_VALUES and (choices is None or arg in choices)
-        out.append(arg if is_value or "=" in arg or arg.startswith("-") else f"recipe={arg}")
-    return out
-
-
 def completion(args: list[str]) -> None:
     """Bash completion: subcommands and `recipe=` values here, the rest by the subcommand's Hydra app."""
     from selectune.recipes import list_recipes
@@ -275,7 +280,7 @@ def completion(args: list[str]) -> None:
             print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
             return
         current = "" if line.endswith(" ") else words[-1]
-        if sub in ("cat", "validate") and "=" not in current:
+        if sub in ("cat", "validate", "cp") and "=" not in current:
             print(" ".join(r for r in list_recipes() if r.startswith(current)))
             return
         if current.startswith("recipe="):
@@ -323,9 +328,68 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _ls(command: str, rest: list[str]) -> None:
-    from selectune.recipes import print_recipes
+    from selectune.recipes import list_recipes, matching, print_recipes
 
-    print_recipes()
+    if not rest:
+        print_recipes()
+        return
+    names = matching(list_recipes(), rest)
+    if not names:
+        raise SelectuneError(f"no recipe matches {' '.join(rest)} (a word in the name, or a glob: glue/*_lora); "
+                             f"selectune ls lists them all")
+    print_recipes(names)
+
+
+def _predict(command: str, rest: list[str]) -> None:
+    from selectune.config import set_network
+    from selectune.predict import parse, predict_file
+
+    args = parse(rest)
+    set_network(False)
+    predict_file(args)
+
+
+def _cp(command: str, rest: list[str]) -> None:
+    """`selectune cp <recipe> <folder>/recipe/<name>.yaml`: an editable copy, checked to compose before it is
+    kept, and the command line that runs it."""
+    from selectune.config import compose
+    from selectune.recipes import list_recipes, recipe_text
+    from selectune.runfs import check_folder
+
+    usage = "selectune cp <recipe> <folder>/recipe/<name>.yaml (e.g. conf/recipe/mine/mrpc_lora.yaml)"
+    if len(rest) != 2 or "=" in rest[0]:
+        raise SelectuneError(f"cp takes a recipe and a file: {usage}")
+    name, dest = rest[0], Path(rest[1])
+    if name not in list_recipes():
+        from selectune.config import check_choice
+
+        check_choice("recipe", name)
+    parts = dest.parts
+    if dest.suffix != ".yaml" or "recipe" not in parts[:-1]:
+        raise SelectuneError(f"cp writes a recipe where Hydra finds it: a .yaml file below a folder named recipe/: "
+                             f"{usage}")
+    at = len(parts) - 1 - parts[::-1].index("recipe")  # the innermost recipe/ folder
+    folder = Path(*parts[:at]).resolve() if at else Path.cwd().resolve()
+    new_name = str(Path(*parts[at + 1:]).with_suffix(""))
+    if dest.exists() or dest.is_symlink():
+        raise SelectuneError(f"{dest} already exists; choose another file (or remove it first)")
+    check_folder(dest.parent, "cp")
+    searchpath = f"hydra.searchpath=[file://{folder}]"
+    made = [p for p in reversed([dest.parent, *dest.parent.parents]) if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.write_text(recipe_text(name, new_name))
+        from selectune.commands import RunSpec
+
+        RunSpec.from_config(compose("train", [searchpath, f"recipe={new_name}"]))  # usable as written
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        for path in reversed(made):
+            path.rmdir()
+        raise
+    print(f"wrote {dest} (a copy of {name}); edit it, then:")
+    print(f"  selectune validate {new_name} '{searchpath}'")
+    print(f"  selectune train recipe={new_name} '{searchpath}'")
 
 
 def _report(command: str, rest: list[str]) -> None:
@@ -387,7 +451,7 @@ def _sweep(command: str, rest: list[str]) -> None:
 def _hydra_command(command: str, rest: list[str]) -> None:
     rest = output_overrides(command, rest)
     if command in ("train", "probe"):
-        rest = _positional_recipe(rest)  # `selectune train glue/rte_lora`, as cat and validate take it
+        rest = _positional_recipe(command, rest)  # `selectune train glue/rte_lora`, as cat and validate take it
         informational = any(a in ("--cfg", "-c", "--help", "-h", "--info", "--hydra-help") for a in rest)
         keys = {a.partition("=")[0].lstrip("+~") for a in _overrides(rest)}
         if not informational and not keys & {"recipe", "method"}:  # not a 10-minute full fine-tune by default
@@ -432,7 +496,8 @@ def output_overrides(command: str, rest: list[str]) -> list[str]:
 # what each command runs: the Hydra apps get their config from Hydra, the others parse their own arguments
 HYDRA_BODIES: dict[str, Callable] = {"train": _train, "probe": _probe, "eval": _eval, "export": _export}
 LOCAL_COMMANDS: dict[str, Callable[[str, list[str]], None]] = {
-    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate, "sweep": _sweep}
+    "ls": _ls, "report": _report, "cat": _cat, "validate": _validate, "sweep": _sweep, "cp": _cp,
+    "predict": _predict}
 
 
 def run_hydra(command: str, body: Callable, rest: list[str]) -> None:

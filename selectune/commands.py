@@ -57,6 +57,9 @@ class RunSpec:
         compact = cfg.get("compact")
         if compact is not None and compact not in HALF:  # checked now, not when the delta is saved at the end
             raise SelectuneError(f"compact={compact}: use {' or '.join(HALF)} (or null for the plain form)")
+        if spec.trainer.patience is not None and spec.task.validation is None:  # before any folder is made
+            raise SelectuneError("trainer.patience stops on the validation split, and this run has none: add "
+                                 "task.validation=0.1 (a share of the training file), so dev is never chosen on")
         for key in ("max_train_examples", "max_eval_examples"):  # 0 would keep one example, not none
             value = getattr(spec.task, key, None)
             if value is not None and value <= 0:
@@ -202,13 +205,13 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
         runfs.PROCEEDED.append(run_dir)  # on every rank: a sweep whose job ran keeps Hydra's record of it
         if not ctx.main:
             return
-        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                      f"{len(splits['train']):,} train examples · {report.line()}"
-                      + (f" · {json.dumps(decided)}" if decided else "")
-                      + (f" · {ctx.world} processes" if ctx.active else ""))
+        header = (f"{task.name} · {method.cfg.name} · {backbone.name} · {len(splits['train']):,} train examples · "
+                  f"{report.line()}" + (f" · {readable(decided)}" if decided else "")
+                  + (f" · {ctx.world} processes" if ctx.active else ""))
+        console.print(header, markup=False, highlight=False)
         if stage is not None:  # what Hydra logged meanwhile moves in
             runfs.adopt_staging(stage, run_dir)
-        log.info("%s %s", report.line(), decided)
+        log.info("%s", header)  # train.log: the same lines a person saw (the loop logs its own)
         runfs.write_hydra_record(run_dir, cfg)
         runfs.write_text(saved_cfg, OmegaConf.to_yaml(OmegaConf.create(resolved)), run_dir)
 
@@ -231,7 +234,32 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
     runfs.write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n", run_dir)
     console.print(f"[bold green]done[/] · {results['selection']} (step {results['selected_step']}): "
                   f"{format_metrics(results['metrics'])} · delta {results['delta_bytes']:,} bytes · {run_dir}")
+    log.info("done · %s (step %s): %s · %s", results["selection"], results["selected_step"],
+             format_metrics(results["metrics"]), run_dir)
+    print(run_dir, flush=True)  # stdout's last line: the folder `eval`/`export run=` take (RUN=$(selectune train ...))
     return results
+
+
+def readable(decided: dict[str, Any]) -> str:
+    """What a method decided, for a person: `selected 112,796 · threshold 0.0123 · 6 mask hashes`, not JSON
+    (the full record is in results.json's method_state)."""
+    parts = []
+    for key, value in decided.items():
+        name = key.replace("_", " ")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"{name} {'yes' if value else 'no'}")
+        elif isinstance(value, int):
+            parts.append(f"{name} {value:,}")
+        elif isinstance(value, float):
+            parts.append(f"{name} {value:.4g}")
+        elif isinstance(value, (list, tuple, dict)):
+            parts.append(f"{len(value)} {name}" if len(value) != 1 or isinstance(value, dict)
+                         else f"{name} {value[0]}")
+        else:
+            parts.append(f"{name} {value}")
+    return " · ".join(parts)
 
 
 def _comparable(config: Any) -> Any:
@@ -239,6 +267,11 @@ def _comparable(config: Any) -> Any:
     config = json.loads(json.dumps(config))
     config.get("trainer", {}).pop("resume", None)
     config.get("trainer", {}).pop("progress", None)
+    trainer = config.get("trainer", {})
+    trainer.pop("checkpoint_minutes", None)  # when to save changes no result (and is newer than older runs)
+    trainer.pop("grad_accum", None)  # how many passes a batch takes: memory, not the result
+    if trainer.get("patience", 0) is None:  # unset: the same as a run from before the key existed
+        trainer.pop("patience")
     config.pop("out_dir", None)
     return config
 
@@ -258,18 +291,32 @@ def remove_run_dir(run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- eval
-def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str) -> dict[str, Any]:
-    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default)."""
+def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str,
+                   max_examples: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default).
+
+    The whole split is scored unless `max_examples` says otherwise: the training run's own
+    `task.max_eval_examples` (a quick run's 64) is not inherited, so a number printed here is a dev-set
+    number. Scoring a delta on another task than its own is refused unless `force`: its head was
+    trained for the other task's labels, and the score would be silently meaningless."""
     from selectune.delta.taskdelta import TaskDelta
     from selectune.evaluation import evaluate
 
     path = Path(run)
     delta = TaskDelta.load(path)
     cfg = OmegaConf.create(delta.meta["config"])
+    trained_on = str(delta.meta.get("task", cfg.task.get("name")))
     if task_node is not None:
+        if str(task_node.get("name")) != trained_on and not force:
+            raise SelectuneError(f"this delta was trained on {trained_on}, not {task_node.get('name')}: its head "
+                                 f"predicts {trained_on}'s labels; pass force=true to score it anyway")
         cfg.task = task_node
     elif isinstance(cfg.get("task"), DictConfig):  # the data it is scored on is the user's: SELECTUNE_DATA,
         cfg.task.data_root = None                    # never a folder the delta file names
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples <= 0):
+        raise SelectuneError(f"max_eval_examples={max_examples!r}: a positive number of examples, or null for all")
+    cfg.task.max_eval_examples = max_examples
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
     backbone, _ = build(spec, task)
@@ -281,10 +328,16 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
     metrics, _ = evaluate(backbone.model, task, splits, batch_size, target)
-    result = {"run": str(path), "task": task.name, "method": delta.meta["method"], "metrics": metrics}
+    examples = {name: len(split) for name, split in splits.items()}
+    result = {"run": str(path), "task": task.name, "trained_on": trained_on, "method": delta.meta["method"],
+              "examples": examples, "max_eval_examples": max_examples, "metrics": metrics}
     out_dir = path if path.is_dir() else path.parent
-    runfs.write_text(out_dir / f"eval_{task.name}.json", json.dumps(result, indent=2) + "\n", out_dir)
-    print(f"{task.name} · {delta.meta['method']} · {format_metrics(metrics)}")
+    # a partial score never overwrites (or passes for) the whole split's
+    name = f"eval_{task.name}.json" if max_examples is None else f"eval_{task.name}_first{max_examples}.json"
+    runfs.write_text(out_dir / name, json.dumps(result, indent=2) + "\n", out_dir)
+    scope = "whole split" if max_examples is None else f"first {max_examples} at most"
+    counts = ", ".join(f"{split} {n:,}" for split, n in examples.items())
+    print(f"{task.name} · {delta.meta['method']} · {counts} examples ({scope}) · {format_metrics(metrics)}")
     return result
 
 
@@ -298,6 +351,7 @@ def validate(cfg: DictConfig) -> None:
     spec = RunSpec.from_config(cfg)
     resolve_device(spec.trainer.device)  # validate runs on the CPU, train where this names: refuse what is absent
     task = load_task(spec.task)
+    full = dict(task.splits)
     n_train = len(task.splits["train"])
     task.splits = {name: rows[:8] for name, rows in task.splits.items()}
     backbone, method = build(spec, task)
@@ -316,3 +370,32 @@ def validate(cfg: DictConfig) -> None:
     print(report.line())
     print(f"one training batch of {len(split)} examples: loss {loss.item():.4f}")
     print(f"schedule: {total_steps:,} steps ({steps_per_epoch:,} per epoch of {n_train:,} training examples)")
+    print(expected_cost(spec, task, method, backbone, full, total_steps, steps_per_epoch).line())
+
+
+def expected_cost(spec: RunSpec, task: Task, method, backbone: Backbone, full: dict[str, list[Any]],
+                  total_steps: int, steps_per_epoch: int):
+    """The run's expected wall time (cost.py): the trainer's own steps timed per phase on a seeded sample of
+    `trainer.batch_size` rows, one evaluation timed on a sample and scaled, setup as this process took it."""
+    import time
+
+    from selectune import cost
+
+    setup_s = cost.process_age()
+    real_switch = getattr(method, "switch_step", None)
+    seed, eval_rows = spec.trainer.seed, 2 * spec.trainer.eval_batch_size
+    sample = {"train": [full["train"][i] for i in cost.sample_rows(
+        len(full["train"]), cost.timing_steps(method) * spec.trainer.batch_size, seed)]}
+    for name in (n for n in full if n != "train"):
+        sample[name] = [full[name][i] for i in cost.sample_rows(len(full[name]), min(len(full[name]), eval_rows), seed)]
+    task.splits = sample
+    t0 = time.perf_counter()
+    splits = encode_splits(task, backbone, list(sample))
+    setup_s += (time.perf_counter() - t0) * sum(map(len, full.values())) / sum(map(len, sample.values()))
+    times, eval_s = cost.time_steps(spec, task, method, splits)
+    phases, switch_s = cost.estimate(times, real_switch, total_steps)
+    evaluated = [n for n in full if n != "train"]
+    eval_s *= sum(len(full[n]) for n in evaluated) / sum(len(sample[n]) for n in evaluated)
+    device = str(distributed.device_for(distributed.Context(), resolve_device(spec.trainer.device)))
+    return cost.Estimate(setup_s, phases, switch_s, cost.evaluations(total_steps, spec.trainer.eval_every
+                                                                     or steps_per_epoch), eval_s, device)

@@ -120,7 +120,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         message = first_line(str(err))
         if message.startswith("Could not override"):
             key = message.split("'")[1] if "'" in message else message
-            message = f"unknown config key '{key}' (`selectune cat <recipe>` shows every key)"
+            message = f"unknown config key '{key}'{close_key(config_name, overrides, key)} (`selectune cat <recipe>` " \
+                      f"shows every key)"
         raise SelectuneError(message) from err
     except yaml.MarkedYAMLError as err:  # a user's own recipe file that is not YAML
         mark = err.problem_mark or err.context_mark
@@ -140,6 +141,30 @@ def resolve_all(cfg: DictConfig) -> None:
         raise SelectuneError(f"config{f' key {key!r}' if key else ''}: {first_line(str(err))}") from None
 
 
+def close_key(config_name: str, overrides: list[str], key: str) -> str:
+    """`: did you mean trainer.lr?` for an unknown `trainer.learning_rate`: the keys beside it in the config
+    composed without that override (where it composes), matched by spelling; "" when none is close."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except (HydraException, OmegaConfBaseException):
+        return ""
+    if not isinstance(node, DictConfig):
+        return ""
+    aliases = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "rank": "r"}  # transformers' and peft's names
+    names = [str(k) for k in node]
+    close = [aliases[leaf]] if aliases.get(leaf) in names else difflib.get_close_matches(leaf, names, n=2, cutoff=0.6)
+    return f": did you mean {' or '.join(f'{parent}.{c}' if parent else c for c in close)}?" if close else ""
+
+
 def typed(schema: type[T], node: Any, where: str) -> T:
     """Merge a config section into its dataclass schema and return the dataclass instance.
 
@@ -152,8 +177,10 @@ def typed(schema: type[T], node: Any, where: str) -> T:
         key = getattr(err, "full_key", None) or ""
         msg = first_line(str(err))
         if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
-            valid = ", ".join(f.name for f in dataclasses.fields(schema))  # type: ignore[arg-type]
-            raise SelectuneError(f"unknown key '{where}.{key}' (valid keys: {valid})") from err
+            names = [f.name for f in dataclasses.fields(schema)]  # type: ignore[arg-type]
+            close = difflib.get_close_matches(str(key).rpartition(".")[2], names, n=1, cutoff=0.6)
+            hint = f"did you mean {where}.{close[0]}? " if close else ""
+            raise SelectuneError(f"unknown key '{where}.{key}' ({hint}valid keys: {', '.join(names)})") from err
         raise SelectuneError(f"bad value for '{where}.{key}': {msg}") from err
 
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from selectune import runfs
 from selectune.errors import SelectuneError
 from selectune.peft_export import export_peft, peft_kind
+from selectune.tasks.glue import GlueSpec, label_names
 
 FORMATS = ("merged", "peft")  # peft: a LoRA / AdaLoRA adapter folder (selectune.peft_export)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +37,7 @@ def lost_in_cast(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) 
     return int(changed.sum()), int(lost.sum())
 
 
-def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor]) -> None:
+def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor], card: str = "") -> None:
     """Save the merged model into a fresh folder beside `target`, then rename it into place: a failure
     (a full disk) leaves no partial `target`, and no folder but the one made here is ever removed."""
     from selectune.backbone import save_preprocessor
@@ -48,6 +49,8 @@ def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor])
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         backbone.model.save_pretrained(tmp)
         save_preprocessor(backbone, tmp)
+        if card:
+            (tmp / "README.md").write_text(card)
         if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
             runfs.save_safetensors(adapters, tmp / "adapters.safetensors", {"format": "selectune.adapters/1"})
         if target.is_dir() and not target.is_symlink():
@@ -61,6 +64,43 @@ def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor])
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_card(run: str, meta: dict[str, Any], labels: Any, dtype: str) -> str:
+    """README.md of an exported model: what it is, what it scored (the run's results.json when beside the
+    delta), how it was trained and how to load it, so the folder explains itself without selectune."""
+    import json
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    lines = [f"# {meta.get('task')} · {meta.get('method')} on {meta.get('base_model')}", "",
+             f"A plain transformers sequence-classification model: the {meta.get('method')} task delta of selectune "
+             f"run `{folder}` merged into its base model `{meta.get('base_model')}` (base weights hash "
+             f"{meta.get('base_hash')}), saved in {dtype}.", "",
+             "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+             "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")",
+             "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "```", ""]
+    if labels:
+        lines += ["Labels (id: name): " + ", ".join(f"{i}: {name}" for i, name in enumerate(labels)), ""]
+    else:
+        lines += ["Regression: one output, the predicted score.", ""]
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and isinstance(results.get("metrics"), dict):
+        lines += ["| split | metric | value |", "|---|---|---|"]
+        lines += [f"| {split} | {name} | {'n/a' if value is None else f'{value:.2f}'} |"
+                  for split, values in results["metrics"].items() if isinstance(values, dict)
+                  for name, value in values.items() if value is None or isinstance(value, (int, float))]
+        lines += ["", f"Chosen by `trainer.select={results.get('selection')}` at step {results.get('selected_step')} "
+                      f"of {results.get('steps')}.", ""]
+    budget = meta.get("budget") or {}
+    trainer = (meta.get("config") or {}).get("trainer") or {}
+    lines += ["Training: " + ", ".join(f"{k} {trainer[k]}" for k in ("epochs", "max_steps", "batch_size", "lr", "seed")
+                                      if trainer.get(k) is not None)
+              + (f"; stored {budget['stored']:,} numbers" if isinstance(budget.get("stored"), int) else "")
+              + f"; selectune {meta.get('selectune_version')}.", ""]
+    return "\n".join(lines)
 
 
 def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt: str = "merged") -> dict[str, Any]:
@@ -84,7 +124,8 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
         peft_kind(delta)  # refuse a sparse / SPT delta before loading the model
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
     task = task_spec(spec.task)
-    backbone = load_backbone(spec.model, task.num_labels, task.is_regression, task.labels, spec.trainer.seed,
+    names = label_names(task) if isinstance(task, GlueSpec) else task.labels  # id2label: names, not "0"/"1"
+    backbone = load_backbone(spec.model, task.num_labels, task.is_regression, names, spec.trainer.seed,
                              causal_lm=is_causal(task))
     found = backbone.base_hash()
     if found != delta.meta["base_hash"] and not force:
@@ -108,7 +149,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     adapters = delta.adapters
     kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
             if k.rpartition("::")[0] in adapters and "adapter" in k}
-    _write_model(target, backbone, kept)
+    _write_model(target, backbone, kept, model_card(run, delta.meta, names, dtype))
     if adapters:
         print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in "
               f"{target}/adapters.safetensors (the merged model alone lacks them; `selectune eval run={run}` "

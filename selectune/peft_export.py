@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def write_peft(delta: Any, backbone: Any, target: Path, dtype: torch.dtype) -> d
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        peft_model.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model.save_pretrained(tmp)
         save_preprocessor(backbone, tmp)
         if target.exists():
             target.rmdir()  # an empty folder (export refuses a non-empty one)
@@ -116,7 +119,9 @@ def _wrap(model: torch.nn.Module, marker: str, factors: dict[str, dict[str, torc
     else:
         r = max(1, max(parts["svd_E"].numel() for parts in factors.values()))
         config = AdaLoraConfig(init_r=r, target_r=r, lora_alpha=scale * r, total_step=1, **common)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers method transformers deprecates: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, parts in factors.items():
             layer = peft_model.base_model.model.get_submodule(name)

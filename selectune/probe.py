@@ -14,6 +14,7 @@ and prints the same grid as a table.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ GATED_COLUMNS = ["q", "k", "v", "o", "gate", "ffn-in", "ffn-out", "vectors"]
 def grid_columns(names: list[str]) -> list[str]:
     """The heat map's columns for a model whose parameters are `names` (layers x roles)."""
     return GATED_COLUMNS if any(module_type(n) == "gate" for n in names) else GRID_COLUMNS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,8 +141,12 @@ def _probe(cfg: DictConfig, run_dir: Path, stage: Path | None) -> dict[str, Any]
         grid_heatmap([[100 * v for v in row] for row in grid], columns, run_dir / f"heatmap_{score}.png",
                      title, "% of the top-τ entries")
         print_grid(grid, title.replace("\n", "; "), columns)
+        log.info("%s: %s", title.replace("\n", "; "), "; ".join(  # probe.log: the grid as a person reads it
+            f"layer {i} " + " ".join(f"{c} {100 * v:.1f}%" for c, v in zip(columns, row, strict=True))
+            for i, row in enumerate(grid)))
     runfs.write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n", run_dir)  # last: finished
     Console(stderr=True).print(f"wrote sensitivity.safetensors, summary.json, heatmap_*.png to {run_dir}")
+    log.info("wrote sensitivity.safetensors, summary.json, heatmap_*.png to %s", run_dir)
     return summary
 
 

@@ -33,6 +33,7 @@ VTAB_1K = ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet",
 
 SETS = (
     RecipeSet("glue", "glue", ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")),
+    RecipeSet("text", "glue", ("custom",)),  # a user's own CSV/TSV/JSONL with the GLUE presets: text/custom_lora
     RecipeSet("vtab", "vtab", VTAB_1K),  # ViT-B/16 IN-21k, the references' backbone (online)
     # the VTAB-1k-layout tasks scripts/reproduction/vtab_digits.py writes, on the offline DINOv2 ViT-S/14
     RecipeSet("vtab", "vtab_dinov2", ("cifar10_1k", "digits", "dtd10", "fashion_mnist_1k")),
@@ -114,11 +115,48 @@ def recipe_description(name: str, made: dict[str, tuple[str, str]] | None = None
     return header((conf_dir() / "preset" / f"{preset}.yaml").read_text()).replace("{task}", task_title(task))
 
 
-def print_recipes() -> None:
-    """`selectune ls`: every recipe with the first line of its header comment."""
+def print_recipes(names: list[str] | None = None) -> None:
+    """`selectune ls`: every recipe (or `names`, those a filter kept) with the first line of its header comment."""
     made = composed()
-    names = list_recipes(made)
+    names = list_recipes(made) if names is None else names
     width = max(map(len, names), default=0)
     for name in names:
         print(f"{name:<{width}}  {recipe_description(name, made)}")
     print(f"\n{len(names)} recipes · run one: selectune train recipe=<recipe> · see it: selectune cat <recipe>")
+
+
+def matching(names: list[str], patterns: list[str]) -> list[str]:
+    """The names that `selectune ls <patterns>` shows: those containing every pattern (`mrpc lora`), where a
+    pattern with `*`, `?` or `[` is a shell-style glob matched against the whole name (`glue/*_sdiff`)."""
+    from fnmatch import fnmatchcase
+
+    def fits(name: str, pattern: str) -> bool:
+        return fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else pattern in name
+
+    return [name for name in names if all(fits(name, p) for p in patterns)]
+
+
+def recipe_text(name: str, new_name: str, made: dict[str, tuple[str, str]] | None = None) -> str:
+    """An editable copy of recipe `name` as a file of its own (`selectune cp`): the shipped recipe file's
+    body, or for a composed recipe its preset's body with the task picked in its defaults, under a header
+    saying where it came from. The body's values are the recipe's own, so editing one changes the run."""
+    made = composed() if made is None else made
+    if name in made:
+        preset, task = made[name]
+        source = (conf_dir() / "preset" / f"{preset}.yaml").read_text()
+    else:
+        source, task = (conf_dir() / "recipe" / f"{name}.yaml").read_text(), None
+    lines = source.splitlines()
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):  # its header: replaced below
+        lines.pop(0)
+    if task is not None:
+        if "defaults:" not in lines:
+            lines[:0] = ["defaults:"]
+        at = lines.index("defaults:") + 1
+        while at < len(lines) and lines[at].startswith("  - "):
+            at += 1
+        lines.insert(at, f"  - override /task: {task}")
+    head = ["# @package _global_",  # a recipe sets keys of the whole config (model, task, trainer...), not recipe.*
+            f"# {new_name} — a copy of {name} ({recipe_description(name, made)}): edit the values below",
+            f"#   every key it sets, with its value: selectune cat {name} (add any of them here to change it)"]
+    return "\n".join(head + [""] + lines) + "\n"

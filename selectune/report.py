@@ -9,7 +9,7 @@ rates are two rows named by the difference, never one row with a false ±), and 
                          more, also method × task (primary metric) and the average over the tasks; with
                          pair=A:B, A − B per task on the seeds both have (noise of seed choice removed)
     metric_vs_budget.png per task: primary metric against stored parameters (log scale), one line per method
-    training_curves.png  training loss against step, one line per run
+    training_curves.png  training loss against step, one panel per task, one line per run
 
 Run folders are read, not trusted: a results.json that cannot be read or lacks what the table needs,
 an unreadable config.yaml, or a metrics.jsonl line that is not a JSON record is skipped with a
@@ -33,8 +33,8 @@ from selectune.tasks.glue import GLUE
 
 # Settings that differ between runs of one experiment without making them different experiments.
 NOT_A_VARIANT = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
-                 "trainer.log_every", "trainer.checkpoint_every", "out_dir", "run_name", "task.data_root", "debug",
-                 "online")
+                 "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.grad_accum",
+                 "out_dir", "run_name", "task.data_root", "debug", "online")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -235,9 +235,28 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "seeds": sorted(m["seed"] for m in members), "backbone": members[0]["budget"]["backbone"],
                      "delta_bytes": statistics.mean(m["delta_bytes"] for m in members),
                      "step_time_s": statistics.mean(m["step_time_s"] for m in members),
+                     "phase_step_time_s": _phase_times(members),
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
                      "runs": [m["run_dir"] for m in members]})
     return rows
+
+
+def _phase_times(members: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean s/step of each phase over the runs that recorded it (results.json's step_time_s_by_phase), for a
+    method with phases (diff pruning: "1", "2"); {} when none did or there is only one phase."""
+    seen: dict[str, list[float]] = {}
+    for member in members:
+        phases = member.get("step_time_s_by_phase")
+        if isinstance(phases, dict) and len(phases) > 1:
+            for phase, value in phases.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    seen.setdefault(str(phase), []).append(float(value))
+    return {phase: statistics.mean(values) for phase, values in sorted(seen.items())}
+
+
+def _phases_shown(row: dict[str, Any]) -> str:
+    phases = row.get("phase_step_time_s") or {}
+    return f" (phase {', phase '.join(f'{k}: {v:.2f}' for k, v in phases.items())})" if phases else ""
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -249,7 +268,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
-                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f} | "
+                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
     return "\n".join(lines)
 
@@ -304,6 +323,20 @@ def parse_pair(text: str) -> tuple[str, str]:
     return first, second
 
 
+def _pair_label(name: str, labels: set[str]) -> str:
+    """The report label `pair=` means: itself, or the one label whose method is `name` (`lora` for
+    `lora (trainer.lr=0.001)`); several such labels are named for the user to pick one."""
+    if name in labels:
+        return name
+    matches = sorted(label for label in labels if label.split(" (", 1)[0] == name)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise SelectuneError(f"report: pair label {name!r} fits {len(matches)} labels; give one whole: "
+                             f"{', '.join(repr(m) for m in matches)}")
+    raise SelectuneError(f"report: no GLUE run is labelled {name!r} (labels: {', '.join(sorted(labels))})")
+
+
 def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     """Method A − method B per GLUE task on the seeds both have, so a difference is never one of seed
     luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
@@ -313,10 +346,7 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     lines = _glue_header("A − B", tasks)
     labels = {label for label, _ in cells}
     for a, b in pairs:
-        missing = [label for label in (a, b) if label not in labels]
-        if missing:
-            raise SelectuneError(f"report: no GLUE run is labelled {missing[0]!r} "
-                                 f"(labels: {', '.join(sorted(labels))})")
+        a, b = (_pair_label(label, labels) for label in (a, b))
         shown, means = [], []
         for task in tasks:
             first, second = (_by_seed(cells.get((label, task), []), label, task) for label in (a, b))
@@ -375,22 +405,30 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
         ax.set_xlabel("stored parameters per task")
         ax.set_ylabel(f"dev {next(r['primary'] for r in rows if r['task'] == task)}")
         ax.set_title(task)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, ncol=2)  # below
     fig.tight_layout()
-    fig.savefig(out / "metric_vs_budget.png", dpi=120)
+    fig.savefig(out / "metric_vs_budget.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # one panel per task: losses of different scales (STS-B's MSE, a classification's cross-entropy) never
+    # share an axis; a run with one logged point is drawn as a marker, not an invisible line
+    curves = {}
     for run in runs:
         path = metrics_file(Path(run["run_dir"]))
-        if path is not None:
-            steps = read_losses(path)
-            if steps:
-                ax.plot(*zip(*steps, strict=True), label=f"{run['task']} {run['method']} s{run['seed']}", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=6, ncol=2)
+        steps = read_losses(path) if path is not None else []
+        if steps:
+            curves.setdefault(run["task"], []).append((f"{run['method']} s{run['seed']}", steps))
+    names = sorted(curves) or ["(no training losses)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], names, strict=True):
+        for label, steps in curves.get(task, []):
+            ax.plot(*zip(*steps, strict=True), label=label, lw=1, marker="o" if len(steps) == 1 else None)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        if curves.get(task):
+            ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=120)
+    fig.savefig(out / "training_curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return ["metric_vs_budget.png", "training_curves.png"]
 

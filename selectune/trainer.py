@@ -9,6 +9,7 @@ is stored, never this file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ class TrainerConfig:
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs when set
     batch_size: int = 32
+    grad_accum: int = 1  # split each batch into this many forward/backward passes (less memory, the same steps)
     eval_batch_size: int = 128
     lr: float = 2e-5  # for the method's parameters unless method.lr is set
     weight_decay: float = 0.01
@@ -51,8 +53,10 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     eval_every: Optional[int] = None  # steps; None: at the end of every epoch (and always at the end)
     checkpoint_every: Optional[int] = None  # steps; None: at every evaluation
+    checkpoint_minutes: Optional[float] = 10.0  # also a checkpoint once this long has passed since the last; null: off
     log_every: int = 10
     select: str = "last"  # which evaluation the stored delta and results come from: last | best
+    patience: Optional[int] = None  # stop once this many evaluations in a row did not improve on the val split
     seed: int = 42
     resume: bool = False  # continue from the run directory's checkpoint (same hydra.run.dir / out_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -72,12 +76,20 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.select not in ("last", "best"):
             raise SelectuneError(f"trainer.select='{self.select}': use last or best")
-        for key in ("batch_size", "eval_batch_size", "log_every"):
+        for key in ("batch_size", "eval_batch_size", "log_every", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be positive, got {getattr(self, key)}")
         for key in ("max_steps", "eval_every", "checkpoint_every"):  # None: the default; 0 would mean "never"
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise SelectuneError(f"trainer.{key} must be a positive number of steps, got {getattr(self, key)}")
+        if self.grad_accum > self.batch_size:
+            raise SelectuneError(f"trainer.grad_accum={self.grad_accum} splits each batch of trainer.batch_size="
+                                 f"{self.batch_size} rows: it can be at most the batch size")
+        if self.patience is not None and self.patience <= 0:
+            raise SelectuneError(f"trainer.patience must be a positive number of evaluations, got {self.patience}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise SelectuneError(f"trainer.checkpoint_minutes must be positive (or null for none), got "
+                                 f"{self.checkpoint_minutes}")
         if not self.lr > 0:
             raise SelectuneError(f"trainer.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -217,6 +229,11 @@ class RunState:
     window_t0: float = 0.0
     stopped_at: Optional[int] = None  # the step on_eval ended the run at
     resumed: bool = False  # the state came from a checkpoint
+    phase_time: dict[str, list[float]] = field(default_factory=dict)  # phase -> [seconds, steps] (s/step by phase)
+    stopped_early: Optional[int] = None  # the step trainer.patience stopped the run at
+    session_t0: float = 0.0  # when this process started training (elapsed and ETA in the log lines)
+    session_step: int = 0  # the step it started at
+    saved_at: float = 0.0  # when the last checkpoint was written (trainer.checkpoint_minutes)
 
 
 class Trainer:
@@ -250,6 +267,9 @@ class Trainer:
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         method.plan(self.total_steps, self.steps_per_epoch)  # schedules are validated before any step
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        if cfg.patience is not None and task.select_split != "val":
+            raise SelectuneError("trainer.patience stops on the validation split, and this run has none: add "
+                                 "task.validation=0.1 (a share of the training file), so dev is never chosen on")
         self.sink = open_sink(run_dir, cfg.tensorboard and ctx.main)
 
     # ------------------------------------------------------------------ helpers
@@ -368,9 +388,36 @@ class Trainer:
                             and step < self.total_steps):
                         run.stopped_at = step
                         break
-                if step % self.checkpoint_every == 0 and step < self.total_steps and self.ctx.main:
+                    if self._stale(run):
+                        if self.ctx.main:
+                            stop = (f"early stop at step {step}: no better {self.task.select_split} "
+                                    f"{self.task.spec.primary} in {self.cfg.patience} evaluations (trainer.patience)")
+                            progress.console.print(stop, soft_wrap=True)
+                        run.stopped_early = step
+                        break
+                if step < self.total_steps and self.ctx.main and (step % self.checkpoint_every == 0
+                                                                  or self._checkpoint_due(run)):
                     self._checkpoint(run)
         return self._finish(run)
+
+    def _stale(self, run: RunState) -> bool:
+        """Whether the last trainer.patience evaluations all failed to beat the best one before them."""
+        patience = self.cfg.patience
+        if patience is None or len(run.evals) <= patience:
+            return False
+        scores = [self._primary(e["metrics"]) for e in run.evals]
+        return max(scores[-patience:]) <= max(scores[:-patience])
+
+    def _checkpoint_due(self, run: RunState) -> bool:
+        """Whether trainer.checkpoint_minutes have passed since the last checkpoint (or the start): a long epoch
+        (8,419 steps on SST-2) is never all lost to a kill."""
+        minutes = self.cfg.checkpoint_minutes
+        return minutes is not None and time.perf_counter() - run.saved_at >= 60 * minutes
+
+    def _phase(self) -> str:
+        """The method's phase as the bar and the log show it (diff pruning: 1 or 2); "" for one-phase methods."""
+        phase = getattr(self.method, "phase", None)
+        return "" if phase is None else str(phase)
 
     def _restore(self) -> RunState:
         """A fresh run, or the one the checkpoint in run_dir left (weights, optimiser, schedule, RNG, data
@@ -386,6 +433,9 @@ class Trainer:
             method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
             run.step, run.evals, run.best, run.delta_bytes, run.train_time = (
                 state["step"], state["evals"], state["best"], state["delta_bytes"], state["train_time"])
+            kept = state.get("phase_time")  # absent in checkpoints written before it existed
+            run.phase_time = ({str(k): [float(v[0]), int(v[1])] for k, v in kept.items()}
+                              if isinstance(kept, dict) else {})
         self._build_optimizer(run)
         run.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if state is not None:
@@ -416,14 +466,13 @@ class Trainer:
 
     def _progress(self, run: RunState) -> Progress:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · "
-                                       "{task.fields[eps]:.1f} ex/s"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                             console=self.console, disable=not (self.cfg.progress and self.ctx.main),
                             transient=False)
-        run.bar = progress.add_task(f"{self.task.name} · {self.method.cfg.name}", total=self.total_steps,
-                                    completed=run.step, loss=float("nan"), lr=run.scheduler.get_last_lr()[0],
-                                    eps=0.0)
-        run.window_t0 = time.perf_counter()
+        # the stats stay empty until the first logging window has a loss and a speed to show
+        run.bar = progress.add_task(self._bar_title(), total=self.total_steps, completed=run.step, stats="")
+        run.window_t0 = run.session_t0 = run.saved_at = time.perf_counter()
+        run.session_step = run.step
         return progress
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -434,24 +483,39 @@ class Trainer:
             self._batches = (epoch, train_batches(len(train), self.cfg.batch_size, self.cfg.seed, epoch, lengths))
         return self._batches[1]
 
+    def _bar_title(self) -> str:
+        phase = self._phase()
+        return f"{self.task.name} · {self.method.cfg.name}" + (f" · phase {phase}" if phase else "")
+
     def _step(self, run: RunState) -> tuple[dict[str, Any], Optional[torch.Tensor], int]:
         """One optimiser step on the next batch: forward, task loss + method.penalty(), backward, clip, step,
         method.after_step. Returns what after_step logged, the penalty and this process's row count."""
         cfg, method, train = self.cfg, self.method, self.splits["train"]
         t0 = time.perf_counter()
+        phase = self._phase() or "train"
         epoch, offset = divmod(run.step, self.steps_per_epoch)
         global_rows = self._epoch_batches(epoch)[offset]
         rows = self.ctx.shard(global_rows)
-        batch = self._to_device(train.batch(rows))
-        labels = batch.pop("labels")
-        with self.autocast():
-            loss = task_loss(run.forward_model(**batch).logits, labels, self.task.spec.is_regression)
-        # DDP averages gradients over ranks: weigh each rank's mean by its share of the global batch
-        share = len(rows) * self.ctx.world / len(global_rows)
-        penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
-        total = loss * share if penalty is None else loss * share + penalty
-        run.watch.add(loss, total, len(rows), run.step + 1)  # on the device: read back only at log_every
-        run.scaler.scale(total).backward()
+        parts = [part.tolist() for part in np.array_split(np.array(rows, dtype=np.int64), cfg.grad_accum)
+                 if len(part)]  # trainer.grad_accum: the same batch in several passes, gradients summed
+        penalty = None
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            batch = self._to_device(train.batch(part))
+            labels = batch.pop("labels")
+            # DDP syncs gradients on the last pass only
+            sync = contextlib.nullcontext() if last or not self.ctx.active else run.forward_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = task_loss(run.forward_model(**batch).logits, labels, self.task.spec.is_regression)
+                # DDP averages gradients over ranks: weigh each pass's mean by its share of the global batch
+                share = len(part) * self.ctx.world / len(global_rows)
+                total = loss * share
+                if last:
+                    penalty = method.penalty()  # outside autocast: method state (α, importance...) stays fp32
+                    total = total if penalty is None else total + penalty
+                run.watch.add(loss, total, len(part), run.step + 1)  # on the device: read back at log_every
+                run.scaler.scale(total).backward()
         run.scaler.unscale_(run.optimizer)
         if cfg.max_grad_norm > 0:
             self._clip(run.optimizer)
@@ -463,7 +527,11 @@ class Trainer:
         run.optimizer.zero_grad(set_to_none=True)
         if method.trainable_version != run.built_for:  # the method changed what trains (re-selection)
             self._build_optimizer(run)
-        run.train_time += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        run.train_time += took
+        spent = run.phase_time.setdefault(phase, [0.0, 0])
+        spent[0] += took
+        spent[1] += 1
         return extra, penalty, len(rows)
 
     def _log_window(self, run: RunState, penalty: Optional[torch.Tensor], progress: Progress) -> None:
@@ -477,10 +545,18 @@ class Trainer:
         if penalty is not None:
             record["penalty"] = penalty.item()
         self._write_jsonl(record)
-        progress.update(run.bar, loss=record["loss"], lr=record["lr"], eps=record["examples_per_s"])
+        stats = f"loss {record['loss']:.4f} · lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s"
+        log.info("step %d/%d · %s", run.step, self.total_steps, stats)
+        progress.update(run.bar, stats=stats, description=self._bar_title())
         if self.cfg.progress and self.ctx.main and not self.console.is_terminal:  # a log file gets plain lines
-            self.console.print(f"step {run.step}/{self.total_steps} · loss {record['loss']:.4f} · "
-                               f"lr {record['lr']:.2e} · {record['examples_per_s']:.1f} ex/s")
+            from selectune.cost import duration
+
+            elapsed = time.perf_counter() - run.session_t0
+            done = run.step - run.session_step
+            eta = elapsed / max(done, 1) * (self.total_steps - run.step)
+            phase = self._phase()
+            self.console.print(f"step {run.step}/{self.total_steps}" + (f" · phase {phase}" if phase else "")
+                               + f" · {stats} · elapsed {duration(elapsed)} · ETA {duration(eta)}", soft_wrap=True)
         run.window_n, run.window_t0 = 0, time.perf_counter()
         run.window_extra.clear()
 
@@ -491,6 +567,7 @@ class Trainer:
         self._write_jsonl({"step": run.step, "eval": metrics})
         if self.ctx.main:
             progress.console.print(f"step {run.step}: " + format_metrics(metrics))
+            log.info("step %d: %s", run.step, format_metrics(metrics))
         improved = run.best is None or self._primary(metrics) > self._primary(run.best["metrics"])
         if self.cfg.select == "best" and self.method.storable and improved:
             run.best = {"step": run.step, "metrics": metrics}
@@ -502,7 +579,9 @@ class Trainer:
         checkpoint.save(self.run_dir, run.params, {
             "step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "method": self.method.state(), "evals": run.evals,
-            "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time})
+            "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time,
+            "phase_time": run.phase_time})
+        run.saved_at = time.perf_counter()
 
     def _finish(self, run: RunState) -> dict[str, Any]:
         """Store the delta (select=last), the method's artifacts, drop the checkpoint; the run's results."""
@@ -525,6 +604,9 @@ class Trainer:
                 "metrics": chosen["metrics"],
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
+                "stopped_early": run.stopped_early,
+                "step_time_s_by_phase": {phase: round(seconds / max(steps, 1), 4)
+                                         for phase, (seconds, steps) in run.phase_time.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
                 "precision": self.precision, "stopped_at": run.stopped_at, "distributed": distributed}
 

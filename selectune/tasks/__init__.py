@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from selectune.errors import SelectuneError
-from selectune.tasks import causal, glue, metrics, validation, vtab
+from selectune.tasks import causal, custom, glue, metrics, validation, vtab
 from selectune.tasks.batches import EncodedSplit, ImageSplit, encode_text
 
 
@@ -20,7 +20,7 @@ class TaskConfig:
     """The `task` config group (task/glue/<name>.yaml, task/vtab/<name>.yaml)."""
 
     name: str
-    family: str = "glue"  # glue | vtab | causal
+    family: str = "glue"  # glue | vtab | causal | text (a user's own CSV/TSV/JSONL: task=text/custom)
     source: str = "local"  # local: files under data_root; hub (glue): `datasets.load_dataset(hub_path, name)`
     data_root: Optional[str] = None  # None: $SELECTUNE_DATA
     hub_path: str = "nyu-mll/glue"
@@ -38,13 +38,19 @@ class TaskConfig:
     dev_file: Optional[str] = None
     template: Optional[str] = None  # causal GLUE: the prompt, {0} / {1} for the texts (None: the task's own)
     label_words: Optional[list[str]] = None  # causal GLUE: one answer word per label (None: the task's own)
+    text_column: str = "text"
+    pair_column: Optional[str] = None
+    label_column: str = "label"
+    labels: Optional[list[str]] = None  # the head's label order; None: the training file's values, sorted
+    regression: bool = False
+    metrics: Optional[list[str]] = None  # the first is the one choices are made on; None: f1+accuracy / pearson
 
 
 @dataclass
 class Task:
     """A loaded task: its spec, its examples per split, and how to score predictions."""
 
-    spec: glue.GlueSpec | vtab.VtabSpec | causal.PromptSpec | causal.JsonlSpec
+    spec: glue.GlueSpec | vtab.VtabSpec | causal.PromptSpec | causal.JsonlSpec | custom.TextSpec
     splits: dict[str, list[Any]]
     max_seq_length: int = 128
     family: str = "glue"  # its entry in FAMILIES: how its splits become model inputs
@@ -160,6 +166,20 @@ def is_causal(spec: Any) -> bool:
     return bool(getattr(spec, "causal_lm", False))
 
 
+def _text_spec(cfg: TaskConfig) -> custom.TextSpec:
+    return custom.text_spec(cfg)
+
+
+def _text_read(cfg: TaskConfig, spec: custom.TextSpec, root: Optional[str]) -> Task:
+    splits = custom.read_splits(spec, cfg)
+    if cfg.validation is not None:  # carved as for GLUE: from the whole file, then the limits apply
+        train, val = validation.carve(splits["train"], [e.label for e in splits["train"]], cfg.validation,
+                                      stratified=not spec.is_regression)
+        splits["train"] = train[:cfg.max_train_examples]
+        splits[validation.SPLIT] = val[:cfg.max_eval_examples]
+    return Task(spec, splits, spec.max_seq_length, "text")
+
+
 @dataclass(frozen=True)
 class Family:
     """One benchmark family: how a task config names its spec (labels, metrics: no data read, so export
@@ -174,6 +194,7 @@ FAMILIES: dict[str, Family] = {
     "glue": Family(_glue_spec, _glue_read, _glue_encode),
     "vtab": Family(_vtab_spec, _vtab_read, _vtab_encode),
     "causal": Family(_causal_spec, _causal_read, _causal_encode),
+    "text": Family(_text_spec, _text_read, _glue_encode),
 }
 
 
@@ -183,7 +204,7 @@ def family(cfg: TaskConfig) -> Family:
     return FAMILIES[cfg.family]
 
 
-def task_spec(cfg: TaskConfig) -> glue.GlueSpec | vtab.VtabSpec:
+def task_spec(cfg: TaskConfig) -> glue.GlueSpec | vtab.VtabSpec | custom.TextSpec:
     """The task's spec (labels, metrics) without reading its data."""
     return family(cfg).spec(cfg)
 

@@ -69,6 +69,18 @@ GLUE: dict[str, GlueSpec] = {
     ]
 }
 
+# the Hub's ClassLabel names (nyu-mll/glue), in id order: what an exported model's id2label says
+LABEL_NAMES = {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+               "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+               "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+               "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment")}
+
+
+def label_names(spec: GlueSpec) -> tuple[str, ...] | None:
+    """The names a person reads for the task's label ids (the TSV's own strings are often "0" and "1")."""
+    return LABEL_NAMES.get(spec.name, spec.labels) if spec.labels is not None else None
+
+
 HUB_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
               "dev_mismatched": "validation_mismatched"}
 

@@ -25,6 +25,13 @@ def f1(preds: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0.0))
 
 
+def f1_macro(preds: np.ndarray, labels: np.ndarray) -> float:
+    """F1 averaged over the classes (each weighs the same): for a custom task of more than two labels."""
+    from sklearn.metrics import f1_score
+
+    return 100.0 * float(f1_score(labels, preds, average="macro", zero_division=0.0))
+
+
 def matthews(preds: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation (CoLA). sklearn returns 0 when one side is constant."""
     from sklearn.metrics import matthews_corrcoef
@@ -56,6 +63,7 @@ def spearman(preds: np.ndarray, labels: np.ndarray) -> float | None:
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
     "accuracy": accuracy,
     "f1": f1,
+    "f1_macro": f1_macro,
     "matthews": matthews,
     "pearson": pearson,
     "spearman": spearman,
