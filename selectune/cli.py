@@ -458,8 +458,16 @@ def _hydra_command(command: str, rest: list[str]) -> None:
             raise SelectuneError(f"which recipe? selectune {command} recipe=<recipe> [key=value ...] "
                                  f"(selectune ls lists them)")
     _precheck(command, rest)
-    sys.argv = [f"selectune {command}", *rest]
+    sys.argv = [f"selectune {command}", *quiet_ranks(os.environ), *rest]
     run_hydra(command, HYDRA_BODIES[command], rest)
+
+
+def quiet_ranks(env: dict[str, str] | os._Environ) -> list[str]:
+    """Under torchrun only rank 0 speaks: Hydra's own lines ("Launching 3 jobs locally", each job's overrides) and
+    its job log (train.log) would otherwise come once per process."""
+    if env.get("RANK", "0") == "0":
+        return []
+    return ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
 
 
 # `hydra.*` overrides that leave where Hydra writes as selectune set it (a sweep's folder stays the user's to name)

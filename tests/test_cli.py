@@ -158,3 +158,13 @@ def test_debug_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("bad", ["run=does/not/exist"])
 def test_eval_of_a_missing_delta(tmp_path, bad):
     assert_clean_failure(run_cli("eval", bad, cwd=tmp_path), "no task delta at")
+
+
+def test_only_rank_zero_speaks_under_torchrun(tmp_path):
+    from selectune.cli import quiet_ranks
+
+    assert quiet_ranks({}) == [] and quiet_ranks({"RANK": "0"}) == []
+    assert quiet_ranks({"RANK": "1"}) == ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
+    done = run_cli("train", "glue/rte_lora", "model=tiny_random", "--cfg", "hydra", cwd=tmp_path, env={"RANK": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "hydra/job_logging: disabled" in done.stdout and "hydra/hydra_logging: disabled" in done.stdout
