@@ -66,7 +66,7 @@ def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor])
 def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt: str = "merged") -> dict[str, Any]:
     from selectune.backbone import load_backbone
     from selectune.delta.taskdelta import TaskDelta
-    from selectune.commands import RunSpec
+    from selectune.runspec import RunSpec
     from selectune.tasks import task_spec
 
     if dtype not in DTYPES:

@@ -25,6 +25,7 @@ from torch import nn
 
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
+from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 
 
@@ -184,8 +185,6 @@ class Method(ABC):
 
     def stored_count(self) -> int:
         """Numbers the TaskDelta stores (what it will store, for a method that is not storable yet)."""
-        from selectune.delta.taskdelta import TaskDelta
-
         return TaskDelta(self.delta()).stored
 
     def report(self) -> BudgetReport:
