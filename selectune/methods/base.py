@@ -92,6 +92,12 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_budget: ClassVar[bool] = False  # False: the method sizes itself and rejects a budget
+    # What the registry-wide tests need to run this method, so a new method adds no line to a shared test:
+    # the families it runs on ("text": glue/<task>_<name> on tiny_random; "vision": vtab/dtd10_<name> on
+    # dinov2_micro_random), each with the overrides that let it finish a run of 3-8 steps on that tiny model
+    # (its presets' schedules and budgets are the real backbones'). A family named here needs the method's
+    # preset of that family (preset/glue/<name>.yaml, preset/vtab_dinov2/<name>.yaml), and only those.
+    quick_test: ClassVar[dict[str, tuple[str, ...]]] = {"text": (), "vision": ()}
 
     def __init__(self, cfg: MethodConfig, budget: Optional[int]) -> None:
         self.cfg = cfg

@@ -83,6 +83,8 @@ class StructuredDiffPruningConfig(DiffPruningConfig):
 class DiffPruning(Method):
     Config = DiffPruningConfig
     uses_budget = True
+    quick_test = {"text": ("method.phase1_share=0.5",),
+                  "vision": ("budget.fraction=null", "budget.count=2000", "method.phase1_share=0.5")}
     cfg: DiffPruningConfig
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:

@@ -132,6 +132,8 @@ def allocate(scores: dict[str, torch.Tensor], budget: int, module_cost, alpha: f
 class SPT(Method):
     Config = SPTConfig
     uses_budget = True
+    quick_test = {"text": ("budget.count=20000", "method.probe_batches=2"),
+                  "vision": ("budget.fraction=null", "budget.count=3000", "method.probe_batches=2")}
     cfg: SPTConfig
 
     def setup(self, backbone: Backbone, probe_batches: ProbeBatches | None) -> None:
