@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from selectune import __version__, distributed, runfs
 from selectune.backbone import Backbone, load_backbone
@@ -158,10 +159,11 @@ def _train(cfg: DictConfig, spec: RunSpec, ctx: distributed.Context, run_dir: Pa
     report = method.report()
     decided = method.describe()
     if ctx.main:
-        console.print(f"[bold]{task.name}[/] · {method.cfg.name} · {backbone.name} · "
-                      f"{len(splits['train']):,} train examples · {report.line()}"
+        # escaped: rich would take the backbone's `[random init: ...]` label for markup and drop it
+        console.print(f"[bold]{escape(task.name)}[/] · " + escape(
+                      f"{method.cfg.name} · {backbone.name} · {len(splits['train']):,} train examples · {report.line()}"
                       + (f" · {json.dumps(decided)}" if decided else "")
-                      + (f" · {ctx.world} processes" if ctx.active else ""))
+                      + (f" · {ctx.world} processes" if ctx.active else "")))
         log.info("%s %s", report.line(), decided)
         if stage is not None:  # the run proceeds: what Hydra wrote moves in
             runfs.adopt_staging(stage, run_dir)
