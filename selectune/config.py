@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.resources
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selectune.errors import SelectuneError
+from selectune.options import CONF_PACKAGE, conf_dir, group_options  # noqa: F401 (conf_dir: config's API too)
+from selectune.recipes import list_recipes, register
 
 T = TypeVar("T")
 
-CONF_PACKAGE = "selectune.conf"
 GROUPS = ("model", "task", "method", "budget", "trainer")
 
 
@@ -48,18 +48,6 @@ def set_network(online: bool) -> None:
                 setattr(loaded, attribute, not online)
 
 
-def conf_dir() -> Path:
-    """The folder holding the primary configs and the config groups (recipes live in `recipe/`)."""
-    return Path(str(importlib.resources.files(CONF_PACKAGE)))
-
-
-def group_options(group: str, folder: Path | None = None) -> list[str]:
-    """Every option of a config group, nested names included (`task` -> `glue/mrpc`, ...): the shipped ones,
-    or those under `folder` (a user's config folder on the searchpath)."""
-    root = (conf_dir() if folder is None else folder) / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-
-
 def searched_folders(overrides: list[str]) -> list[Path]:
     """The `file://` folders a `hydra.searchpath=[...]` override adds: where users keep their own recipes."""
     for item in overrides:
@@ -73,12 +61,7 @@ def searched_folders(overrides: list[str]) -> list[Path]:
 def check_choice(group: str, value: str, folders: list[Path] | None = None) -> None:
     """Fail with suggestions when `group=value` names no option (Hydra's message lists them all).
     `folders`: users' own config folders (searched_folders), whose `<group>/` options count too."""
-    if group == "recipe":
-        from selectune.recipes import list_recipes  # recipes.py builds on this module
-
-        options = list_recipes()
-    else:
-        options = group_options(group)
+    options = list_recipes() if group == "recipe" else group_options(group)
     for folder in folders or []:
         options += group_options(group, folder)
     if value in options or value in ("null", ""):
@@ -106,8 +89,6 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
-
-    from selectune.recipes import register
 
     check_group_overrides(overrides)
     register(overrides)

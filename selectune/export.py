@@ -105,8 +105,8 @@ def model_card(run: str, meta: dict[str, Any], labels: Any, dtype: str) -> str:
 
 def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt: str = "merged") -> dict[str, Any]:
     from selectune.backbone import load_backbone
-    from selectune.commands import RunSpec
     from selectune.delta.taskdelta import TaskDelta
+    from selectune.runspec import RunSpec
     from selectune.tasks import is_causal, task_spec
 
     if dtype not in DTYPES:
@@ -120,6 +120,12 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     if target.exists() and any(target.iterdir()):
         raise SelectuneError(f"out={target} exists and is not empty; choose another folder")
     delta = TaskDelta.load(run)
+    unmerged = delta.unmerged()  # each form says whether it merges and, if not, whether it ships beside the model
+    stranded = {name: type(form).__name__ for name, form in unmerged.items() if not form.ships_beside}
+    if stranded:
+        raise SelectuneError(f"cannot export {run}: {len(stranded)} weights hold "
+                             f"{', '.join(sorted(set(stranded.values())))} entries, a "
+                             f"form that cannot be merged into weights (`selectune eval run={run}` applies it)")
     if fmt == "peft":
         peft_kind(delta)  # refuse a sparse / SPT delta before loading the model
     spec = RunSpec.from_config(OmegaConf.create(delta.meta["config"]))
@@ -136,7 +142,7 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     model = backbone.model
     touched = set(delta.by_parameter()) - backbone.head_names
     before = {n: model.get_parameter(n).detach().clone() for n in touched}
-    delta.merge_into(model, allow_adapters=True)
+    delta.merge_into(model, allow_unmerged=True)
     changed = lost = 0
     for name in touched:
         c, n_lost = lost_in_cast(before[name], model.get_parameter(name).detach(), DTYPES[dtype])
@@ -146,12 +152,14 @@ def export(run: str, out: str, dtype: str = "float32", force: bool = False, fmt:
     if overflow is not None:  # the merged weights must hold numbers: W0 + Δ beyond the dtype's range is inf
         raise SelectuneError(f"merging gives non-finite values in '{overflow}' in {dtype} (beyond its range); "
                              f"export in float32 or check the delta")
-    adapters = delta.adapters
-    kept = {k: v.to(DTYPES[dtype]).contiguous() for k, v in delta.tensors.items()
-            if k.rpartition("::")[0] in adapters and "adapter" in k}
+    adapters = list(unmerged)
+    groups = delta.by_parameter()
+    kept = {f"{name}::{kind}": groups[name][kind].to(DTYPES[dtype]).contiguous()
+            for name, form in unmerged.items() for kind in form.kinds}
     _write_model(target, backbone, kept, model_card(run, delta.meta, names, dtype))
     if adapters:
-        print(f"{len(adapters)} Adapter modules cannot be merged into weights: they are in "
+        names = ", ".join(sorted({type(form).__name__ for form in unmerged.values()}))
+        print(f"{len(adapters)} {names} modules cannot be merged into weights: they are in "
               f"{target}/adapters.safetensors (the merged model alone lacks them; `selectune eval run={run}` "
               f"applies them)")
     report = {"out": str(target), "dtype": dtype, "base_model": backbone.name, "method": delta.meta["method"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selectune.config import conf_dir, group_options
+from selectune.options import conf_dir, group_options
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from selectune import checkpoint
 from selectune.distributed import Context, device_for
 from selectune.errors import SelectuneError
 from selectune.evaluation import evaluate, predict, save_outputs
-from selectune.methods.base import Method
+from selectune.methods.base import Method, ParamGroup
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, train_batches
 from selectune.tb import open_sink
@@ -273,20 +273,21 @@ class Trainer:
         self.sink = open_sink(run_dir, cfg.tensorboard and ctx.main)
 
     # ------------------------------------------------------------------ helpers
-    def _multiplier(self, group: dict[str, Any], step: int) -> float:
+    def _multiplier(self, group: ParamGroup, step: int) -> float:
         """Learning-rate factor of one parameter group at `step`: linear warm-up then linear decay to 0
         over the group's window (default: the whole run), or 1 for groups marked `constant`."""
-        if group.get("constant"):
+        if group.constant:
             return 1.0
-        return lr_multiplier(step, *group.get("window", (0, self.total_steps)), self.cfg.warmup_ratio)
+        return lr_multiplier(step, *(group.window or (0, self.total_steps)), self.cfg.warmup_ratio)
 
     def _optimizer(self, step: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW over the method's parameter groups, each group's schedule positioned at `step`."""
         groups = self.method.param_groups(self.cfg.lr, self.cfg.weight_decay)
+        typed = [ParamGroup.of(group, self.method.cfg.name) for group in groups]  # a misspelt key fails here
         optimizer = adamw(groups, self.cfg.lr, self.device)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # lets the schedule start at `step` (last_epoch below)
-        lambdas = [lambda s, g=group: self._multiplier(g, s) for group in groups]
+        lambdas = [lambda s, g=group: self._multiplier(g, s) for group in typed]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,22 +16,20 @@ from selectune.methods import METHODS as REGISTRY
 
 from conftest import compose_run
 
-METHODS = sorted(REGISTRY)  # a new method is tested here once it is registered
-# what a method needs to finish in a few steps on the tiny model (a method not named runs its recipe as it is)
-QUICK = {"udiff": ["trainer.epochs=2", "method.phase1_epochs=1"],
-         "sdiff": ["trainer.epochs=2", "method.phase1_epochs=1"],
-         "spt_lora": ["budget.count=20000", "method.probe_batches=2"],
-         "spt_adapter": ["budget.count=20000", "method.probe_batches=2"],
-         "adalora": ["method.target_total=8", "method.t_init=1", "method.t_final=1", "method.delta_t=1"]}
+# every registered method that runs on text, with what it says it needs to finish in a few steps on the tiny
+# model (Method.quick_test): a new method is tested here once it is registered
+METHODS = sorted(name for name, cls in REGISTRY.items() if "text" in cls.quick_test)
+
+
+def quick(method: str) -> list[str]:
+    return list(REGISTRY[method].quick_test["text"])
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def overrides(method: str) -> list[str]:
-    extra = QUICK.get(method, [])
-    steps = [] if any(o.startswith("trainer.epochs") for o in extra) else ["trainer.max_steps=3"]
-    return [*steps, *extra, "task.max_train_examples=24", "task.max_eval_examples=16"]
+    return ["trainer.max_steps=3", *quick(method), "task.max_train_examples=24", "task.max_eval_examples=16"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -54,7 +52,7 @@ def test_method_tensors_follow_the_model(method, data_env):
     from selectune.methods.base import ProbeBatches
     from selectune.tasks import load_task
 
-    spec = RunSpec.from_config(compose_run(f"glue/rte_{method}", *QUICK.get(method, [])))
+    spec = RunSpec.from_config(compose_run(f"glue/rte_{method}", *quick(method)))
     backbone, m = build(spec, load_task(spec.task))
     ids = torch.randint(1000, 2000, (2, 6))
     probe = ProbeBatches(lambda n: ({"input_ids": ids, "labels": torch.tensor([0, 1])} for _ in range(n)),

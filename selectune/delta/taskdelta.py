@@ -5,12 +5,13 @@ Keys are `<parameter name>::<kind>`:
     ::lora_A ::lora_B ::lora_scale   W += scale · B A
     ::indices ::values               W.flat[indices] += values (sorted int32 flat indices, fp32 values)
     ::svd_P ::svd_E ::svd_Q ::svd_scale   W += scale · P diag(E) Q (AdaLoRA)
+    ::ia3_scale ::ia3_axis           W's rows (axis 0) or columns (axis 1) times the vector (IA³)
     ::adapter_*                      an Adapter module (cannot be merged; attached by apply_to)
-and the kinds of any form a method module registers (selectune.delta.forms: each form checks, merges
-and undoes its own group).
-The compact form (`compact=True`) stores sparse entries as `::index_gaps` (first index, then
-differences; uint16 where every gap fits, else int32) and half-precision `::values`: 4 bytes per
-stored number instead of 8. Loading turns it back into the plain form.
+and the kinds of any other registered form (selectune.delta.forms: each form declares its kinds and
+their dtypes, and checks, compacts, merges and undoes its own group; this file dispatches to them).
+The compact form (`compact="float16"`) is each form's own: sparse entries as `::index_gaps` (first
+index, then differences; uint16 where every gap fits, else int32) and half-precision `::values`, 4
+bytes per stored number instead of 8. Loading turns it back into the plain form.
 The JSON metadata (safetensors' string header) names the base model and a hash of the base weights it
 was trained on, the method, the budget line and the resolved config. Loading reads tensors and JSON
 only: no pickle, no code.
@@ -36,16 +37,12 @@ import torch
 from torch import nn
 
 from selectune.delta import forms
-from selectune.delta.adapter import AdapterLinear
-from selectune.delta.wrapping import replace_module
 from selectune.errors import SelectuneError
 
 FORMAT = "selectune.taskdelta/1"
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# The stored kinds, which of them count as stored numbers, and how each form's group is checked are the
-# registered forms' own (selectune.delta.forms: `kinds()`, `value_kinds()`, `Form.check_alone/check_fit`).
-INDEX_DTYPES = (torch.int32, torch.int64)  # ::indices (int32 as written; int64 accepted)
-GAP_DTYPES = (torch.uint16, torch.int32, torch.int64)  # ::index_gaps of the compact form
+# The stored kinds, their dtypes, which of them count as stored numbers, how each form's group is checked,
+# compacted and merged are the registered forms' own (selectune.delta.forms).
 REQUIRED_META = {"config": dict, "base_hash": str, "method": str}  # what eval and export read
 
 
@@ -56,19 +53,22 @@ class TaskDelta:
 
     # ----------------------------------------------------------------------------- structure
     def by_parameter(self) -> dict[str, dict[str, torch.Tensor]]:
-        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        known = forms.kinds()
-        for key, tensor in self.tensors.items():
-            name, sep, kind = key.rpartition("::")
-            if not sep or kind not in known:
-                raise SelectuneError(f"task delta: unknown entry '{key}' (kinds: {', '.join(known)})")
-            grouped[name][kind] = tensor
-        return dict(grouped)
+        return _grouped(self.tensors, forms.kinds(), "task delta")
+
+    def unmerged(self) -> dict[str, forms.Form]:
+        """Weights whose group holds a form that cannot be merged into the weight (a module such as an
+        Adapter, not a change of numbers), with that form; the form says so itself (`Form.merges`)."""
+        out = {}
+        for name, parts in self.by_parameter().items():
+            for form in forms.forms_of(name, parts):
+                if not form.merges:
+                    out[name] = form
+        return dict(sorted(out.items()))
 
     @property
     def adapters(self) -> list[str]:
-        """Weights with an Adapter: a module, not a change of numbers, so it cannot be merged."""
-        return sorted(n for n, parts in self.by_parameter().items() if "adapter_up_weight" in parts)
+        """Weights whose entries cannot be merged (`unmerged`), by name."""
+        return list(self.unmerged())
 
     @property
     def stored(self) -> int:
@@ -82,24 +82,22 @@ class TaskDelta:
     # ----------------------------------------------------------------------------- apply
     @torch.no_grad()
     def apply_to(self, model: nn.Module) -> None:
-        """Merge what merges into the weights and attach the Adapters as modules (for evaluation)."""
-        adapters = self.adapters
-        self.merge_into(model, allow_adapters=True)
+        """Merge what merges into the weights and attach what does not (Adapters) as modules (for evaluation)."""
+        self.merge_into(model, allow_unmerged=True)
         by_name = self.by_parameter()
-        for name in adapters:
-            module_name = name.rpartition(".")[0]
-            replace_module(model, module_name, AdapterLinear.from_entries(model.get_submodule(module_name),
-                                                                            by_name[name]))
+        for name, form in self.unmerged().items():
+            form.apply(model, name, by_name[name])
 
     @torch.no_grad()
-    def merge_into(self, model: nn.Module, allow_adapters: bool = False) -> None:
+    def merge_into(self, model: nn.Module, allow_unmerged: bool = False) -> None:
         """Write the delta into a plain base model's weights, in fp32 (then cast as the caller wants).
-        Adapters cannot be merged: with `allow_adapters` they are left out (apply_to attaches them)."""
+        A form that cannot merge is refused, whatever its name; with `allow_unmerged` it is left out
+        (apply_to attaches it, export writes it beside the model where the form ships that way)."""
         params = dict(model.named_parameters())
-        if self.adapters and not allow_adapters:
-            raise SelectuneError(f"the delta holds Adapter modules on {len(self.adapters)} weights, which cannot "
-                                 f"be merged into weights; they are exported as modules (adapters.safetensors)")
         self.check_fits(model)
+        unmerged = self.unmerged()
+        if unmerged and not allow_unmerged:
+            raise SelectuneError(f"task delta: {_describe(unmerged)} cannot be merged into weights")
         for name, parts in self.by_parameter().items():
             for form in forms.forms_of(name, parts):
                 if form.merges:
@@ -117,7 +115,8 @@ class TaskDelta:
         tmp = path.with_name(path.name + ".tmp")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         if compact is not None:
-            tensors = _compact(tensors, HALF[compact])
+            tensors = {k: v.detach().to("cpu").contiguous()
+                       for k, v in _compact(self.by_parameter(), HALF[compact]).items()}
         save_safetensors(tensors, tmp, {"format": FORMAT, "selectune": json.dumps(self.meta)})  # OSError when full
         os.replace(tmp, path)
         return path.stat().st_size
@@ -151,25 +150,29 @@ class TaskDelta:
         """A TaskDelta from untrusted stored tensors (plain or compact form) and metadata: every tensor
         and the metadata are checked first; a problem raises one line starting with `where`."""
         _check_meta(meta, where)
-        _check_dtypes(tensors, where)
-        delta = cls(_expand(tensors, where), meta)
+        plain: dict[str, torch.Tensor] = {}
+        for name, parts in _grouped(tensors, forms.file_kinds(), where).items():
+            for form in forms.registered().values():
+                own = {k: v for k, v in parts.items() if k in form.kinds or k in form.compact_kinds}
+                if own:
+                    form.check_dtypes(name, own, where)
+                    plain.update({f"{name}::{k}": v for k, v in form.expand(name, own, where).items()})
+        delta = cls(plain, meta)
         delta.check(where)
-        for key, tensor in delta.tensors.items():
-            if key.endswith("::indices"):
-                delta.tensors[key] = tensor.to(torch.int32)
         return delta
 
     def check(self, where: str = "task delta") -> None:
         """Every parameter's entries are complete and consistent: the kinds of its forms come together,
-        with the right ranks, matching lengths and factor shapes, finite values and sorted unique
-        non-negative int32 indices."""
-        _check_dtypes(self.tensors, where)
-        for name, parts in self.by_parameter().items():
+        in their dtypes, with the right dimensions, matching lengths and factor shapes, finite values and
+        sorted unique non-negative int32 indices (each form's `check_alone`)."""
+        for name, parts in _grouped(self.tensors, forms.kinds(), where).items():
             _check_parameter(name, parts, where)
 
-    def check_fits(self, model: nn.Module, where: str = "task delta") -> None:
-        """Every entry fits `model` (names, shapes, indices below the tensor's size), checked for all
-        parameters before any weight is written, so a refused delta leaves the model untouched."""
+    def check_fits(self, model: nn.Module, where: str = "task delta", resize_head: bool = False) -> None:
+        """The one fit check (merge, export, eval and the in-place apply): every entry fits `model`
+        (names, shapes, indices below the tensor's size), checked for all parameters before any weight
+        is written, so a refused delta leaves the model untouched. `resize_head`: a head of another
+        label count may replace the model's (the in-place apply)."""
         self.check(where)
         params = dict(model.named_parameters())
         for name, parts in self.by_parameter().items():
@@ -177,7 +180,13 @@ class TaskDelta:
                 raise SelectuneError(f"{where}: '{name}' is changed by the delta, but this model does not have it "
                                      f"(trained on base '{self.meta.get('base_model')}')")
             for form in forms.forms_of(name, parts):
-                form.check_fit(name, parts, params[name], model, where)
+                form.check_fit(name, parts, params[name], model, where, resize_head)
+
+
+def _describe(unmerged: dict[str, forms.Form]) -> str:
+    """`2 weights hold Adapter entries` for a refusal line."""
+    names = sorted({type(form).__name__ for form in unmerged.values()})
+    return f"{len(unmerged)} weights hold {', '.join(names)} entries (a form that is not merged into a weight)"
 
 
 def _check_meta(meta: Any, where: str) -> None:
@@ -189,78 +198,51 @@ def _check_meta(meta: Any, where: str) -> None:
             raise SelectuneError(f"{where}: metadata '{key}' is {found} (a {kind.__name__} is required)")
 
 
-def _check_dtypes(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Known kinds only; indices are integers and everything else floats (checked before `_expand`
-    converts anything, so integer `values` are refused rather than silently cast)."""
-    known = forms.kinds()
+def _grouped(tensors: dict[str, torch.Tensor], known: tuple[str, ...], where: str) -> dict[str, forms.Parts]:
+    """`<name>::<kind>` entries per parameter name; a kind no registered form stores is refused."""
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
-        kind = key.rpartition("::")[2]
-        if kind not in (*known, "index_gaps"):
-            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(known)})")
-        allowed = {"indices": INDEX_DTYPES, "index_gaps": GAP_DTYPES}.get(kind)
-        if allowed is None and not tensor.is_floating_point():
-            raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype}, not a floating-point type")
-        if allowed is not None and tensor.dtype not in allowed:
-            raise SelectuneError(f"{where}: '{key}' has dtype {tensor.dtype} (expected "
-                                 f"{' or '.join(str(d) for d in allowed)})")
-        if kind == "index_gaps" and f"{key.rpartition('::')[0]}::indices" in tensors:
-            raise SelectuneError(f"{where}: '{key}' and '::indices' both given for one tensor")
+        name, sep, kind = key.rpartition("::")
+        if not sep or kind not in known:
+            raise SelectuneError(f"{where}: unknown entry '{key}' (kinds: {', '.join(forms.kinds())})")
+        grouped[name][kind] = tensor
+    return dict(grouped)
 
 
 def _check_parameter(name: str, parts: dict[str, torch.Tensor], where: str) -> None:
     """One parameter's entries, on their own (without the model): see `TaskDelta.check`."""
     for form in forms.registered().values():
-        present = [kind for kind in form.ranks if kind in parts]
+        present = [kind for kind in form.dims if kind in parts]
         if not present:
             continue
-        missing = [kind for kind in form.ranks if kind not in parts]
+        missing = [kind for kind in form.dims if kind not in parts]
         if missing:
             raise SelectuneError(f"{where}: '{name}::{present[0]}' comes without '::{missing[0]}'")
-        for kind, rank in form.ranks.items():
+        own = {kind: parts[kind] for kind in form.dims}
+        form.check_dtypes(name, own, where)
+        for kind, dims in form.dims.items():
             tensor = parts[kind]
-            if rank is not None and tensor.dim() != rank:
+            if dims is not None and tensor.dim() != dims:
                 raise SelectuneError(f"{where}: '{name}::{kind}' has shape {tuple(tensor.shape)} "
-                                     f"({tensor.dim()} dimensions, expected {rank})")
+                                     f"({tensor.dim()} dimensions, expected {dims})")
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise SelectuneError(f"{where}: '{name}::{kind}' holds {bad} NaN or infinite values")
-        form.check_alone(name, parts, where)
+        form.check_alone(name, own, where)
         product = getattr(form, "delta_weight", None)  # factors that are finite may still overflow when multiplied
         if product is not None:
-            bad = int((~torch.isfinite(product(parts))).sum())
+            bad = int((~torch.isfinite(product(own))).sum())
             if bad:
                 raise SelectuneError(f"{where}: '{name}::{present[0]}' and its factors multiply to {bad} NaN or "
                                      f"infinite values")
 
 
-def _compact(tensors: dict[str, torch.Tensor], half: torch.dtype) -> dict[str, torch.Tensor]:
-    """Sparse entries as first-index-then-gaps (uint16 when every gap fits) and half-precision values."""
+def _compact(groups: dict[str, dict[str, torch.Tensor]], half: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each form's compact file form of its group (`Form.compact`: sparse entries as first index then gaps,
+    half-precision values; the other forms as they are)."""
     out = {}
-    for key, tensor in tensors.items():
-        name, _, kind = key.rpartition("::")
-        if kind == "indices":
-            gaps = torch.diff(tensor.long(), prepend=torch.zeros(1, dtype=torch.long))
-            small = gaps.numel() == 0 or int(gaps.max()) < 2**16
-            out[f"{name}::index_gaps"] = gaps.to(torch.uint16 if small else torch.int32)
-        elif kind == "values":
-            out[key] = tensor.to(half)
-        else:
-            out[key] = tensor
-    return out
-
-
-def _expand(tensors: dict[str, torch.Tensor], where: str = "task delta") -> dict[str, torch.Tensor]:
-    """The compact form back to the plain one (fp32 values; gaps summed to int64 indices, which
-    `TaskDelta.checked` range-checks before casting them to int32, so no sum can wrap around)."""
-    out = {}
-    for key, tensor in tensors.items():
-        name, _, kind = key.rpartition("::")
-        if kind == "index_gaps":
-            if tensor.dim() != 1:
-                raise SelectuneError(f"{where}: '{key}' has shape {tuple(tensor.shape)} (expected 1 dimension)")
-            out[f"{name}::indices"] = torch.cumsum(tensor.to(torch.int64), 0)
-        elif kind == "values":
-            out[key] = tensor.float()
-        else:
-            out[key] = tensor
+    for name, parts in groups.items():
+        for form in forms.forms_of(name, parts):
+            own = {kind: parts[kind] for kind in form.kinds}
+            out.update({f"{name}::{kind}": t for kind, t in form.compact(own, half).items()})
     return out

@@ -9,6 +9,8 @@ import importlib
 import pkgutil
 from typing import Any, Optional
 
+from omegaconf import DictConfig, OmegaConf
+
 from selectune.config import typed
 from selectune.errors import SelectuneError
 from selectune.methods.base import METHODS, Method, MethodConfig
@@ -25,9 +27,24 @@ def method_config(node: Any) -> MethodConfig:
     name = node.get("name") if hasattr(node, "get") else None
     if name not in METHODS:
         raise SelectuneError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
-    cfg = typed(METHODS[name].Config, node, "method")
+    cfg = typed(METHODS[name].Config, renamed(node, METHODS[name].Config.renamed, name), "method")
     cfg.validate()
     return cfg
+
+
+def renamed(node: Any, names: dict[str, str], method: str) -> Any:
+    """The section with settings under their current names (`MethodConfig.renamed`), so configs stored before
+    a rename still read; both names at once is refused."""
+    old = [key for key in names if key in node]
+    if not old:
+        return node
+    data = dict(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
+    for key in old:
+        if names[key] in data:
+            raise SelectuneError(f"method.{key} and method.{names[key]} both given: {key} is the old name of "
+                                 f"{names[key]} (method {method})")
+        data[names[key]] = data.pop(key)
+    return data
 
 
 def build_method(node: Any, budget: Optional[int]) -> Method:

@@ -64,6 +64,8 @@ def budget_at(t: int, b0: int, bT: int, t_init: int, t_final: int, total: int) -
 class AdaLoRA(Method):
     Config = AdaLoRAConfig
     uses_budget = True
+    quick_test = {family: ("method.target_total=8", "method.t_init=1", "method.t_final=1", "method.delta_t=1")
+                  for family in ("text", "vision")}
     cfg: AdaLoRAConfig
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:

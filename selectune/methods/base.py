@@ -1,24 +1,40 @@
 """The one interface every method implements (docs/design.md, "Flow of one run").
 
-    attach(backbone)      freeze the base, insert the method's delta forms, mark what trains
-    prepare(splits, ...)  optional: what the loop trains on (the cached linear probe: stored features)
-    param_groups(lr, wd)  what the optimiser sees, each group with its own learning rate
-    penalty()             a term added to the task loss every step (None if the method has none)
-    after_step(step)      called by the loop after every optimiser step (schedules, masks, logging)
-    delta()               the tensors to store: the TaskDelta entries of this method
+A method is a subclass of `Method` decorated with `@register("<name>")` (the `method.name` configs use),
+with a `Config` dataclass (extending MethodConfig) and these class attributes:
+    Config                 its settings, checked at config time (MethodConfig.validate, ranges by field name)
+    uses_budget            whether it sizes itself from `budget` (else a budget is refused)
+    quick_test             the families it runs on and the overrides that make a tiny run finish (tests)
+and these hooks, in the order the loop calls them (the two abstract ones are all a method must write):
+    setup(backbone, probe)       [abstract] after `attach` froze the base and unfroze the head: insert the
+                                 method's wrappers / unfreeze its parameters (probe: batches, for SPT)
+    plan(total, per_epoch)       the run's length, before any step: fix and validate schedules
+    prepare(splits, ...)         what the loop trains on (the cached linear probe: stored features); the model
+                                 the loop then takes is `model`
+    param_groups(lr, wd)         what the optimiser sees (ParamGroup's keys: lr, weight_decay, constant,
+                                 window, clip), rebuilt whenever `trainable_version` changes
+    penalty()                    a term added to the task loss every step (None if none)
+    after_step(step)             after every optimiser step, gradients in place: schedules, masks; values to log
+    storable                     whether delta() is final now ("best" selection waits for it)
+    state() / load_state(s)      what a resumed run needs beyond the trainable tensors
+    describe()                   what the method decided (selection counts, ranks), logged and stored
+    write_artifacts(run_dir)     plots and files at the end of training
+    method_delta()               [abstract] the TaskDelta entries of the method (`<param>::<kind>`), head excluded
+and, built on those, `trainable()`, `delta()` (the head's `::set` entries added), `stored_count()` and
+`report()` (the budget line).
 
 The task head (the parameters the checkpoint did not have) is trained densely and stored whole by
-every method, so the base class handles it. A new method is one module with a `Config` dataclass and
-a subclass of `Method` decorated with `@register("<name>")` (the `method.name` configs use): the package
-imports every module beside this one, so the training loop, the registry and the tests never change.
+every method, so the base class handles it. The package imports every module beside this one, so the
+training loop, the registry and the registry-wide tests never change for a new method; the forms its
+delta stores are the generic ones of selectune.delta.forms.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -27,6 +43,7 @@ from torch import nn
 
 from selectune.backbone import Backbone
 from selectune.budget import BudgetReport
+from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 from selectune.tasks.batches import EncodedSplit
 
@@ -40,11 +57,40 @@ class ProbeBatches:
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad  # averages a gradient over processes
 
 
+@dataclass
+class ParamGroup:
+    """One optimiser parameter group as a method hands it to the loop: AdamW's keys and the loop's own, typed,
+    so a misspelt key fails (`ParamGroup.of`) instead of being passed to AdamW and ignored."""
+
+    params: list[torch.Tensor]
+    lr: float
+    weight_decay: float
+    name: str
+    constant: bool = False  # no schedule: the learning rate stays as given
+    window: Optional[tuple[int, int]] = None  # (start, end): warm-up and decay within these steps; None: the run
+    clip: str = "all"  # gradients are clipped to max_grad_norm per family of groups
+
+    def as_dict(self) -> dict[str, Any]:
+        """The group as torch.optim takes it (the same tensors, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def of(cls, group: Mapping[str, Any], method: str) -> ParamGroup:
+        """A group a method returned, checked: an unknown key names the group and the keys there are."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(group) - set(known))
+        if unknown:
+            raise SelectuneError(f"method {method}: parameter group '{group.get('name')}' has unknown key "
+                                 f"'{unknown[0]}' (keys: {', '.join(known)})")
+        return cls(**group)
+
+
 # Ranges of method settings, by field name: a name means one thing in every method's Config that has
 # it (r and rank are ranks, lr a learning rate, t_init a step count ...), so one table checks them all.
 # A setting left at None (unset) is not checked; a method whose field breaks the convention overrides
 # `validate`.
-POSITIVE = ("lr", "head_lr", "r", "rank", "alpha", "lora_alpha", "beta", "probe_batches", "target_total", "init_ratio",
+POSITIVE = ("lr", "head_lr", "r", "rank", "alpha", "lora_alpha", "sigma_divisor", "beta", "probe_batches",
+            "target_total", "init_ratio",
             "delta_t", "alpha_lr", "phase2_lr", "group_rows", "phase1_epochs", "log_every", "threshold",
             "progressive_step")
 NON_NEGATIVE = ("t_init", "t_final", "orth_weight", "nuclear_weight", "l0_weight")
@@ -55,6 +101,10 @@ SHARES = ("phase1_share",)  # in (0, 1)
 @dataclass
 class MethodConfig:
     """Settings every method has; each method's Config extends it."""
+
+    # Settings renamed so that a name means one thing in every method: old name -> new name. A stored config
+    # (a run's config.yaml, a delta's metadata) or an override with the old name reads as the new one.
+    renamed: ClassVar[dict[str, str]] = {}
 
     name: str
     lr: Optional[float] = None  # learning rate of the method's parameters (None: trainer.lr)
@@ -94,6 +144,12 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_budget: ClassVar[bool] = False  # False: the method sizes itself and rejects a budget
+    # What the registry-wide tests need to run this method, so a new method adds no line to a shared test:
+    # the families it runs on ("text": glue/<task>_<name> on tiny_random; "vision": vtab/dtd10_<name> on
+    # dinov2_micro_random), each with the overrides that let it finish a run of 3-8 steps on that tiny model
+    # (its presets' schedules and budgets are the real backbones'). A family named here needs the method's
+    # preset of that family (preset/glue/<name>.yaml, preset/vtab_dinov2/<name>.yaml), and only those.
+    quick_test: ClassVar[dict[str, tuple[str, ...]]] = {"text": (), "vision": ()}
 
     def __init__(self, cfg: MethodConfig, budget: Optional[int]) -> None:
         self.cfg = cfg
@@ -138,10 +194,9 @@ class Method(ABC):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Method and head parameters, each split into decayed (matrices) and not (biases, norms).
-
-        Besides AdamW's keys a group may carry `constant: True` (no schedule), `window: (start, end)`
-        (warm-up and decay within those steps) and `clip: <family>` (gradients clipped per family)."""
+        """Method and head parameters, each split into decayed (matrices) and not (biases, norms): ParamGroup's
+        keys (besides AdamW's, `constant`, `window` and `clip`), as dicts torch.optim takes; the loop reads
+        them back through `ParamGroup.of`, so a key a method misspells fails there."""
         assert self.backbone is not None
         method_lr = self.cfg.lr if self.cfg.lr is not None else lr
         head_lr = self.cfg.head_lr if self.cfg.head_lr is not None else method_lr
@@ -151,8 +206,8 @@ class Method(ABC):
             for decay in (True, False):
                 chosen = [p for n, p in params if (p.ndim >= 2) == decay]
                 if chosen:
-                    groups.append({"params": chosen, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
-                                   "name": f"{'head' if is_head else self.cfg.name}{'' if decay else '/no_decay'}"})
+                    name = f"{'head' if is_head else self.cfg.name}{'' if decay else '/no_decay'}"
+                    groups.append(ParamGroup(chosen, group_lr, weight_decay if decay else 0.0, name).as_dict())
         return groups
 
     def penalty(self) -> torch.Tensor | None:
@@ -195,8 +250,6 @@ class Method(ABC):
 
     def stored_count(self) -> int:
         """Numbers the TaskDelta stores (what it will store, for a method that is not storable yet)."""
-        from selectune.delta.taskdelta import TaskDelta
-
         return TaskDelta(self.delta()).stored
 
     def report(self) -> BudgetReport:

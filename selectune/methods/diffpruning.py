@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ from selectune.delta import sparse
 from selectune.delta.hardconcrete import FlatGates, HardConcreteModule
 from selectune.delta.wrapping import by_module, replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
+from selectune.methods.base import Method, MethodConfig, ParamGroup, ProbeBatches, register
 from selectune.selection import mask_hash, select_k
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DiffPruningConfig(MethodConfig):
-    targets: Optional[list[str]] = None  # parameter-name suffixes to diff-prune; None: every pretrained tensor
+    target_params: Optional[list[str]] = None  # parameter-name suffixes to diff-prune; None: every pretrained tensor
+    # `targets` means module-name suffixes in the other methods
+    renamed: ClassVar[dict[str, str]] = {"targets": "target_params"}
     l0_weight: float = 1.25e-7  # λ
     alpha_init: float = 5.0
     alpha_lr: float = 0.1
@@ -84,6 +86,8 @@ class StructuredDiffPruningConfig(DiffPruningConfig):
 class DiffPruning(Method):
     Config = DiffPruningConfig
     uses_budget = True
+    quick_test = {"text": ("method.phase1_share=0.5",),
+                  "vision": ("budget.fraction=null", "budget.count=2000", "method.phase1_share=0.5")}
     cfg: DiffPruningConfig
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:
@@ -96,13 +100,13 @@ class DiffPruning(Method):
         if compile_mode not in ("auto", "true", "false"):
             raise SelectuneError(f"method.compile={self.cfg.compile}: use auto, true or false")
         tied = roles.tied_embedding_weight(backbone.model)  # one tensor, two uses: a per-pass delta would split it
+        wanted = self.cfg.target_params
         names = [n for n in backbone.base_parameters()
-                 if (self.cfg.targets is None or any(n == t or n.endswith("." + t) for t in self.cfg.targets))
-                 and n != tied]
+                 if (wanted is None or any(n == t or n.endswith("." + t) for t in wanted)) and n != tied]
         if tied is not None:
             log.info("diff pruning leaves out %s: the LM head shares it (tied embeddings)", tied)
         if not names:
-            raise SelectuneError(f"method.targets={self.cfg.targets} matches no parameter of the model")
+            raise SelectuneError(f"method.target_params={self.cfg.target_params} matches no parameter of the model")
         self.names = names
         self.head = backbone.num_head_parameters
         if not 0 < self.budget - self.head <= sum(backbone.model.get_parameter(n).numel() for n in names):
@@ -144,8 +148,8 @@ class DiffPruning(Method):
             for group in groups:
                 group["params"] = [p for p in group["params"] if id(p) not in alpha_ids]
             groups = [g for g in groups if g["params"]]
-            groups.append({"params": alphas, "lr": self.cfg.alpha_lr, "weight_decay": 0.0, "constant": True,
-                           "clip": "alpha", "name": f"{self.cfg.name}/alpha"})
+            groups.append(ParamGroup(alphas, self.cfg.alpha_lr, 0.0, f"{self.cfg.name}/alpha", constant=True,
+                                     clip="alpha").as_dict())
         else:
             assert self.switch_step is not None
             for group in groups:

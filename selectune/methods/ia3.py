@@ -5,8 +5,9 @@ Three vectors per transformer block, initialised to ones so training starts at t
     feed-forward         y = W_2 (l_ff ⊙ h) + b_2,  h = act(W_1 x + b_1)          (the second Linear's input)
 On MiniLM that is 2 · 384 + 1,536 values per layer, 13,824 in all (0.06% of its weights), besides the head.
 
-Stored per task as the form registered here, `<weight>::ia3_scale` (the vector) with `::ia3_axis` (0:
-rows, the output side; 1: columns, the input side); merging scales the weight's rows or columns,
+Stored per task as the generic row/column scale (`selectune.delta.forms.AxisScale`): `<weight>::ia3_scale`
+(the vector) with `::ia3_axis` (an int32, 0: rows, the output side; 1: columns, the input side); merging
+scales the weight's rows or columns,
 W ← diag(l) W or W diag(l), exactly what the wrapper computes. An output-side vector also scales the
 bias, which is stored as its merged value (`<bias>::set`, l ⊙ b): the scaled output of a Linear is
 (l ⊙ W) x + l ⊙ b. `targets` / `feedforward` are module-name suffixes as in LoRA; BERT's and ViT's
@@ -23,11 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from selectune.backbone import Backbone
-from selectune.delta.forms import Form, Parts, register
 from selectune.delta.wrapping import find_linears, replace_module
 from selectune.errors import SelectuneError
-from selectune.methods.base import Method, MethodConfig, ProbeBatches
-from selectune.methods.base import register as register_method
+from selectune.methods.base import Method, MethodConfig, ProbeBatches, register
 
 
 @dataclass
@@ -55,7 +54,7 @@ class IA3Linear(nn.Module):
 
     def delta_entries(self, module_name: str) -> dict[str, torch.Tensor]:
         out = {f"{module_name}.weight::ia3_scale": self.ia3_scale,
-               f"{module_name}.weight::ia3_axis": torch.tensor(float(self.axis))}
+               f"{module_name}.weight::ia3_axis": torch.tensor(self.axis, dtype=torch.int32)}
         if self.axis == 0 and self.bias is not None:
             out[f"{module_name}.bias::set"] = self.bias * self.ia3_scale
         return out
@@ -65,38 +64,7 @@ class IA3Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scales the {side}"
 
 
-class IA3Scale(Form):
-    """`::ia3_scale` (a vector) and `::ia3_axis` (0 or 1): the weight's rows or columns times the vector."""
-
-    marker, ranks, value_kinds = "ia3_scale", {"ia3_scale": 1, "ia3_axis": 0}, ("ia3_scale",)
-
-    def check_alone(self, name: str, parts: Parts, where: str) -> None:
-        if float(parts["ia3_axis"]) not in (0.0, 1.0):
-            raise SelectuneError(f"{where}: '{name}::ia3_axis' is {float(parts['ia3_axis'])}, not 0 or 1")
-
-    def fit_shape(self, parts: Parts) -> tuple[str, tuple[int, ...]] | None:
-        return None  # one side only: checked in check_fit
-
-    def check_fit(self, name: str, parts: Parts, param: torch.Tensor, model: nn.Module | None, where: str) -> None:
-        axis = int(parts["ia3_axis"])
-        if param.dim() != 2 or param.shape[axis] != parts["ia3_scale"].numel():
-            raise SelectuneError(f"{where}: '{name}::ia3_scale' has {parts['ia3_scale'].numel()} entries but the "
-                                 f"model's tensor is {tuple(param.shape)} (a delta for another base model?)")
-
-    def check(self, name: str, parts: Parts, param: torch.Tensor, resize_head: bool = False) -> None:
-        super().check(name, parts, param)
-        self.check_fit(name, parts, param, None, "task delta")
-
-    def merge(self, param: torch.Tensor, parts: Parts) -> None:
-        scale = parts["ia3_scale"].float().to(param.device)
-        scale = scale[:, None] if int(parts["ia3_axis"]) == 0 else scale[None, :]
-        param.copy_((param.float() * scale).to(param.dtype))
-
-
-register(IA3Scale())
-
-
-@register_method("ia3")
+@register("ia3")
 class IA3(Method):
     Config = IA3Config
     cfg: IA3Config

@@ -46,6 +46,8 @@ class SaRAConfig(MethodConfig):
 class SaRA(Method):
     Config = SaRAConfig
     uses_budget = True
+    quick_test = {"text": ("method.progressive_step=2",),
+                  "vision": ("budget.fraction=null", "budget.count=2000", "method.progressive_step=2")}
     cfg: SaRAConfig
 
     def setup(self, backbone: Backbone, probe: ProbeBatches | None) -> None:

@@ -2,7 +2,7 @@
 
 1. Sensitivity s = Σ g² over `probe_batches` training batches (fixed order, seeded).
 2. Allocation under a budget B of stored numbers (head counted): take the global top-τ entries; a
-   matrix with at least σ_opt of them (σ_opt = parameters of its LoRA / Adapter module / `alpha`) is
+   matrix with at least σ_opt of them (σ_opt = parameters of its LoRA / Adapter module / `sigma_divisor`) is
    tuned structurally (LoRA rank r, or a bottleneck Adapter of width r); a vector with at least
    dim / `beta` of them is tuned whole; every other selected entry is tuned alone on the SparseDelta
    form. τ is the largest value whose total stays within B (found by bisection over one sorted
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 class SPTConfig(MethodConfig):
     rank: int = 8  # LoRA rank / Adapter width of structurally tuned matrices
     lora_alpha: float = 16.0  # LoRA scale = lora_alpha / rank
-    alpha: float = 10.0  # σ_opt = (parameters of the structured module) / alpha
+    sigma_divisor: float = 10.0  # σ_opt = (parameters of the structured module) / sigma_divisor (the paper's α)
     beta: float = 5.0  # a vector is tuned whole when at least dim / beta of its entries are selected
     probe_batches: int = 16
     include_embeddings: bool = False
     sparse_grad: str = "auto"  # weight-gradient path of the entries tuned alone (see SaRA's option)
     form: str = "lora"  # what tunes a structurally selected matrix: lora | adapter
+    renamed: ClassVar[dict[str, str]] = {"alpha": "sigma_divisor"}  # alpha means LoRA's scale elsewhere
 
     def validate(self) -> None:
         super().validate()
@@ -73,7 +74,8 @@ class Allocation:
 
 def allocate(scores: dict[str, torch.Tensor], budget: int, module_cost, alpha: float, beta: float,
              structurable: set[str]) -> Allocation:
-    """SPT's allocation (see module docstring); `module_cost(shape)` = parameters of one LoRA/Adapter."""
+    """SPT's allocation (see module docstring); `module_cost(shape)` = parameters of one LoRA/Adapter, `alpha`
+    the paper's α (method.sigma_divisor)."""
     ranking = Ranking(scores)
     shapes = {n: scores[n].shape for n in scores}
 
@@ -133,6 +135,8 @@ def allocate(scores: dict[str, torch.Tensor], budget: int, module_cost, alpha: f
 class SPT(Method):
     Config = SPTConfig
     uses_budget = True
+    quick_test = {"text": ("budget.count=20000", "method.probe_batches=2"),
+                  "vision": ("budget.fraction=null", "budget.count=3000", "method.probe_batches=2")}
     cfg: SPTConfig
 
     def setup(self, backbone: Backbone, probe_batches: ProbeBatches | None) -> None:
@@ -154,7 +158,7 @@ class SPT(Method):
             out_f, in_f = shape
             return rank * (in_f + out_f) + ((rank + out_f) if self.adapter else 0)
 
-        self.allocation = allocate(scores, self.budget - head, module_cost, self.cfg.alpha, self.cfg.beta,
+        self.allocation = allocate(scores, self.budget - head, module_cost, self.cfg.sigma_divisor, self.cfg.beta,
                                    structurable=linear_weights & set(names))
         alloc = self.allocation
         self.structured: dict[str, nn.Module] = {}

@@ -141,7 +141,7 @@ def build_model(state: dict[str, Any]) -> Any:
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
-    from selectune.backbone import quiet_transformers
+    from selectune.models import quiet_transformers
 
     quiet_transformers()
     model = Dinov2Model(Dinov2Config(**CONFIG))
