@@ -122,6 +122,7 @@ class Delta(TaskDelta):
     def _plan(self, model: nn.Module) -> list[tuple[str, Form, dict[str, torch.Tensor]]]:
         """Every (parameter, form, entries) to apply, all checked by the one fit check (the one merge,
         export and eval use; a head of another label count may replace the model's) before anything is written."""
+        self._check_head(model, dict(model.named_parameters()))  # what the head leaves must work and fit its task
         self.check_fits(model, resize_head=True)
         return [(name, form, parts) for name, parts in self.by_parameter().items() for form in forms_of(name, parts)]
 
@@ -135,6 +136,8 @@ class Delta(TaskDelta):
                 if "set" in parts and n.startswith(HEAD_PREFIXES)}
         for name, value in sets.items():
             module_name, _, attr = name.rpartition(".")
+            if name not in params:  # the one fit check names it
+                continue
             if tuple(value.shape) == tuple(params[name].shape):
                 continue
             if module_name != last or attr not in ("weight", "bias"):

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from selectune.trainer import duration  # the loop's log lines use it too; the loop is below this module
+
 WARM, TIMED = 1, 4  # steps per phase: one to warm up (allocations, first-call overheads), then timed
 
 
@@ -52,17 +54,6 @@ class Estimate:
         return {"total_s": round(self.total_s, 1), "setup_s": round(self.setup_s, 2),
                 "phases": [{"name": n, "steps": k, "s_per_step": round(s, 4)} for n, k, s in self.phases],
                 "switch_s": round(self.switch_s, 2), "evals": self.evals, "eval_s": round(self.eval_s, 2)}
-
-
-def duration(seconds: float) -> str:
-    """`7.4 s`, `12 min 5 s`, `14 h 3 min`: as precise as a person reads it."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
 
 
 def sample_rows(n: int, k: int, seed: int) -> list[int]:

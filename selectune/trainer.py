@@ -550,8 +550,6 @@ class Trainer:
         log.info("step %d/%d · %s", run.step, self.total_steps, stats)
         progress.update(run.bar, stats=stats, description=self._bar_title())
         if self.cfg.progress and self.ctx.main and not self.console.is_terminal:  # a log file gets plain lines
-            from selectune.cost import duration
-
             elapsed = time.perf_counter() - run.session_t0
             done = run.step - run.session_step
             eta = elapsed / max(done, 1) * (self.total_steps - run.step)
@@ -620,6 +618,17 @@ def _record_step(line: str) -> float:
         return math.inf
     step = record.get("step") if isinstance(record, dict) else None
     return step if isinstance(step, int) else math.inf
+
+
+def duration(seconds: float) -> str:
+    """`7.4 s`, `12 min 5 s`, `14 h 3 min`: as precise as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def format_metrics(metrics: dict[str, dict[str, float | None]]) -> str:

@@ -279,7 +279,7 @@ def test_a_delta_cannot_pick_the_data_it_is_scored_on(glue_root, scratch):
                    lambda m: m["config"]["task"].update(data_root=str(scratch / "planted")))
     result = cli("eval", f"run={run}", cwd=scratch, data=glue_root)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("rte · bitfit · dev: accuracy") and json.loads(
+    assert result.stdout.startswith("rte · bitfit · dev 48 examples (whole split) · dev: accuracy") and json.loads(
         (run / "eval_rte.json").read_text())["task"] == "rte"
 
 

@@ -101,7 +101,7 @@ def convert(source: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selectune.backbone import quiet_transformers
+    from selectune.models import quiet_transformers
 
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
