@@ -84,12 +84,13 @@ def test_both_averages_on_hand_made_numbers():
 
 
 @pytest.mark.parametrize("method", ["lora", "sara", "spt_lora", "adalora"])
-def test_methods_run_unchanged_on_a_vit(method, tmp_path):
+def test_methods_run_unchanged_on_a_vit(method, tmp_path, monkeypatch):
     from selectune.commands import evaluate_delta, train
     from selectune.config import compose
     from selectune.export import export
 
     write_vtab(tmp_path, classes=3, per_split=(16, 8, 8))
+    monkeypatch.setenv("SELECTUNE_DATA", str(tmp_path))  # eval reads the data root from here, never the delta
     extra = {"sara": ["budget.fraction=null", "budget.count=3000"],
              "spt_lora": ["budget.fraction=null", "budget.count=6000", "method.probe_batches=2"],
              "adalora": ["method.target_total=8", "method.t_init=1", "method.t_final=1", "method.delta_t=1"]}
