@@ -110,8 +110,8 @@ def parse(args: list[str]) -> SweepPlan:
         if len(set(values)) != len(values) or any(v == "" for v in values):
             raise SelectuneError(f"sweep: {key}={','.join(values)} repeats or leaves out a value")
     plan = SweepPlan(recipe, grid, fixed, Path(study_text or f"sweeps/{recipe}"))
-    method = recipe.rsplit("_", 1)[-1] if "/" in recipe else recipe
-    method = next((m for m in DEFAULT_LRS if recipe.endswith(f"_{m}")), method)
+    # the method a recipe name ends with, the longest match (`rte_spt_lora` is spt_lora, not lora)
+    method = max((m for m in DEFAULT_LRS if recipe.endswith(f"_{m}")), key=len, default=recipe.rsplit("_", 1)[-1])
     if not any(k == "trainer.lr" for k in grid) and not any(o.startswith("trainer.lr=") for o in fixed):
         if method not in DEFAULT_LRS and not grid:
             raise SelectuneError(f"sweep: no default grid for '{recipe}'; give one, e.g. trainer.lr=1e-4,5e-4,1e-3")
