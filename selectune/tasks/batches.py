@@ -19,6 +19,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences right-padded with `value` to the longest of them, and the mask of the real tokens."""
+    width = max(len(seq) for seq in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return out, mask
+
+
 @dataclass
 class TextSplit:
     input_ids: list[list[int]]
@@ -42,19 +53,10 @@ class TextSplit:
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """The rows `rows`, padded to their longest length, with their labels."""
-        width = max(len(self.input_ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long) if self.token_type_ids is not None else None
-        for row, i in enumerate(rows):
-            n = len(self.input_ids[i])
-            ids[row, :n] = torch.tensor(self.input_ids[i])
-            mask[row, :n] = 1
-            if types is not None:
-                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        ids, mask = pad([self.input_ids[i] for i in rows], self.pad_id)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[rows]}
-        if types is not None:
-            batch["token_type_ids"] = types
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = pad([self.token_type_ids[i] for i in rows], 0)[0]
         return batch
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from selectune.errors import SelectuneError
 from selectune.tasks import glue
+from selectune.tasks.batches import pad
 from selectune.tasks.example import Example
 from selectune.tasks.text import excerpt, read_utf8
 
@@ -185,16 +186,11 @@ class LMSplit:
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Right-padded rows, their attention mask, and the token targets (the answer tokens, else IGNORE)."""
-        width = max(len(self.input_ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        ids, mask = pad([self.input_ids[i] for i in rows], self.pad_id)
+        targets = torch.full_like(ids, IGNORE)
         for row, i in enumerate(rows):
-            tokens = torch.tensor(self.input_ids[i])
-            n, start = len(tokens), self.answer_start[i]
-            ids[row, :n] = tokens
-            mask[row, :n] = 1
-            targets[row, start:n] = tokens[start:]
+            start, n = self.answer_start[i], len(self.input_ids[i])
+            targets[row, start:n] = ids[row, start:n]
         return {"input_ids": ids, "attention_mask": mask, "labels": targets}
 
     @staticmethod
