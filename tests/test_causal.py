@@ -86,23 +86,28 @@ def test_prompt_rows_train_on_the_answer_only_and_score_label_words(data_env):
     backbone, _ = build(spec, task)
     split = task.encode("dev", backbone)
     assert isinstance(split, LMSplit) and split.choices is not None and len(split.choices) == 2
-    batch = split.batch([0, 1, 2])
-    targets = batch.pop("labels")
-    for row in range(3):  # exactly the answer (label word + end token) is a target
+    rows = [0, 1, 2]
+    batch = split.batch(rows)
+    targets, keep = batch.pop("labels"), batch["logits_to_keep"]
+    for row, i in enumerate(rows):  # exactly the answer (label word + end token) is a target
         answer = targets[row][targets[row] != IGNORE].tolist()
         word = ("negative", "positive")[int(split.labels[row])]
         expected = backbone.tokenizer(word, add_special_tokens=False)["input_ids"] + [backbone.tokenizer.sep_token_id]
-        assert answer == expected
+        assert answer == expected == split.input_ids[i][split.answer_start[i]:]
+    # logits only at the kept positions: those where some row's next token is an answer token
+    starts_ends = [(split.answer_start[i], len(split.input_ids[i])) for i in rows]
+    assert keep.tolist() == sorted({p for s, n in starts_ends for p in range(s - 1, n - 1)})
+    full = backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = backbone.model(**batch).logits
-    manual = []
-    for row in range(3):
-        for t in range(1, targets.shape[1]):
-            if targets[row, t] != IGNORE:
-                manual.append(nn.functional.cross_entropy(logits[row, t - 1], targets[row, t]))
-    assert torch.allclose(split.loss(logits, targets), torch.stack(manual).mean(), atol=1e-6)
+    assert logits.shape[1] == len(keep) < full.shape[1]
+    assert torch.allclose(logits, full[:, keep], atol=1e-5)
+    manual = [nn.functional.cross_entropy(full[row, t - 1], batch["input_ids"][row, t])
+              for row, (s, n) in enumerate(starts_ends) for t in range(s, n)]
+    assert torch.allclose(split.loss(logits, targets), torch.stack(manual).mean(), atol=1e-5)
     scores = split.outputs(logits, targets)
-    start = int((targets[0] != IGNORE).nonzero()[0])
-    assert scores.shape == (3, 2) and torch.equal(scores[0], logits[0, start - 1, split.choices])
+    assert scores.shape == (3, 2)
+    for row, (s, _) in enumerate(starts_ends):  # the label words at the position before the answer
+        assert torch.allclose(scores[row], full[row, s - 1, split.choices], atol=1e-5)
 
 
 def test_causal_glue_trains_and_reports_glue_metrics(data_env, tmp_path):
@@ -134,6 +139,28 @@ def test_jsonl_instructions_report_perplexity(data_env, tmp_path):
     assert set(metrics) == {"perplexity", "nll"}
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["nll"], rel=1e-6)
     assert 1000 < metrics["perplexity"] < 1e5  # a random 30k-token model: near the vocabulary size
+
+
+def test_jsonl_answer_nll_from_kept_logits_equals_the_full_logits(data_env, tmp_path):
+    from selectune.commands import RunSpec, build
+    from selectune.tasks import load_task
+
+    train, dev = write_jsonl(tmp_path / "train.jsonl", 8), write_jsonl(tmp_path / "dev.jsonl", 6)
+    spec = RunSpec.from_config(compose("glue/sst2_ia3", f"task.train_file={train}", f"task.dev_file={dev}",
+                                       task="causal/jsonl"))
+    task = load_task(spec.task)
+    backbone, _ = build(spec, task)
+    split = task.encode("dev", backbone)
+    rows = list(range(len(split)))
+    batch = split.batch(rows)
+    targets = batch.pop("labels")
+    with torch.no_grad():
+        full = backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = split.outputs(backbone.model(**batch).logits, targets)
+    for row, i in enumerate(rows):  # (summed NLL of the response tokens, their count), from every position
+        s, n = split.answer_start[i], len(split.input_ids[i])
+        nll = nn.functional.cross_entropy(full[row, s - 1:n - 1], batch["input_ids"][row, s:n], reduction="sum")
+        assert got[row, 1] == n - s and torch.allclose(got[row, 0], nll, atol=1e-4)
 
 
 @pytest.mark.parametrize(("line", "says"), [

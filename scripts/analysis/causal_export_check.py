@@ -57,6 +57,7 @@ def main() -> None:
     model = backbone.model.eval()
     batch = task.encode(task.eval_splits[0], backbone).batch(list(range(args.rows)))
     batch.pop("labels")
+    batch.pop("logits_to_keep")  # every position, not only those training and scoring read
     report: dict = {"run": str(args.run), "method": delta.meta["method"], "model": backbone.name, "rows": args.rows,
                     "tokens": int(batch["attention_mask"].sum())}
     mask = batch["attention_mask"].bool()

@@ -15,6 +15,11 @@ template's end-of-turn token, as the instruct model was trained; without one (a 
 prompt is followed by a newline and the answer ends with the tokenizer's end token. Prompt and answer are
 tokenised apart, so the answer's tokens are the same in training and scoring. An example longer than
 `max_seq_length` loses the end of its user text, never the chat frame or the answer.
+
+Logits are computed only where they are used: a batch names the positions whose next token is an answer
+token (`logits_to_keep`, the union over its rows), so the model projects those hidden states onto its
+vocabulary and no others. The LM head over 49,152 words is a fifth of SmolLM2's forward cost at every
+position, and a GLUE answer is two tokens of a ~70-token row; the loss and the scores are the same numbers.
 """
 
 from __future__ import annotations
@@ -166,7 +171,8 @@ class LMSplit:
     """Token rows (prompt + answer) with where each answer starts; makes its own batches, loss and outputs.
 
     `labels` are what a metric compares with (class ids; zeros for JSONL), as in every split; a batch's
-    `labels` are the token targets (IGNORE outside the answers), which `loss` and `outputs` read."""
+    `labels` are the token targets at its kept positions (IGNORE outside the answers), which `loss` and
+    `outputs` read."""
 
     input_ids: list[list[int]]
     answer_start: list[int]
@@ -185,29 +191,33 @@ class LMSplit:
         return sorted(range(len(self)), key=lambda i: len(self.input_ids[i]))
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Right-padded rows, their attention mask, and the token targets (the answer tokens, else IGNORE)."""
+        """Right-padded rows, their attention mask, the positions whose next token is an answer token of some
+        row (`logits_to_keep`, sorted: the model computes logits there only), and the targets aligned with
+        them (`labels`, rows x kept positions: the next token where it belongs to the row's answer, else
+        IGNORE)."""
         ids, mask = pad([self.input_ids[i] for i in rows], self.pad_id)
         targets = torch.full_like(ids, IGNORE)
         for row, i in enumerate(rows):
             start, n = self.answer_start[i], len(self.input_ids[i])
             targets[row, start:n] = ids[row, start:n]
-        return {"input_ids": ids, "attention_mask": mask, "labels": targets}
+        keep = (targets[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)
+        return {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep, "labels": targets[:, keep + 1]}
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens of the batch."""
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=IGNORE)
+        """Mean next-token cross-entropy over the answer tokens of the batch (logits and targets at the
+        batch's kept positions)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
     def outputs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per row: the label words' scores at the answer's first position (GLUE), or (summed NLL of the
-        answer tokens, their count) (JSONL)."""
+        """Per row: the label words' scores where the answer's first token is predicted (GLUE), or (summed NLL
+        of the answer tokens, their count) (JSONL); logits and targets at the batch's kept positions."""
         if self.choices is not None:
-            position = (targets != IGNORE).int().argmax(dim=1) - 1  # the token before the first answer token
-            at = logits[torch.arange(len(logits), device=logits.device), position]
+            first = (targets != IGNORE).int().argmax(dim=1)  # the kept position predicting the first answer token
+            at = logits[torch.arange(len(logits), device=logits.device), first]
             return at[:, self.choices.to(logits.device)].float()
-        shifted = targets[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shifted, ignore_index=IGNORE, reduction="none")
-        return torch.stack([nll.sum(dim=1), (shifted != IGNORE).sum(dim=1).float()], dim=1)
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none")
+        return torch.stack([nll.sum(dim=1), (targets != IGNORE).sum(dim=1).float()], dim=1)
 
 
 class Encoder:
