@@ -16,8 +16,6 @@ rows × tokens × hidden.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -117,9 +115,11 @@ class FeatureSplit:
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
-def extract(model: nn.Module, plan: HeadPlan, split: EncodedSplit, batch_size: int, device: torch.device,
-            autocast: Callable[[], AbstractContextManager]) -> FeatureSplit:
-    """One eval-mode pass of the full model over `split`, keeping the input of the first head module."""
+def extract(model: nn.Module, plan: HeadPlan, split: EncodedSplit, batch_size: int,
+            device: torch.device) -> FeatureSplit:
+    """One eval-mode pass of the full model over `split`, keeping the input of the first head module. In fp32
+    whatever the run's precision: the dev features are what the head is scored on, and a later `selectune eval`
+    (fp32, the full model) must give the same scores; one frozen pass costs little next to the head's epochs."""
     captured: list[torch.Tensor] = []
     first = model.get_submodule(plan.modules[0])
     handle = first.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
@@ -130,8 +130,7 @@ def extract(model: nn.Module, plan: HeadPlan, split: EncodedSplit, batch_size: i
         for rows in eval_batches(split, batch_size):
             batch = split.batch(rows)
             batch.pop("labels")
-            with autocast():
-                model(**{k: v.to(device) for k, v in batch.items()})
+            model(**{k: v.to(device) for k, v in batch.items()})
             x = captured.pop()
             x = (x[:, :1] if plan.first_token else x).float().cpu()
             if features is None:

@@ -259,7 +259,7 @@ class Trainer:
         dtype = PRECISIONS[self.precision]
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         # the method may train on other splits (the cached probe's features) with another model (its head)
-        self.splits = splits = method.prepare(splits, cfg.eval_batch_size, self.device, self.autocast)
+        self.splits = splits = method.prepare(splits, cfg.eval_batch_size, self.device)
         self.model = method.model.to(self.device)
         self.eval_splits = {name: splits[name] for name in task.eval_splits}
         n_train = len(splits["train"])
@@ -318,19 +318,20 @@ class Trainer:
         return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
 
     def _evaluate(self) -> tuple[dict[str, dict[str, float | None]], dict[str, Any]]:
-        """Dev metrics; with several processes each predicts its share of the rows, gathered in order."""
+        """Dev metrics; with several processes each predicts its share of the rows, gathered in order. Always in
+        fp32, outside the training autocast: the scores are those of the stored fp32 delta, as `selectune eval`
+        and an exported model compute them, whatever precision trained it."""
         cfg = self.cfg
-        with self.autocast():
-            if not self.ctx.active:
-                return evaluate(self.model, self.task, self.eval_splits, cfg.eval_batch_size, self.device)
-            outputs = {}
-            for name, split in self.eval_splits.items():
-                rows = self.ctx.shard(list(range(len(split))))
-                part = predict(self.model, split.subset(rows), cfg.eval_batch_size, self.device)
-                full = np.empty((len(split), part.shape[-1]), dtype=part.dtype)
-                for r, chunk in enumerate(self.ctx.gather(part)):
-                    full[r::self.ctx.world] = chunk
-                outputs[name] = full
+        if not self.ctx.active:
+            return evaluate(self.model, self.task, self.eval_splits, cfg.eval_batch_size, self.device)
+        outputs = {}
+        for name, split in self.eval_splits.items():
+            rows = self.ctx.shard(list(range(len(split))))
+            part = predict(self.model, split.subset(rows), cfg.eval_batch_size, self.device)
+            full = np.empty((len(split), part.shape[-1]), dtype=part.dtype)
+            for r, chunk in enumerate(self.ctx.gather(part)):
+                full[r::self.ctx.world] = chunk
+            outputs[name] = full
         metrics = {name: self.task.score(outputs[name], split.labels.numpy())
                    for name, split in self.eval_splits.items()}
         return metrics, outputs

@@ -3,7 +3,6 @@ the same names and shapes as the uncached probe, which `selectune eval` applies 
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -40,7 +39,7 @@ def test_features_hold_only_what_the_head_reads(promoted):
     ids = [[101, 7592, 2088, 102], [101, 2023, 102], [101, 1037, 2158, 2003, 2182, 102]]
     split = TextSplit(ids, None, torch.tensor([0, 1, 0]), 0)
     plan = head_plan(backbone)
-    features = extract(backbone.model, plan, split, 2, torch.device("cpu"), contextlib.nullcontext)
+    features = extract(backbone.model, plan, split, 2, torch.device("cpu"))
     assert features.features.shape == ((3, 1, 64) if promoted else (3, 64))  # [CLS] only, never rows × tokens
     head = HeadModel(backbone.model, plan).eval()
     assert {n for n, _ in head.named_parameters()} == set(backbone.head_names)

@@ -74,3 +74,29 @@ def test_an_unknown_precision_fails_at_config_time(data_env, tmp_path, value):
     with pytest.raises(SelectuneError, match="use auto, fp32"):
         train(compose_run("glue/rte_lora", f"trainer.precision={value}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "linear"])  # linear: the cached probe's stored dev features too
+def test_a_bf16_run_is_scored_in_fp32_as_its_exported_delta_is(method, data_env, tmp_path):
+    """Training under bf16 autocast; its evaluations are not: the stored outputs and metrics are those of the
+    fp32 delta, as `selectune eval` (the delta merged into a fresh fp32 model) computes them."""
+    import numpy as np
+
+    import selectune
+    from selectune.commands import RunSpec, build, encode_splits, evaluate_delta
+    from selectune.evaluation import predict
+    from selectune.tasks import load_task
+
+    overrides = ["trainer.precision=bf16", "trainer.max_steps=3", "trainer.lr=1e-2", "task.max_eval_examples=16"]
+    results = train(compose_run(f"glue/rte_{method}", *overrides), tmp_path / "run")
+    assert results["precision"] == "bf16"
+    spec = RunSpec.from_config(compose_run(f"glue/rte_{method}", *overrides))
+    task = load_task(spec.task)
+    backbone, _ = build(spec, task)
+    bare = predict(backbone.model, encode_splits(task, backbone, ["dev"])["dev"], 16, torch.device("cpu"))
+    selectune.load_delta(tmp_path / "run").apply(backbone.model)
+    fresh = predict(backbone.model, encode_splits(task, backbone, ["dev"])["dev"], 16, torch.device("cpu"))
+    stored = np.load(tmp_path / "run" / "outputs_dev.npy")
+    assert np.abs(fresh - bare).max() > 1e-3  # the delta moved the outputs
+    assert np.abs(fresh - stored).max() <= 1e-5  # scored under the autocast it was 3e-4 off here
+    assert evaluate_delta(str(tmp_path / "run"), None, 16, "cpu", max_examples=16)["metrics"] == results["metrics"]

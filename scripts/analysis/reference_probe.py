@@ -14,7 +14,6 @@ trains on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -52,7 +51,7 @@ def features(recipe: str, overrides: list[str]) -> dict[str, tuple[np.ndarray, n
     by_path: dict[Path, np.ndarray] = {}
     out = {}
     for name, split in splits["final"].items():
-        stored = extract(backbone.model, plan, split, 64, torch.device("cpu"), contextlib.nullcontext)
+        stored = extract(backbone.model, plan, split, 64, torch.device("cpu"))
         x = stored.features.reshape(len(stored), -1).numpy()
         by_path.update(zip(split.paths, x, strict=True))
         out[name if name == "test" else "train+val"] = (x, stored.labels.numpy())

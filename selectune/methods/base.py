@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -172,12 +171,12 @@ class Method(ABC):
         """Insert delta forms / unfreeze the method's parameters (the head is already trainable)."""
 
     # ------------------------------------------------------------------ training
-    def prepare(self, splits: dict[str, EncodedSplit], batch_size: int, device: torch.device,
-                autocast: Callable[[], AbstractContextManager]) -> dict[str, EncodedSplit]:
+    def prepare(self, splits: dict[str, EncodedSplit], batch_size: int,
+                device: torch.device) -> dict[str, EncodedSplit]:
         """Called once by the loop before it takes `model`: the splits it will train and evaluate on. A method
         may replace them with what it trains on instead (the cached linear probe: the frozen backbone's
-        features, one eval-mode pass at `batch_size` under the run's `autocast`), and `model` with the module
-        that reads them, whose parameter names are the full model's. The default: the splits as encoded."""
+        features, one fp32 eval-mode pass at `batch_size`), and `model` with the module that reads them, whose
+        parameter names are the full model's. The default: the splits as encoded."""
         return splits
 
     def plan(self, total_steps: int, steps_per_epoch: int) -> None:  # noqa: B027 (optional hook)

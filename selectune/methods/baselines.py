@@ -5,8 +5,6 @@ They make selective results meaningful: a row without its baseline proves nothin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,15 +72,15 @@ class LinearProbe(Method):
         if self.cfg.cached:
             head_plan(backbone)  # refuse an unknown head now (validate and train alike), not after the set-up
 
-    def prepare(self, splits: dict[str, EncodedSplit], batch_size: int, device: torch.device,
-                autocast: Callable[[], AbstractContextManager]) -> dict[str, EncodedSplit]:
+    def prepare(self, splits: dict[str, EncodedSplit], batch_size: int,
+                device: torch.device) -> dict[str, EncodedSplit]:
         """Cached: each split becomes its stored features, and `model` the head that reads them."""
         if not self.cfg.cached:
             return splits
         assert self.backbone is not None
         plan = head_plan(self.backbone)
         full = self.backbone.model
-        features = {name: extract(full, plan, split, batch_size, device, autocast) for name, split in splits.items()}
+        features = {name: extract(full, plan, split, batch_size, device) for name, split in splits.items()}
         self.head = HeadModel(full, plan)
         return features
 
