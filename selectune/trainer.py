@@ -62,7 +62,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto | fp32 | bf16 | fp16 (torch.autocast; fp16 with a grad scaler). auto: bf16 where the device computes
     # it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32. Method state stays fp32
-    precision: str = "fp32"
+    precision: str = "auto"
     group_by_length: bool = False  # text: batches of similar length (less padding), batch order still shuffled
     progress: bool = True  # the rich progress bar (stderr)
     tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard events (extra [tensorboard])

@@ -18,7 +18,7 @@ from selectune import roles
 from conftest import run_cli
 
 LLAMA = ["model=tiny_llama_random", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=16",
-         "task.max_train_examples=32", "task.max_eval_examples=16"]
+         "task.max_train_examples=32", "task.max_eval_examples=16", "trainer.precision=fp32"]
 
 
 def compose(recipe: str, *overrides: str, task: str = "causal/sst2"):

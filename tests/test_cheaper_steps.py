@@ -24,6 +24,14 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     assert resolve_precision("fp16", cpu) == "fp16"  # an explicit choice is kept
 
 
+@pytest.mark.parametrize(("recipe", "precision"), [("glue/rte_lora", "auto"), ("causal/sst2_lora", "auto"),
+                                                   ("vtab/dtd10_lora", "fp32")])
+def test_text_recipes_default_to_auto_precision_images_to_fp32(recipe, precision):
+    from selectune.config import compose
+
+    assert compose("train", [f"recipe={recipe}"]).trainer.precision == precision
+
+
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 120, (1000,), generator=gen).tolist()
