@@ -30,6 +30,7 @@ from torch import nn
 
 from selectune.errors import SelectuneError
 from selectune.models import quiet_transformers
+from selectune.roles import config_architecture
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,10 @@ def _load_causal_lm(cfg: ModelConfig, config: Any, path: str, tokenizer: Any, lo
     if is_vision(config):
         raise SelectuneError(f"model '{cfg.name_or_path}' takes images ({type(config).__name__}); a causal task "
                              f"needs a decoder language model (model=smollm2_135m)")
+    if config_architecture(config) == "bert" and not config.is_decoder:  # transformers would load it as a "decoder"
+        raise SelectuneError(f"model '{cfg.name_or_path}' is an encoder ({type(config).__name__}): it was never "
+                             f"trained to predict the next token, so a causal task needs a decoder language model "
+                             f"(model=smollm2_135m)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.sep_token
     torch.manual_seed(seed)

@@ -44,7 +44,12 @@ EMBEDDING_MARKS = ("embeddings", "embed_tokens", "embed_positions", "wte.", "wpe
 
 def architecture(model: nn.Module) -> str | None:
     """The role table that fits `model` (None: an architecture without one)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return config_architecture(getattr(model, "config", None))
+
+
+def config_architecture(config: Any) -> str | None:
+    """The role table that fits a transformers config, before any model is built from it."""
+    model_type = getattr(config, "model_type", None)
     return MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
 
 

@@ -187,6 +187,9 @@ def test_causal_task_refusals(data_env, tmp_path):
     result = run_cli("validate", "glue/sst2_lora", *LLAMA, "task=causal/sst2", "task.label_words=[not good,not bad]",
                      cwd=tmp_path)
     assert result.returncode != 0 and "must start with different tokens" in result.stderr
+    result = run_cli("validate", "glue/sst2_lora", *LLAMA, "model=tiny_random", "task=causal/sst2", cwd=tmp_path)
+    assert result.returncode != 0 and "is an encoder (BertConfig)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------ every method
