@@ -104,6 +104,12 @@ def test_tsv_regression_with_a_carved_validation_split(files):
     (("train.csv", ""), [], "train.csv: no examples (the file is empty below its header)"),
     (("train.csv", "review,sentiment\n"), [], "train.csv: no examples (the file is empty below its header)"),
     (("dev.jsonl", ""), [], "dev.jsonl: no examples (the file is empty)"),
+    (("dev.jsonl", '{"review": "ok", "sentiment": "pos"}\n{"review": "so so",\n'), [],
+     "dev.jsonl:2: malformed line: not JSON"),
+    (("dev.jsonl", '["so so", "pos"]\n'), [],
+     'dev.jsonl:1: malformed line: expected an object with "review" and "sentiment", found list'),
+    (("dev.jsonl", '{"review": "ok", "sentiment": "pos"}\n{"review": "so so"}\n'), [],
+     "dev.jsonl:2: row has no 'sentiment'"),
     (None, ["task.dev_file=null"], "task=text/custom needs an evaluation split: task.dev_file=<file>, or "
                                    "task.validation=0.1"),
     (None, ["task.train_file=nope.csv"], "task.train_file=nope.csv: no such file"),

@@ -38,7 +38,7 @@ from selectune.errors import SelectuneError
 from selectune.tasks import glue
 from selectune.tasks.batches import pad
 from selectune.tasks.example import Example
-from selectune.tasks.text import excerpt, read_utf8
+from selectune.tasks.text import excerpt, jsonl_objects
 
 IGNORE = -100  # token targets that are not trained on (prompt, padding)
 MARK = "\u0000"  # stands for the user text while the chat frame is rendered
@@ -142,16 +142,7 @@ def read_jsonl(path: Path, limit: Optional[int] = None) -> list[Example]:
         raise SelectuneError(f"missing instruction file {path} (JSONL: one {{\"prompt\": ..., \"response\": ...}} "
                              f"object per line)")
     examples: list[Example] = []
-    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SelectuneError(f"{path}:{lineno}: malformed line: not JSON ({err.msg}): {excerpt(line)}") from None
-        if not isinstance(row, dict):
-            raise SelectuneError(f"{path}:{lineno}: malformed line: expected an object with \"prompt\" and "
-                                 f"\"response\", found {type(row).__name__}: {excerpt(line)}")
+    for lineno, row in jsonl_objects(path, '"prompt" and "response"'):
         for key in ("prompt", "response"):
             if not isinstance(row.get(key), str) or not row[key]:
                 found = "nothing" if key not in row else excerpt(json.dumps(row[key]))

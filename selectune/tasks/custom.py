@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from selectune.errors import SelectuneError
 from selectune.tasks.example import Example
-from selectune.tasks.text import excerpt, read_utf8
+from selectune.tasks.text import excerpt, jsonl_objects, read_utf8
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "matthews")
@@ -63,29 +63,20 @@ COLUMN_HINT = "name the columns with task.text_column / task.pair_column / task.
 def read_rows(path: Path, columns: list[str], hint: str = COLUMN_HINT) -> list[tuple[int, dict[str, Any]]]:
     """(line number, {column: value}) for every row of a CSV/TSV (header line first) or JSONL file (one object
     a line); the file must hold at least one row and every named column."""
-    text = read_utf8(path)
     kind = FORMATS[path.suffix.lower()]
     rows: list[tuple[int, dict[str, Any]]] = []
     if kind == "jsonl":
         found: set[str] = set()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SelectuneError(f"{path}:{lineno}: not a JSON object ({err.msg}): {excerpt(line)}") from None
-            if not isinstance(row, dict):
-                raise SelectuneError(f"{path}:{lineno}: not a JSON object: {excerpt(line)}")
+        for lineno, row in jsonl_objects(path, " and ".join(f'"{c}"' for c in columns)):
             missing = [c for c in columns if c not in row]
             if missing and rows:  # the first row names the columns; later rows must have them
-                raise SelectuneError(f"{path}:{lineno}: row has no '{missing[0]}': {excerpt(line)}")
+                raise SelectuneError(f"{path}:{lineno}: row has no '{missing[0]}': {excerpt(json.dumps(row))}")
             found |= set(row)
             if missing:
                 _no_column(path, missing[0], sorted(found), hint)
             rows.append((lineno, row))
     else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")
+        reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter="," if kind == "csv" else "\t")
         try:
             header = next(reader, None)
             if header is not None:

@@ -7,7 +7,10 @@ so one bad multi-megabyte line cannot flood the terminal.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from selectune.errors import SelectuneError
 
@@ -31,3 +34,20 @@ def excerpt(text: str, limit: int = EXCERPT) -> str:
     """`text` quoted for an error message: at most `limit` characters, the cut marked."""
     text = text.rstrip("\r\n")
     return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def jsonl_objects(path: Path, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file. Lines end at "\\n" only: a JSON string
+    may hold U+2028, at which str.splitlines would cut it. A line that is not JSON, or is JSON but not an
+    object, fails naming file and line; `expected` says what the object should hold."""
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SelectuneError(f"{path}:{lineno}: malformed line: not JSON ({err.msg}): {excerpt(line)}") from None
+        if not isinstance(row, dict):
+            raise SelectuneError(f"{path}:{lineno}: malformed line: expected an object with {expected}, found "
+                                 f"{type(row).__name__}: {excerpt(line)}")
+        yield lineno, row
