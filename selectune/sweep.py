@@ -6,12 +6,14 @@
     selectune sweep study=sweeps/rte_lora table=true                 # the study so far, nothing run
 
 The search is a grid over the overrides given as comma lists (`trainer.lr=a,b,c`, `method.l0_weight=x,y`);
-every other override applies to each candidate. A candidate trains with `task.validation` (10% of train,
-stratified, fixed seed), `trainer.select=best` and GLUE dev not scored at all: its score is its best
-evaluation on the carved split, and nothing in the sweep ever sees dev. One long schedule evaluated every
-epoch stands for every shorter one (select=best keeps the best epoch), and a candidate whose best score so
-far is below the median of the earlier candidates' at the same evaluation stops there (`pruner=median`,
-from the evaluation `prune_after` on; `pruner=none` runs every candidate to its end).
+every other override applies to each candidate. A text or causal-LM candidate trains with `task.validation`
+(10% of train, stratified, fixed seed), `trainer.select=best` and dev not scored at all: its score is its best
+evaluation on the carved split, and nothing in the sweep ever sees dev. An image candidate (VTAB-1k) trains
+on train800 and is scored on val200 (`task.protocol=select`): the test split is never read. For text, one long
+schedule evaluated every epoch stands for every shorter one (select=best keeps the best epoch); image and
+decoder recipes keep their own schedule. A candidate whose best score so far is below the median of the
+earlier candidates' at the same evaluation stops there (`pruner=median`, from the evaluation `prune_after`
+on; `pruner=none` runs every candidate to its end).
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -43,7 +45,8 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "spt_lora": [2e-4, 5e-4, 1e-3], "spt_adapter": [2e-4, 5e-4, 1e-3], "sara": [5e-4, 2e-3, 5e-3]}
 DEFAULT_EPOCHS = {"full": 5}  # others: 10
 OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan")
-SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "trainer.select", "trainer.resume")
+SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "task.protocol", "trainer.select",
+                "trainer.resume")
 JOURNAL = "study.journal"
 
 
@@ -61,7 +64,19 @@ class SweepPlan:
     write: bool = False
     table_only: bool = False
     plan_only: bool = False
+    family: str = "glue"  # the recipe's task family: where a candidate is scored (see selection)
     defaults_used: list[str] = field(default_factory=list)
+
+    @property
+    def selection(self) -> list[str]:
+        """What makes a candidate choose on a split held out of training and never see the reported one."""
+        if self.family == "vtab":
+            return ["task.protocol=select"]  # train800 -> val200; test never read
+        return [f"task.validation={self.validation:g}", "task.score_dev=false"]
+
+    @property
+    def split_name(self) -> str:
+        return "val200" if self.family == "vtab" else f"validation {self.validation:g} of train"
 
     def points(self) -> list[dict[str, str]]:
         keys = list(self.grid)
@@ -110,6 +125,7 @@ def parse(args: list[str]) -> SweepPlan:
         if len(set(values)) != len(values) or any(v == "" for v in values):
             raise SelectuneError(f"sweep: {key}={','.join(values)} repeats or leaves out a value")
     plan = SweepPlan(recipe, grid, fixed, Path(study_text or f"sweeps/{recipe}"))
+    plan.family = recipe_family(recipe, fixed)
     # the method a recipe name ends with, the longest match (`rte_spt_lora` is spt_lora, not lora)
     method = max((m for m in DEFAULT_LRS if recipe.endswith(f"_{m}")), key=len, default=recipe.rsplit("_", 1)[-1])
     if not any(k == "trainer.lr" for k in grid) and not any(o.startswith("trainer.lr=") for o in fixed):
@@ -118,8 +134,10 @@ def parse(args: list[str]) -> SweepPlan:
         if method in DEFAULT_LRS:
             plan.grid = {"trainer.lr": [f"{lr:g}" for lr in DEFAULT_LRS[method]], **plan.grid}
             plan.defaults_used.append("trainer.lr")
-    if not any(o.startswith("trainer.epochs=") or o.startswith("trainer.max_steps=") for o in fixed) \
-            and "trainer.epochs" not in plan.grid:
+    # GLUE-style text recipes train 3 epochs: a sweep gives them one long schedule to choose the epoch from;
+    # image and causal-LM recipes keep their own (VTAB's 10 epochs, a decoder's few hundred steps)
+    if plan.family in ("glue", "text") and "trainer.epochs" not in plan.grid \
+            and not any(o.startswith("trainer.epochs=") or o.startswith("trainer.max_steps=") for o in fixed):
         plan.fixed.append(f"trainer.epochs={DEFAULT_EPOCHS.get(method, 10)}")
         plan.defaults_used.append("trainer.epochs")
     plan.pruner = options.get("pruner", plan.pruner)
@@ -136,10 +154,19 @@ def parse(args: list[str]) -> SweepPlan:
         except ValueError:
             raise SelectuneError(f"sweep: validation={options['validation']}: give a fraction or a count of train "
                                  "rows") from None
+    if plan.family == "vtab" and "validation" in options:
+        raise SelectuneError("sweep: validation= is for text tasks; an image task chooses on its own val200")
     plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
     plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")
     plan.plan_only = options.get("plan", "false").lower() in ("true", "1", "yes")
     return plan
+
+
+def recipe_family(recipe: str, fixed: list[str]) -> str:
+    """The task family the recipe (with the fixed overrides) trains on."""
+    from selectune.config import compose
+
+    return str(compose("train", [f"recipe={recipe}", *fixed]).task.family)
 
 
 # --------------------------------------------------------------------------- the study store
@@ -222,7 +249,8 @@ def cost(plan: SweepPlan) -> str:
             sizes[key] = len(load_task(spec.task).splits["train"])
         per_epoch, steps = spec.trainer.run_length(sizes[key])
         total += steps
-        lines.append(f"  {point_name(point)}: {steps:,} steps ({per_epoch} per epoch, evaluated each epoch)")
+        every = f"every {spec.trainer.eval_every} steps" if spec.trainer.eval_every else "each epoch"
+        lines.append(f"  {point_name(point)}: {steps:,} steps ({per_epoch} per epoch, evaluated {every})")
     return "\n".join([f"{plan.recipe}: {len(lines)} candidates, {total:,} training steps at most (pruning stops "
                       f"some early)", *lines])
 
@@ -247,9 +275,8 @@ def run(plan: SweepPlan) -> None:
 
 
 def candidate_overrides(plan: SweepPlan, point: dict[str, str], out: Path) -> list[str]:
-    return [f"recipe={plan.recipe}", *plan.fixed, *(f"{k}={v}" for k, v in point.items()),
-            f"task.validation={plan.validation:g}", "task.score_dev=false", "trainer.select=best",
-            "trainer.progress=false", f"out_dir={out}"]
+    return [f"recipe={plan.recipe}", *plan.fixed, *(f"{k}={v}" for k, v in point.items()), *plan.selection,
+            "trainer.select=best", "trainer.progress=false", f"out_dir={out}"]
 
 
 def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
@@ -339,7 +366,7 @@ def table(plan: SweepPlan, study) -> str:
     best = winner(study)
     keys = list(plan.grid)
     lines = [f"sweep of {plan.recipe} ({plan.study}); fixed: {' '.join(plan.fixed) or '—'}; "
-             f"validation {plan.validation:g} of train, pruner {plan.pruner} after {plan.prune_after} evaluations",
+             f"chosen on {plan.split_name}, pruner {plan.pruner} after {plan.prune_after} evaluations",
              "", "| " + " | ".join([*keys, "state", "val (best eval)", "evaluations", "steps", "s/step"]) + " |",
              "|" + "---|" * (len(keys) + 5)]
     for row in sorted(found, key=lambda r: [str(r["params"].get(k)) for k in keys]):
@@ -379,8 +406,9 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     tried = ", ".join(f"{r['candidate']} {r['score']:.2f}" + (" (pruned)" if r["state"] == "pruned" else "")
                       for r in rows(study) if r["score"] is not None)
     chosen = {**{k: v for k, v in (o.partition("=")[::2] for o in plan.fixed)
-                 if k.startswith(("trainer.", "method."))}, **best["params"],
-              "trainer.select": "best", "task.validation": f"{plan.validation:g}"}
+                 if k.startswith(("trainer.", "method."))}, **best["params"]}
+    if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
+        chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
     text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
     note = f"chosen by selectune sweep on val ({plan.study}): {tried}"
     for i, (key, value) in enumerate(chosen.items()):

@@ -141,3 +141,36 @@ def test_a_real_sweep_end_to_end(data_env, tmp_path):
     again = run_cli("study=" + str(tmp_path / "s"), "table=true", cwd=tmp_path)
     assert again.returncode == 0 and "**chosen**" in again.stdout
     shutil.rmtree(tmp_path / "s")
+
+
+@pytest.mark.parametrize(("recipe", "extra", "selection", "long_schedule"), [
+    ("glue/rte_lora", ["model=tiny_random"], ["task.validation=0.1", "task.score_dev=false"], True),
+    ("causal/sst2_lora", ["model=tiny_llama_random"], ["task.validation=0.1", "task.score_dev=false"], False),
+    ("vtab/dtd10_lora", ["model=vit_micro_random"], ["task.protocol=select"], False),
+])
+def test_each_family_chooses_on_a_held_out_split_and_never_loads_the_reported_one(
+        recipe, extra, selection, long_schedule, data_env, tmp_path):
+    from test_vtab import write_vtab
+
+    from selectune.commands import RunSpec
+    from selectune.tasks import load_task
+
+    write_vtab(tmp_path, name="dtd10", classes=3, per_split=(12, 6, 6))
+    plan = sweep.parse([recipe, *extra, "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}"])
+    overrides = sweep.candidate_overrides(plan, plan.points()[0], tmp_path / "run")
+    assert [o for o in overrides if o.startswith("task.")] == selection
+    # text gets one long schedule to choose its epoch from; images and decoders keep their recipe's
+    assert any(o.startswith("trainer.epochs=") for o in plan.fixed) == long_schedule
+    data = [] if plan.family != "vtab" else [f"task.data_root={tmp_path}"]
+    spec = RunSpec.from_config(compose("train", [*overrides, *data]))
+    assert set(load_task(spec.task).splits) == {"train", "val"}
+
+
+def test_a_real_sweep_of_a_decoder_recipe(data_env, tmp_path):
+    done = run_cli("causal/sst2_lora", "model=tiny_llama_random", "validation=16", "trainer.batch_size=8",
+                   "trainer.eval_batch_size=16", "trainer.max_steps=4", "trainer.eval_every=2",
+                   "task.max_train_examples=32", "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 candidates done" in done.stdout and "chosen on validation 16 of train" in done.stdout
+    results = json.loads((tmp_path / "s" / "runs" / "lr1e-3" / "results.json").read_text())
+    assert set(results["metrics"]) == {"val"} and results["family"] == "causal" and results["steps"] == 4

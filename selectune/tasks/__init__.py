@@ -102,8 +102,6 @@ def _glue_read(cfg: TaskConfig, spec: glue.GlueSpec, root: Optional[str]) -> Tas
                                       cfg.validation, stratified=not spec.is_regression)
         splits["train"] = train[:cfg.max_train_examples]
         splits[validation.SPLIT] = val[:cfg.max_eval_examples]
-        if not cfg.score_dev:
-            splits = {name: splits[name] for name in ("train", validation.SPLIT)}
     return Task(spec, splits, cfg.max_seq_length or spec.max_seq_length, "glue")
 
 
@@ -212,6 +210,8 @@ def task_spec(cfg: TaskConfig) -> glue.GlueSpec | vtab.VtabSpec | custom.TextSpe
 def load_task(cfg: TaskConfig) -> Task:
     fam = family(cfg)
     task = fam.read(cfg, fam.spec(cfg), cfg.data_root or os.environ.get("SELECTUNE_DATA"))
+    if cfg.validation is not None and not cfg.score_dev:  # a sweep's candidate: choices on val, dev never seen
+        task.splits = {name: task.splits[name] for name in ("train", validation.SPLIT)}
     for split, examples in task.splits.items():
         if not examples:
             raise SelectuneError(f"{cfg.family} {cfg.name} split '{split}' has no examples")
