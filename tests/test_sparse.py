@@ -105,6 +105,35 @@ def test_select_k_on_random_scores_matches_a_sort():
     assert got == expected and sum(v.numel() for v in chosen.values()) == 123
 
 
+def test_select_k_matches_a_stable_sort_with_ties_infinities_and_signed_zeros():
+    values = torch.tensor([-torch.inf, -2.5, -0.0, 0.0, 0.5, 1e-30, -1e-30, 3.0, 3.0000002, torch.inf])
+    gen = torch.Generator().manual_seed(3)
+    scores = {f"t{i}": values[torch.randint(0, len(values), (40 + 7 * i,), generator=gen)] for i in range(5)}
+    names = sorted(scores)
+    flat = torch.cat([scores[n] for n in names])
+    offsets = dict(zip(names, torch.cumsum(torch.tensor([0] + [scores[n].numel() for n in names]), 0).tolist(),
+                       strict=False))
+    for largest in (False, True):
+        order = torch.argsort(-flat if largest else flat, stable=True)  # ties: the earliest (name, index)
+        for k in (1, 13, 100, flat.numel()):
+            chosen = select_k(scores, k, largest)
+            got = {offsets[n] + int(i) for n, idx in chosen.items() for i in idx}
+            assert got == set(order[:k].tolist()), (largest, k)
+            assert all(torch.equal(idx, idx.sort().values) and idx.dtype == torch.int32 for idx in chosen.values())
+
+
+def test_order_keys_sort_as_the_floats_do():
+    from selectune.selection import order_keys
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(500) * 10 ** torch.randint(-30, 30, (500,)).float(),
+                   torch.tensor([torch.inf, -torch.inf, 0.0, 3.4e38, -3.4e38, 1e-45, -1e-45])])
+    x = x[torch.isfinite(x) | torch.isinf(x)].unique()  # distinct values: one order only
+    assert torch.equal(torch.argsort(order_keys(x)), torch.argsort(x))
+    assert torch.equal(torch.argsort(order_keys(x, descending=True)), torch.argsort(-x))
+    assert order_keys(torch.tensor([-0.0])).item() == order_keys(torch.tensor([0.0])).item()
+
+
 def test_overlap_counts_shared_entries_and_tensors_only_one_selection_touches(tmp_path):
     a = {"q": torch.tensor([1, 4, 9], dtype=torch.int32), "ln": torch.tensor([0, 2], dtype=torch.int32),
          "empty": torch.zeros(0, dtype=torch.int32)}

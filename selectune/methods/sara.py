@@ -77,7 +77,7 @@ class SaRA(Method):
         head = self.backbone.num_head_parameters
         if self.budget <= head:
             raise SelectuneError(f"budget of {self.budget:,} does not exceed the head's {head:,} parameters")
-        return select_k({n: w.abs() for n, w in weights.items()}, self.budget - head, largest=False)
+        return select_k(weights, self.budget - head, largest=False, magnitude=True)
 
     # ------------------------------------------------------------------ training
     def penalty(self) -> torch.Tensor | None:
