@@ -2,6 +2,7 @@
 
     SELECTUNE_DATA=../shared/data python scripts/bench/bench_step_llm.py [--methods lora sara ...]
         [--steps 2] [--rounds 1] [--batch 8] [--precision fp32] [--model smollm2_135m] [--write docs/results.md]
+        [--section bench:step_llm]
 
 Each method runs in its own process (peak RSS is that method's alone): recipe `causal/sst2_<method>` (the
 preset's method settings and budget), the first `batch x (steps + 1)` SST-2 training rows as prompts with
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--section", default="bench:step_llm", help="the docs section --write replaces")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,7 +146,7 @@ def main() -> None:
             f"rounds); memory = the process's highest peak RSS (loading and set-up included).\n\n" + "\n".join(lines))
     print(body)
     if args.write:
-        write_section(args.write, "bench:step_llm", body)
+        write_section(args.write, args.section, body)
 
 
 if __name__ == "__main__":
