@@ -10,14 +10,11 @@ that weight).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
 
 from selectune import runfs
 from selectune.errors import SelectuneError
@@ -38,32 +35,18 @@ def lost_in_cast(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) 
 
 
 def _write_model(target: Path, backbone: Any, adapters: dict[str, torch.Tensor], card: str = "") -> None:
-    """Save the merged model into a fresh folder beside `target`, then rename it into place: a failure
-    (a full disk) leaves no partial `target`, and no folder but the one made here is ever removed."""
+    """The merged model, its preprocessor, card and adapters, published as one folder (runfs.publish_dir)."""
     from selectune.backbone import save_preprocessor
 
-    made = next((p for p in reversed([target.parent, *target.parent.parents]) if not p.exists()), None)
-    runfs.make_dir(target.parent, "out")
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        backbone.model.save_pretrained(tmp)
-        save_preprocessor(backbone, tmp)
+    def write(folder: Path) -> None:
+        backbone.model.save_pretrained(folder)
+        save_preprocessor(backbone, folder)
         if card:
-            (tmp / "README.md").write_text(card)
+            (folder / "README.md").write_text(card)
         if adapters:  # not linear in x: cannot become weights; shipped beside the merged model as modules
-            runfs.save_safetensors(adapters, tmp / "adapters.safetensors", {"format": "selectune.adapters/1"})
-        if target.is_dir() and not target.is_symlink():
-            target.rmdir()  # empty (checked before the merge); a file put there meanwhile fails here
-        tmp.rename(target)
-    except (OSError, SafetensorError) as err:  # transformers writes model.safetensors with safetensors' own error
-        if made is not None:  # the parents this export created
-            shutil.rmtree(made, ignore_errors=True)
-        why = err.strerror if isinstance(err, OSError) and err.strerror else runfs.safetensors_why(err)
-        raise SelectuneError(f"cannot write out={target}: {why}") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            runfs.save_safetensors(adapters, folder / "adapters.safetensors", {"format": "selectune.adapters/1"})
+
+    runfs.publish_dir(target, write)
 
 
 def model_card(run: str, meta: dict[str, Any], labels: Any, dtype: str) -> str:

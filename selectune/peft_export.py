@@ -14,9 +14,6 @@ merged export (format=merged, the default).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 
 import torch
 
+from selectune import runfs
 from selectune.errors import SelectuneError
 
 PEFT_FORMS = {"lora_A": "LoRA", "svd_P": "AdaLoRA"}
@@ -68,7 +66,7 @@ def export_peft(delta: Any, backbone: Any, target: Path, dtype: torch.dtype) -> 
 
 
 def write_peft(delta: Any, backbone: Any, target: Path, dtype: torch.dtype) -> dict[str, Any]:
-    """Write the adapter folder (atomically: a temporary folder renamed into place); returns what it holds."""
+    """Write the adapter folder (a temporary folder renamed into place); returns what it holds."""
     from selectune.backbone import save_preprocessor
 
     marker = peft_kind(delta, backbone.head_names)
@@ -82,19 +80,14 @@ def write_peft(delta: Any, backbone: Any, target: Path, dtype: torch.dtype) -> d
     peft_model, config = _wrap(model, marker, factors, sorted({n.rpartition(".")[0] for n in head}),
                                backbone.tokenizer is not None)
     peft_model.to(dtype)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def write(folder: Path) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model.save_pretrained(tmp)
-        save_preprocessor(backbone, tmp)
-        if target.exists():
-            target.rmdir()  # an empty folder (export refuses a non-empty one)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            peft_model.save_pretrained(folder)
+        save_preprocessor(backbone, folder)
+
+    runfs.publish_dir(target, write)  # atomic; a failure leaves neither the folder nor parents it made
     return {"peft_type": PEFT_FORMS[marker], "modules": len(factors), "r": config.r if marker == "lora_A" else
             config.init_r, "modules_to_save": list(config.modules_to_save or [])}
 

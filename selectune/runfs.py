@@ -18,6 +18,8 @@ import fcntl
 import logging
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,32 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def publish_dir(target: Path, write: Callable[[Path], None], what: str = "out") -> None:
+    """`write` a folder's files into a fresh folder beside `target`, then rename it into place. A failure (a
+    full disk) leaves no partial `target` and none of the parent folders this call created, and no folder but
+    those is ever removed; it is one line naming `target`. `target` may exist only as an empty folder."""
+    from safetensors import SafetensorError
+
+    made = next((p for p in reversed([target.parent, *target.parent.parents]) if not p.exists()), None)
+    make_dir(target.parent, what)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        write(tmp)
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()  # empty (the caller checked); a file put there meanwhile fails here
+        tmp.rename(target)
+        tmp = None
+    except (OSError, SafetensorError) as err:  # transformers writes model.safetensors with safetensors' own error
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else safetensors_why(err)
+        raise SelectuneError(f"cannot write {what}={target}: {why}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def safetensors_why(err: BaseException) -> str:

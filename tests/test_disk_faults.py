@@ -195,6 +195,25 @@ def test_export_write(scratch, capsys, monkeypatch):
     assert stable(scratch) == before
 
 
+def test_peft_export_write_leaves_no_folder_it_made(scratch, capsys, monkeypatch):
+    pytest.importorskip("peft")
+    import peft.peft_model
+
+    code, line = selectune(capsys, "train", "recipe=glue/rte_lora", *TINY, "trainer.max_steps=2",
+                           "task.max_train_examples=16", "task.max_eval_examples=8", "out_dir=run")
+    assert code == 0, line
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError(FULL)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
+    before = stable(scratch)
+    code, line = selectune(capsys, "export", "run=run", "out=exports/peft/rte", "format=peft")
+    assert code == 2 and line == "selectune: error: cannot write out=exports/peft/rte: No space left on device"
+    assert stable(scratch) == before and not (scratch / "exports").exists()
+
+
 def test_probe_write(scratch, capsys, monkeypatch):
     import safetensors.torch
 
