@@ -235,22 +235,36 @@ def claims(study) -> dict[str, str]:
     return states
 
 
-def cost(plan: SweepPlan) -> str:
-    """`plan=true`: the candidates and their training steps if none is pruned (the data is read, nothing trained)."""
+def planned(plan: SweepPlan) -> dict[str, tuple[int, int, str]]:
+    """Candidate name -> (training steps if not pruned, steps per epoch, how often it is evaluated); the
+    task's data is read to size the splits, nothing is trained."""
     from selectune.commands import RunSpec
     from selectune.config import compose
     from selectune.tasks import load_task
 
-    lines, total, sizes = [], 0, {}
+    out, sizes = {}, {}
     for point in plan.points():
         spec = RunSpec.from_config(compose("train", candidate_overrides(plan, point, plan.study / "runs" / "plan")))
         key = (spec.task.name, spec.task.validation)
         if key not in sizes:
             sizes[key] = len(load_task(spec.task).splits["train"])
         per_epoch, steps = spec.trainer.run_length(sizes[key])
-        total += steps
         every = f"every {spec.trainer.eval_every} steps" if spec.trainer.eval_every else "each epoch"
-        lines.append(f"  {point_name(point)}: {steps:,} steps ({per_epoch} per epoch, evaluated {every})")
+        out[point_name(point)] = (steps, per_epoch, every)
+    return out
+
+
+def planned_steps(plan: SweepPlan) -> dict[str, int]:
+    """Candidate name -> its training steps if it is not pruned."""
+    return {name: steps for name, (steps, _, _) in planned(plan).items()}
+
+
+def cost(plan: SweepPlan) -> str:
+    """`plan=true`: the candidates and their training steps if none is pruned (the data is read, nothing trained)."""
+    found = planned(plan)
+    lines = [f"  {name}: {steps:,} steps ({per_epoch} per epoch, evaluated {every})"
+             for name, (steps, per_epoch, every) in found.items()]
+    total = sum(steps for steps, _, _ in found.values())
     return "\n".join([f"{plan.recipe}: {len(lines)} candidates, {total:,} training steps at most (pruning stops "
                       f"some early)", *lines])
 

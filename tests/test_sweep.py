@@ -174,3 +174,20 @@ def test_a_real_sweep_of_a_decoder_recipe(data_env, tmp_path):
     assert "2 of 2 candidates done" in done.stdout and "chosen on validation 16 of train" in done.stdout
     results = json.loads((tmp_path / "s" / "runs" / "lr1e-3" / "results.json").read_text())
     assert set(results["metrics"]) == {"val"} and results["family"] == "causal" and results["steps"] == 4
+
+
+def test_plan_counts_each_candidates_steps_and_writes_nothing(data_env, tmp_path):
+    done = run_cli("glue/rte_lora", "model=tiny_random", "trainer.batch_size=8", "trainer.lr=1e-3,1e-2",
+                   "trainer.epochs=3", "validation=8", "plan=true", f"study={tmp_path / 's'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.batch_size=8", "trainer.lr=1e-3,1e-2",
+                        "trainer.epochs=3", "validation=8", f"study={tmp_path / 's'}"])
+    steps = sweep.planned_steps(plan)
+    from selectune.commands import RunSpec
+    from selectune.tasks import load_task
+
+    spec = RunSpec.from_config(compose("train", sweep.candidate_overrides(plan, plan.points()[0], tmp_path / "r")))
+    per_epoch = -(-len(load_task(spec.task).splits["train"]) // 8)
+    assert steps == {"lr1e-3": 3 * per_epoch, "lr1e-2": 3 * per_epoch}
+    assert f"2 candidates, {6 * per_epoch:,} training steps at most" in done.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,55 @@
+"""Every study below a folder as Markdown: each `selectune sweep` table (candidates, pruned ones and at which
+evaluation, the chosen values) and the training steps spent against the steps the grids hold.
+
+    python scripts/reproduction/sweep_report.py [results/sweeps/glue] [--write docs/results.md]
+
+Reads the committed journals only (study.journal + sweep.json); nothing is trained. A study still running
+shows what it has finished. The section written is `results:sweeps:<folder name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
+from docsection import write_section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", type=Path, default=Path("results/sweeps/glue"))
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args()
+    from selectune import sweep
+
+    parts, spent, most, done, pruned, candidates = [], 0, 0, 0, 0, 0
+    for folder in sorted(p.parent for p in args.root.glob("*/sweep.json")):
+        plan = sweep.parse([f"study={folder}"])
+        study = sweep.open_study(plan, create=False)
+        rows = sweep.rows(study)
+        per_candidate = {r["candidate"]: r for r in rows}
+        planned = sweep.planned_steps(plan)
+        spent += sum(r["steps"] or 0 for r in rows)
+        most += sum(planned.values())
+        done += sum(r["state"] == "complete" for r in rows)
+        pruned += sum(r["state"] == "pruned" for r in rows)
+        candidates += len(planned)
+        left = [name for name in planned if name not in per_candidate]
+        parts.append(f"#### {plan.recipe}\n\n" + sweep.table(plan, study)
+                     + (f" (not finished: {', '.join(left)})" if left else ""))
+    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    head = (f"Studies under `{args.root}` (read at {commit} by `python scripts/reproduction/sweep_report.py "
+            f"{args.root}`): {len(parts)} studies, {candidates} candidates, {done} finished, {pruned} pruned, "
+            f"{candidates - done - pruned} not finished; **{spent:,} training steps spent** of the {most:,} the "
+            f"grids hold without pruning.")
+    body = head + "\n\n" + "\n\n".join(parts)
+    print(body)
+    if args.write:
+        write_section(args.write, f"results:sweeps:{args.root.name}", body)
+
+
+if __name__ == "__main__":
+    main()
