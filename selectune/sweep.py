@@ -343,10 +343,13 @@ def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
 
 
 def score_of(metrics: dict[str, dict[str, float | None]], results: dict[str, Any]) -> float:
-    """The primary metric on the split the run selected on."""
-    from selectune.tasks import TaskConfig, task_spec
+    """The primary metric on the split the run selected on (results.json names it; a run written before it
+    did is a GLUE-style task whose spec gives it)."""
+    primary = results.get("primary")
+    if primary is None:
+        from selectune.tasks import TaskConfig, task_spec
 
-    primary = task_spec(TaskConfig(name=results["task"], family=results["family"])).primary
+        primary = task_spec(TaskConfig(name=results["task"], family=results["family"])).primary
     value = metrics[results["selected_on"]][primary]
     return -math.inf if value is None else value
 

