@@ -104,12 +104,6 @@ def test_tsv_regression_with_a_carved_validation_split(files):
     (("train.csv", ""), [], "train.csv: no examples (the file is empty below its header)"),
     (("train.csv", "review,sentiment\n"), [], "train.csv: no examples (the file is empty below its header)"),
     (("dev.jsonl", ""), [], "dev.jsonl: no examples (the file is empty)"),
-    (("dev.jsonl", '{"review": "ok", "sentiment": "pos"}\n{"review": "so so",\n'), [],
-     "dev.jsonl:2: malformed line: not JSON"),
-    (("dev.jsonl", '["so so", "pos"]\n'), [],
-     'dev.jsonl:1: malformed line: expected an object with "review" and "sentiment", found list'),
-    (("dev.jsonl", '{"review": "ok", "sentiment": "pos"}\n{"review": "so so"}\n'), [],
-     "dev.jsonl:2: row has no 'sentiment'"),
     (None, ["task.dev_file=null"], "task=text/custom needs an evaluation split: task.dev_file=<file>, or "
                                    "task.validation=0.1"),
     (None, ["task.train_file=nope.csv"], "task.train_file=nope.csv: no such file"),
@@ -127,3 +121,24 @@ def test_a_bad_file_stops_train_before_a_run_folder_exists(files):
     (files / "dev.jsonl").write_text('{"review": "so so", "sentiment": "meh"}\n')
     one_error(run_cli("train", "text/custom_bitfit", *FILES, *TINY, cwd=files), "unknown label 'meh'")
     assert not (files / "runs").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"review": "ok", "sentiment": "pos"}\n{"review": "so so",\n', "dev.jsonl:2: malformed line: not JSON"),
+    ('["so so", "pos"]\n', 'dev.jsonl:1: malformed line: expected an object with "review" and "sentiment", '
+                            'found list'),
+    ('{"review": "ok", "sentiment": "pos"}\n{"review": "so so"}\n', "dev.jsonl:2: row has no 'sentiment'"),
+    ('{"review": "a\u2028b", "sentiment": "pos"}\n', None),  # U+2028 inside a string: one line, not two
+])
+def test_jsonl_rows_name_file_and_line_of_a_bad_one(tmp_path, text, message):
+    from selectune.errors import SelectuneError
+    from selectune.tasks.custom import read_rows
+
+    path = tmp_path / "dev.jsonl"
+    path.write_text(text, encoding="utf-8")
+    if message is None:
+        assert [row["review"] for _, row in read_rows(path, ["review", "sentiment"])] == ["a\u2028b"]
+        return
+    with pytest.raises(SelectuneError) as err:
+        read_rows(path, ["review", "sentiment"])
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
