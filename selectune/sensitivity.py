@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from selectune.roles import is_embedding
+from selectune.selection import order_keys
 
 SCORES = ("grad2", "taylor", "magnitude")
 # (pattern on the parameter name, module type) for the heat map's columns; BERT and ViT names
@@ -99,48 +100,77 @@ def probe(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.
 
 
 class Ranking:
-    """All entries of many tensors sorted once by score (descending; ties by name, then index), so the
-    per-tensor counts of the global top-τ are a prefix count for any τ (SPT sweeps τ)."""
+    """Every entry of many tensors ranked by score (descending; ties by tensor name, then flat index), so the
+    per-tensor counts of the global top-τ are known for any τ (SPT searches τ).
+
+    Kept tensor by tensor, not as one flat sort: each tensor's entries are sorted once by int32 keys ordered as
+    its scores (`selection.order_keys`; stable, so ties stay in index order), with that order. The threshold
+    of a global top-τ is then a search over keys that asks each tensor how many of its keys lie below (a
+    binary search in its sorted keys). That holds two int32 copies of the scores where one flat sort held a
+    float copy, its int64 order and int64 owners: at SmolLM2's 106M entries ~0.85 GB instead of ~2.8 GB, and
+    seconds instead of a minute (docs/benchmarks.md, `bench:select`)."""
 
     def __init__(self, scores: dict[str, torch.Tensor]) -> None:
         self.names = sorted(scores)
-        flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in self.names])
-        self.order = torch.sort(-flat, stable=True).indices
-        sizes = torch.tensor([scores[n].numel() for n in self.names])
-        owner = torch.repeat_interleave(torch.arange(len(self.names)), sizes)
-        self.owner = owner[self.order]
-        self.offsets = torch.cumsum(sizes, 0) - sizes
-        self.total = int(sizes.sum())
+        self.keys: list[torch.Tensor] = []  # per tensor: its keys, ascending (best score first)
+        self.order: list[torch.Tensor] = []  # per tensor: the flat index of each sorted key
+        for name in self.names:
+            keys, order = torch.sort(order_keys(scores[name], descending=True), stable=True)
+            self.keys.append(keys)
+            self.order.append(order.to(torch.int32))
+        self.total = sum(k.numel() for k in self.keys)
+
+    def _at_most(self, key: int, strictly_below: bool = False) -> list[int]:
+        """Per tensor: how many of its keys are <= `key` (< with strictly_below)."""
+        probe = torch.tensor([key], dtype=torch.int32)
+        return [int(torch.searchsorted(k, probe, right=not strictly_below)) for k in self.keys]
+
+    def _counts(self, tau: int) -> list[int]:
+        if tau <= 0:
+            return [0] * len(self.keys)
+        if tau >= self.total:
+            return [k.numel() for k in self.keys]
+        lo, hi = -(2**31), 2**31 - 1  # the smallest key with at least tau entries at or below it
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(self._at_most(mid)) >= tau:
+                hi = mid
+            else:
+                lo = mid + 1
+        below, upto = self._at_most(lo, strictly_below=True), self._at_most(lo)
+        need, counts = tau - sum(below), []
+        for b, u in zip(below, upto, strict=True):  # ties at the threshold: the earliest tensors' first
+            take = min(u - b, need)
+            need -= take
+            counts.append(b + take)
+        return counts
 
     def counts(self, tau: int) -> dict[str, int]:
         """Entries of each tensor among the global top-τ."""
-        found = torch.bincount(self.owner[:tau], minlength=len(self.names))
-        return dict(zip(self.names, found.tolist(), strict=True))
+        return dict(zip(self.names, self._counts(tau), strict=True))
 
     def next_entries(self, tau: int, caps: torch.Tensor, limit: int) -> dict[str, torch.Tensor]:
         """Up to `limit` entries ranked after the top-τ, at most caps[i] from tensor i, in rank order."""
         if limit <= 0:
             return {}
-        idx, own = self.order[tau:], self.owner[tau:]
-        keep = caps[own] > 0
-        idx, own = idx[keep], own[keep]
-        by_owner, perm = torch.sort(own, stable=True)
-        first = torch.searchsorted(by_owner, by_owner)
-        rank = torch.empty_like(perm)
-        rank[perm] = torch.arange(len(perm)) - first
-        ok = rank < caps[own]
-        idx, own = idx[ok][:limit], own[ok][:limit]
-        out = {}
-        for i in torch.unique(own).tolist():
-            out[self.names[i]] = (idx[own == i] - self.offsets[i]).sort().values.to(torch.int32)
-        return out
+        keys, index, owner = [], [], []
+        for i, (k, order, c) in enumerate(zip(self.keys, self.order, self._counts(tau), strict=True)):
+            n = min(int(caps[i]), limit, k.numel() - c)  # a tensor's candidates: its next n in its own order
+            if n > 0:
+                keys.append(k[c:c + n])
+                index.append(order[c:c + n])
+                owner.append(torch.full((n,), i, dtype=torch.int32))
+        if not keys:
+            return {}
+        # one stable sort by key of candidates laid out by tensor, then rank: ties by name, then index
+        pick = torch.sort(torch.cat(keys), stable=True).indices[:limit]
+        chosen, owners = torch.cat(index)[pick], torch.cat(owner)[pick]
+        return {self.names[i]: chosen[owners == i].sort().values for i in torch.unique(owners).tolist()}
 
     def top(self, tau: int) -> dict[str, torch.Tensor]:
         """The global top-τ as sorted int32 flat indices per tensor (tensors with none left out)."""
-        chosen, owner = self.order[:tau], self.owner[:tau]
         out = {}
-        for i, name in enumerate(self.names):
-            mine = chosen[owner == i] - self.offsets[i]
-            if mine.numel():
-                out[name] = mine.sort().values.to(torch.int32)
+        for name, order, c in zip(self.names, self.order, self._counts(tau), strict=True):
+            if c:
+                out[name] = order[:c].sort().values
         return out

@@ -65,6 +65,41 @@ def test_ranking_counts_and_top_agree_with_select_k():
         assert ranking.counts(tau) == {n: int(expected[n].numel()) if n in expected else 0 for n in scores}
 
 
+def flat_ranking(scores):
+    """The ranking as one flat stable sort (descending; ties by name, then index): the oracle."""
+    names = sorted(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    order = torch.sort(-flat, stable=True).indices
+    sizes = [scores[n].numel() for n in names]
+    owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))[order]
+    offsets = torch.cumsum(torch.tensor([0, *sizes]), 0)
+    return names, [(names[int(o)], int(i - offsets[o])) for i, o in zip(order, owner, strict=True)]
+
+
+def test_ranking_per_tensor_equals_one_flat_sort_with_ties():
+    gen = torch.Generator().manual_seed(5)
+    levels = torch.tensor([0.0, -0.0, 0.25, 0.5, 1.0, float("inf")])
+    scores = {n: levels[torch.randint(0, len(levels), shape, generator=gen)]
+              for n, shape in [("b", (6, 5)), ("a", (17,)), ("c", (4, 4)), ("d", (3,))]}
+    names, ranked = flat_ranking(scores)
+    ranking = Ranking(scores)
+    caps = torch.tensor([3, 0, 7, 2])
+    for tau in (0, 1, 9, 33, 40, 65, ranking.total):
+        top = ranked[:tau]
+        assert ranking.counts(tau) == {n: sum(1 for m, _ in top if m == n) for n in names}
+        assert {k: v.tolist() for k, v in ranking.top(tau).items()} == \
+            {n: sorted(i for m, i in top if m == n) for n in names if any(m == n for m, _ in top)}
+        for limit in (1, 5, 100):
+            taken, expected = dict.fromkeys(names, 0), {}
+            for m, i in ranked[tau:]:  # the old rule: rank order, at most caps[i] from tensor i, `limit` in all
+                if taken[m] < caps[names.index(m)] and sum(taken.values()) < limit:
+                    taken[m] += 1
+                    expected.setdefault(m, []).append(i)
+            got = ranking.next_entries(tau, caps, limit)
+            assert {k: v.tolist() for k, v in got.items()} == {k: sorted(v) for k, v in expected.items()}
+            assert all(v.dtype == torch.int32 for v in got.values())
+
+
 def test_allocation_follows_sigma_opt_and_the_budget_on_a_hand_made_map():
     # "hot": a 10x10 matrix whose entries all outrank the rest; LoRA rank 1 costs 20, σ_opt = 20 / 10 = 2.
     scores = {"hot": torch.full((10, 10), 5.0), "warm": torch.zeros(10, 10), "vec": torch.zeros(20)}
