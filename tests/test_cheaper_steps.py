@@ -25,8 +25,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
 
 
 @pytest.mark.parametrize(("recipe", "precision"), [("glue/rte_lora", "auto"), ("causal/sst2_lora", "auto"),
-                                                   ("vtab/dtd10_lora", "fp32")])
-def test_text_recipes_default_to_auto_precision_images_to_fp32(recipe, precision):
+                                                   ("vtab/dtd10_lora", "auto")])
+def test_every_recipe_family_defaults_to_auto_precision(recipe, precision):
     from selectune.config import compose
 
     assert compose("train", [f"recipe={recipe}"]).trainer.precision == precision

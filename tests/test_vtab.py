@@ -96,7 +96,7 @@ def test_methods_run_unchanged_on_a_vit(method, tmp_path, monkeypatch):
              "adalora": ["method.target_total=8", "method.t_init=1", "method.t_final=1", "method.delta_t=1"]}
     cfg = compose("train", [f"recipe=vtab/dtd_{method}", "model=vit_micro_random", f"task.data_root={tmp_path}",
                             "task.num_classes=3", "trainer.max_steps=4", "trainer.batch_size=8",
-                            "trainer.progress=false", *extra.get(method, [])])
+                            "trainer.progress=false", "trainer.precision=fp32", *extra.get(method, [])])
     results = train(cfg, tmp_path / "run")
     assert set(results["metrics"]) == {"val"} and results["family"] == "vtab"
     assert evaluate_delta(str(tmp_path / "run"), None, 8, "cpu")["metrics"] == results["metrics"]
