@@ -106,6 +106,7 @@ def parse(args: list[str]) -> SweepPlan:
         else:
             overrides.append(arg)
     study_text = options.get("study")
+    given = set(options)  # what this call says, before a saved study's options fill in the rest
     if recipe is None and study_text and (Path(study_text) / "sweep.json").exists():
         saved = json.loads((Path(study_text) / "sweep.json").read_text())
         recipe, overrides = saved["recipe"], saved["overrides"] + overrides
@@ -154,7 +155,7 @@ def parse(args: list[str]) -> SweepPlan:
         except ValueError:
             raise SelectuneError(f"sweep: validation={options['validation']}: give a fraction or a count of train "
                                  "rows") from None
-    if plan.family == "vtab" and "validation" in options:
+    if plan.family == "vtab" and "validation" in given:
         raise SelectuneError("sweep: validation= is for text tasks; an image task chooses on its own val200")
     plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
     plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")

@@ -16,6 +16,7 @@ pytest.importorskip("optuna")
 
 from selectune import commands, sweep
 from selectune.config import compose, conf_dir
+from selectune.errors import SelectuneError
 
 # val accuracy per evaluation for each lr: 1e-3 learns, 1e-2 is best at its end, 1e-1 never leaves chance
 CURVES = {"0.001": [60.0, 64.0, 66.0, 67.0], "0.01": [62.0, 66.0, 70.0, 71.0], "0.1": [50.0, 50.0, 51.0, 50.0]}
@@ -204,3 +205,14 @@ def test_a_real_sweep_of_an_image_recipe_chooses_on_val200(data_env, tmp_path):
     assert "2 of 2 candidates done" in done.stdout and "chosen on val200" in done.stdout
     results = json.loads((tmp_path / "s" / "runs" / "lr1e-3" / "results.json").read_text())
     assert set(results["metrics"]) == {"val"} and results["primary"] == "accuracy" and len(results["evals"]) == 2
+
+
+def test_an_image_study_reopens_from_its_folder_alone(data_env, tmp_path):
+    """The saved options of every study hold a validation value; reopening an image study must not take it
+    for the user's (the refusal is for a validation= typed on an image recipe)."""
+    plan = sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}"])
+    sweep.open_study(plan, create=True)
+    again = sweep.parse([f"study={tmp_path / 's'}"])
+    assert again.family == "vtab" and again.recipe == "vtab/dtd10_lora" and again.selection == ["task.protocol=select"]
+    with pytest.raises(SelectuneError, match="validation= is for text tasks"):
+        sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "validation=0.2", f"study={tmp_path / 't'}"])
