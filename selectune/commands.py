@@ -260,8 +260,9 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
 
     The whole split is scored unless `max_examples` says otherwise: the training run's own
     `task.max_eval_examples` (a quick run's 64) is not inherited, so a number printed here is a dev-set
-    number. Scoring a delta on another task than its own is refused unless `force`: its head was
-    trained for the other task's labels, and the score would be silently meaningless."""
+    number; nor is `task.score_dev=false` (a sweep candidate's): dev is scored beside its `val`. Scoring a
+    delta on another task than its own is refused unless `force`: its head was trained for the other task's
+    labels, and the score would be silently meaningless."""
     from selectune.delta.taskdelta import TaskDelta
     from selectune.evaluation import evaluate
 
@@ -280,6 +281,8 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
                                      or max_examples <= 0):
         raise SelectuneError(f"max_eval_examples={max_examples!r}: a positive number of examples, or null for all")
     cfg.task.max_eval_examples = max_examples
+    if "score_dev" in cfg.task:  # a sweep candidate left dev unscored while training; asked now, it is scored
+        cfg.task.score_dev = True
     spec = RunSpec.from_config(cfg)
     task = load_task(spec.task)
     backbone, _ = build(spec, task)

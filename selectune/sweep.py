@@ -392,7 +392,7 @@ def table(plan: SweepPlan, study) -> str:
         score = "—" if row["score"] is None else f"{row['score']:.2f}"
         lines.append("| " + " | ".join([*(str(row["params"].get(k)) for k in keys), row["state"] + mark, score,
                                          str(row["evals"]), f"{row['steps'] or 0:,}",
-                                         f"{row['step_time_s'] or 0:.2f}"]) + " |")
+                                         f"{row['step_time_s'] or 0:.3g}"]) + " |")
     left = len(plan.points()) - len(found)
     spent = sum(r["steps"] or 0 for r in found)
     lines.append("")

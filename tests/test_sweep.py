@@ -175,6 +175,9 @@ def test_a_real_sweep_of_a_decoder_recipe(data_env, tmp_path):
     assert "2 of 2 candidates done" in done.stdout and "chosen on validation 16 of train" in done.stdout
     results = json.loads((tmp_path / "s" / "runs" / "lr1e-3" / "results.json").read_text())
     assert set(results["metrics"]) == {"val"} and results["family"] == "causal" and results["steps"] == 4
+    # the chosen candidate is then scored on dev, which the sweep never looked at
+    scored = commands.evaluate_delta(str(tmp_path / "s" / "runs" / "lr1e-3"), None, 16, "cpu", max_examples=16)
+    assert set(scored["metrics"]) == {"val", "dev"} and scored["metrics"]["val"] == results["metrics"]["val"]
 
 
 def test_plan_counts_each_candidates_steps_and_writes_nothing(data_env, tmp_path):
