@@ -47,8 +47,10 @@ for task in $TASKS; do
     if [[ "$STAGE" != final ]]; then
       # train800 -> val200, evaluated every epoch so hopeless candidates stop early; the study (journal) is
       # committed under results/sweeps/vtab and resumes in a fresh clone
+      # the cached linear probe's candidates cost seconds: nothing to save by pruning its noisy early epochs
+      prune=(); [[ "$method" == linear ]] && prune=(pruner=none)
       selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$method" | tr ' ' ',')" \
-        trainer.eval_every=null "study=$studies/${task}_${method}"
+        trainer.eval_every=null "study=$studies/${task}_${method}" "${prune[@]}"
     fi
     if [[ "$STAGE" != select ]]; then
       lr="$(best_lr "$task" "$method")"
