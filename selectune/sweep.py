@@ -427,6 +427,8 @@ def write_recipe(plan: SweepPlan, study) -> Path:
                  if k.startswith(("trainer.", "method."))}, **best["params"]}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
+    else:  # evaluated per epoch to prune on val200; the final run scores the 10,000-image test set once
+        chosen.pop("trainer.eval_every", None)
     text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
     note = f"chosen by selectune sweep on val ({plan.study}): {tried}"
     for i, (key, value) in enumerate(chosen.items()):
@@ -434,6 +436,7 @@ def write_recipe(plan: SweepPlan, study) -> Path:
         if not leaf or "." in leaf:
             raise SelectuneError(f"sweep: cannot write '{key}' into a recipe (section.key only)")
         text = set_in_yaml(text, section, leaf, value, note if i == 0 else None)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first written recipe of its family (vtab/, causal/)
     path.write_text(text)
     return path
 

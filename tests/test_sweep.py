@@ -99,6 +99,22 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
     assert kept.read_text() == before
 
 
+def test_an_image_winner_is_written_without_the_sweeps_evaluation_cadence(tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    made = conf_dir() / "recipe" / "vtab" / "dtd10_lora.yaml"
+    assert not made.exists()
+    try:
+        sweep.run(sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1",
+                               "trainer.eval_every=null", f"study={tmp_path / 's'}", "write=true"]))
+        cfg = compose("train", ["recipe=vtab/dtd10_lora"])
+        assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "last" and "validation" not in cfg.task
+        assert cfg.trainer.eval_every == 100000  # the preset's: the final run scores test once, at the end
+    finally:
+        made.unlink(missing_ok=True)
+        if made.parent.is_dir() and not any(made.parent.iterdir()):
+            made.parent.rmdir()
+
+
 def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
     text = (conf_dir() / "recipe" / "glue" / "rte_sdiff.yaml").read_text()
     out = sweep.set_in_yaml(sweep.set_in_yaml(text, "trainer", "lr", "1e-4", "chosen"), "task", "validation", "0.1")
