@@ -199,6 +199,8 @@ def open_study(plan: SweepPlan, create: bool):
     storage = JournalStorage(JournalFileBackend(str(journal)))
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=plan.prune_after)
               if plan.pruner == "median" else optuna.pruners.NopPruner())
+    if not create:  # reading (table=true, a report): load_study writes nothing, create_study logs a line
+        return optuna.load_study(study_name="sweep", storage=storage, pruner=pruner)
     return optuna.create_study(study_name="sweep", storage=storage, direction="maximize", pruner=pruner,
                                load_if_exists=True)
 

@@ -235,3 +235,15 @@ def test_an_image_study_reopens_from_its_folder_alone(data_env, tmp_path):
     assert again.family == "vtab" and again.recipe == "vtab/dtd10_lora" and again.selection == ["task.protocol=select"]
     with pytest.raises(SelectuneError, match="validation= is for text tasks"):
         sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "validation=0.2", f"study={tmp_path / 't'}"])
+
+
+def test_reading_a_study_leaves_its_journal_byte_identical(tmp_path, monkeypatch):
+    """A committed journal read by `table=true` or a report must not change (a dirty tree after reading)."""
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    plan = plan_for(tmp_path)
+    sweep.run(plan)
+    journal = tmp_path / "study" / sweep.JOURNAL
+    before = journal.read_bytes()
+    again = sweep.parse([f"study={tmp_path / 'study'}"])
+    assert "**chosen**" in sweep.table(again, sweep.open_study(again, create=False))
+    assert journal.read_bytes() == before
