@@ -26,7 +26,7 @@ def select_k(scores: dict[str, torch.Tensor], k: int, largest: bool,
     two passes of 16 bits (a histogram of the high halves finds the threshold's bin, one of the low halves
     within that bin the threshold), then a pass that takes each tensor's entries below it. Memory is a few
     copies of the largest tensor, not of all of them: at a decoder's scale (SaRA over SmolLM2's 106M matrix
-    entries) the flat copy, its sort buffer and a cumulative count cost gigabytes; at 7B parameters, ~100."""
+    entries) the flat copy, its sort buffer and a cumulative count cost gigabytes; at 7B parameters, ~100 GB."""
     names = sorted(scores)
     total = sum(scores[n].numel() for n in names)
     if not 0 < k <= total:
