@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 from dataclasses import dataclass, field
 from itertools import product
@@ -313,6 +314,8 @@ def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
         trial.set_user_attr(key, value)
     resume = (out / "checkpoint").exists()
     finished = out / "results.json"
+    if out.is_dir() and not resume and not finished.exists() and not held(out):
+        shutil.rmtree(out)  # killed before its first checkpoint: nothing to resume, so it starts again
     print(f"sweep {plan.recipe}: {name}" + (" (resumed)" if resume else "") + f" → {out}", flush=True)
     best = -math.inf
     evals = 0

@@ -247,3 +247,23 @@ def test_reading_a_study_leaves_its_journal_byte_identical(tmp_path, monkeypatch
     again = sweep.parse([f"study={tmp_path / 'study'}"])
     assert "**chosen**" in sweep.table(again, sweep.open_study(again, create=False))
     assert journal.read_bytes() == before
+
+
+def test_a_candidate_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch):
+    """Its folder holds a config and a few log lines but no checkpoint: train would refuse it as an unfinished
+    run, so the sweep clears it (nobody holds it) and trains the candidate from the start."""
+    plan = plan_for(tmp_path)
+    stale = tmp_path / "study" / "runs" / "lr1e-2"
+    stale.mkdir(parents=True)
+    (stale / "config.yaml").write_text("trainer: {}\n")
+    (stale / "metrics.jsonl").write_text('{"step": 10}\n')
+    calls: list[str] = []
+    fake = fake_train(calls)
+
+    def train(cfg, run_dir, **kwargs):
+        assert not run_dir.exists() or (run_dir / "checkpoint").exists(), f"{run_dir} left for train to refuse"
+        return fake(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(commands, "train", train)
+    sweep.run(plan)
+    assert sorted(calls) == ["0.001", "0.01", "0.1"]
