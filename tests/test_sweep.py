@@ -42,8 +42,8 @@ def fake_train(calls: list[str]):
     return train
 
 
-def plan_for(tmp_path: Path, *extra: str) -> sweep.SweepPlan:
-    return sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.lr=1e-3,1e-2,1e-1", "trainer.epochs=4",
+def plan_for(tmp_path: Path, *extra: str, recipe: str = "glue/rte_lora") -> sweep.SweepPlan:
+    return sweep.parse([recipe, "model=tiny_random", "trainer.lr=1e-3,1e-2,1e-1", "trainer.epochs=4",
                         f"study={tmp_path / 'study'}", *extra])
 
 
@@ -81,18 +81,19 @@ def test_a_killed_sweep_resumes_without_redoing_finished_candidates(tmp_path, mo
 def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "train", fake_train([]))
     recipes = conf_dir() / "recipe" / "glue"
-    made = recipes / "rte_lora.yaml"
+    # WNLI: a recipe the GLUE sweep never writes, so the real chosen recipes (rte_lora, ...) can sit beside it
+    made = recipes / "wnli_lora.yaml"
     assert not made.exists()
     kept = recipes / "rte_sdiff.yaml"
     before = kept.read_text()
     try:
-        sweep.run(plan_for(tmp_path, "write=true"))
+        sweep.run(plan_for(tmp_path, "write=true", recipe="glue/wnli_lora"))
         text = made.read_text()
         assert "chosen by selectune sweep on val" in text and "lr1e-1" in text
-        cfg = compose("train", ["recipe=glue/rte_lora"])
+        cfg = compose("train", ["recipe=glue/wnli_lora"])
         assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "best" and cfg.task.validation == 0.1
         assert cfg.trainer.epochs == 4 and cfg.method.name == "lora"
-        sweep.run(plan_for(tmp_path, "write=true"))  # written twice: one block, not two
+        sweep.run(plan_for(tmp_path, "write=true", recipe="glue/wnli_lora"))  # written twice: one block, not two
         assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
     finally:
         made.unlink(missing_ok=True)
