@@ -34,7 +34,10 @@ from selectune.tasks.glue import GLUE
 # Settings that differ between runs of one experiment without making them different experiments.
 NOT_A_VARIANT = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
                  "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.grad_accum",
-                 "out_dir", "run_name", "task.data_root", "debug", "online")
+                 "out_dir", "run_name", "task.data_root", "debug", "online",
+                 # the split a run reports on (VTAB's select -> val200, final -> test): the table groups and
+                 # labels rows by the split itself, so a final run of a recipe is that recipe's row, not a variant
+                 "task.protocol")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -215,14 +218,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method, stored count, variant): metrics as mean and std over the runs' seeds."""
-    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    """One row per (task, method, stored count, variant, reported split): metrics as mean and std over the
+    runs' seeds."""
+    groups: dict[tuple[str, str, int, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run, variant in zip(runs, variants(runs), strict=True):
-        groups[(run["task"], run["method"], run["budget"]["stored"], variant)].append(run)
+        groups[(run["task"], run["method"], run["budget"]["stored"], variant, next(iter(run["metrics"])))].append(run)
     rows = []
-    for (task, method, stored, variant), members in sorted(groups.items()):
+    for (task, method, stored, variant, split), members in sorted(groups.items()):
         method = f"{method} ({variant})" if variant else method
-        split = next(iter(members[0]["metrics"]))
         metrics = {}
         for name in members[0]["metrics"][split]:
             values = [m["metrics"][split][name] for m in members if m["metrics"][split][name] is not None]
@@ -376,17 +379,17 @@ def vtab_averages(rows: list[dict[str, Any]]) -> str:
     from selectune.tasks.vtab import averages
 
     lines = []
-    for method in sorted({r["method"] for r in rows if r.get("family") == "vtab"}):
-        accuracy = {r["task"]: r["metrics"]["accuracy"][0] for r in rows
-                    if r.get("family") == "vtab" and r["method"] == method and "accuracy" in r["metrics"]}
+    image = [r for r in rows if r.get("family") == "vtab" and "accuracy" in r["metrics"]]
+    for method, split in sorted({(r["method"], r["split"]) for r in image}):  # val200 and test never averaged
+        accuracy = {r["task"]: r["metrics"]["accuracy"][0] for r in image if (r["method"], r["split"]) == (method, split)}
         a = averages(accuracy)
         groups = ", ".join(f"{k[:-5]} {v:.2f}" for k, v in a.items() if k.endswith("_mean") and k != "mean_of_tasks")
-        lines.append(f"| {method} | {a['tasks']} | {a['mean_of_tasks']:.2f} | {a['mean_of_group_means']:.2f} | "
-                     f"{groups} |")
+        lines.append(f"| {method} | {split} | {a['tasks']} | {a['mean_of_tasks']:.2f} | "
+                     f"{a['mean_of_group_means']:.2f} | {groups} |")
     if not lines:
         return ""
-    return ("| method | image tasks | mean of tasks | mean of group means | group means |\n|---|---|---|---|---|\n"
-            + "\n".join(lines))
+    return ("| method | split | image tasks | mean of tasks | mean of group means | group means |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines))
 
 
 def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[str]:

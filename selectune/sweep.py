@@ -200,7 +200,9 @@ def open_study(plan: SweepPlan, create: bool):
     storage = JournalStorage(JournalFileBackend(str(journal)))
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=plan.prune_after)
               if plan.pruner == "median" else optuna.pruners.NopPruner())
-    if not create:  # reading (table=true, a report): load_study writes nothing, create_study logs a line
+    # load_study writes nothing; create_study logs a line even where the study exists, so a study that is
+    # only read (table=true, a report, write=true after its last candidate) keeps its journal byte for byte
+    if not create or "sweep" in {s.study_name for s in storage.get_all_studies()}:
         return optuna.load_study(study_name="sweep", storage=storage, pruner=pruner)
     return optuna.create_study(study_name="sweep", storage=storage, direction="maximize", pruner=pruner,
                                load_if_exists=True)
@@ -435,7 +437,7 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     else:  # evaluated per epoch to prune on val200; the final run scores the 10,000-image test set once
         chosen.pop("trainer.eval_every", None)
     text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
-    note = f"chosen by selectune sweep on val ({plan.study}): {tried}"
+    note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'} ({plan.study}): {tried}"
     for i, (key, value) in enumerate(chosen.items()):
         section, _, leaf = key.partition(".")
         if not leaf or "." in leaf:

@@ -248,6 +248,8 @@ def test_reading_a_study_leaves_its_journal_byte_identical(tmp_path, monkeypatch
     again = sweep.parse([f"study={tmp_path / 'study'}"])
     assert "**chosen**" in sweep.table(again, sweep.open_study(again, create=False))
     assert journal.read_bytes() == before
+    sweep.run(sweep.parse([f"study={tmp_path / 'study'}"]))  # a finished sweep run again (to write its winner)
+    assert journal.read_bytes() == before
 
 
 def test_a_candidate_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch):

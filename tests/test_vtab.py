@@ -116,8 +116,30 @@ def test_report_prints_both_averages(tmp_path):
             "task": task, "family": "vtab", "method": "lora", "seed": 1, "metrics": {"test": {"accuracy": acc}},
             "budget": {"stored": 100, "backbone": 10000, "head": 10}, "delta_bytes": 10, "step_time_s": 1.0,
             "peak_memory_mb": 10.0}))
+    selecting = tmp_path / "runs" / "cifar_select"  # a val200 score: its own line, never averaged with test
+    selecting.mkdir()
+    (selecting / "results.json").write_text((tmp_path / "runs" / "cifar" / "results.json").read_text()
+                                            .replace('"test": {"accuracy": 70.0}', '"val": {"accuracy": 10.0}'))
     result = run_cli("report", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "runs" / "report.md").read_text()
     # mean of tasks (70 + 90 + 40 + 60) / 4 = 65; mean of group means (70 + 90 + 50) / 3 = 70
-    assert "mean of tasks" in text and "| lora | 4 | 65.00 | 70.00 |" in text
+    assert "mean of tasks" in text and "| lora | test | 4 | 65.00 | 70.00 |" in text
+    assert "| lora | val | 1 | 10.00 | 10.00 |" in text
+
+
+def test_a_final_run_of_a_recipe_is_the_recipes_row_and_another_lr_a_variant(tmp_path):
+    """`task.protocol=final` names the split a run reports on (its own column), not a variant: the runs of the
+    written recipes (each task its own chosen lr) make one row per method, so the VTAB averages are per method."""
+    from omegaconf import OmegaConf
+
+    from selectune.config import compose
+    from selectune.report import _flat, variants
+
+    runs = []
+    for task, extra in (("dtd10", []), ("digits", []), ("cifar10_1k", ["trainer.lr=0.5"])):
+        cfg = compose("train", [f"recipe=vtab/{task}_linear", "task.protocol=final"] + extra)
+        OmegaConf.save(cfg, tmp_path / f"{task}.yaml")
+        runs.append({"task": task, "method": "linear", "family": "vtab", "budget": {"stored": 10},
+                     "settings": _flat(OmegaConf.to_container(OmegaConf.load(tmp_path / f"{task}.yaml")))})
+    assert variants(runs) == ["", "", "trainer.lr=0.5"]

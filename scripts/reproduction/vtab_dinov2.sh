@@ -3,7 +3,8 @@
 # every method on dtd10, cifar10_1k, fashion_mnist_1k and digits. Two stages, resumable (a finished run is skipped):
 #   1. select: per task x method, seed 42, `selectune sweep` over the candidates below, train800 -> val200,
 #              evaluated every epoch with median pruning (studies in results/sweeps/vtab/<task>_<method>);
-#   2. final:  the lr with the best val accuracy (ties: the fewer steps), train800val200 -> test, seed 42
+#   2. final:  the lr with the best val accuracy (ties: the fewer steps) written into the task's recipe,
+#              train800val200 -> test, seed 42
 #              (dtd10: seeds 42-44); then `selectune report` with both VTAB averages.
 # Nothing is chosen on test. Cost (docs/results.md "Vision with the DINOv2 ViT-S/14 backbone"): 132 select candidates
 # (pruning stops some) and 66 final runs; at the measured 6.2 s per full-FT step (1 thread, busy machine) ~72 CPU-hours (~100 at
@@ -31,17 +32,6 @@ run() {  # run <dir> <selectune train args...>: skip runs that already finished
   if [[ -f "$dir/results.json" ]]; then echo "skip $dir (done)"; return; fi
   selectune train "$@" trainer.progress=false out_dir="$dir" trainer.resume=true
 }
-best_lr() {  # best_lr <task> <method>: the chosen candidate of the study (best val200 accuracy)
-  python - "$studies/$1_$2" <<'PY'
-import sys
-from selectune import sweep
-plan = sweep.parse([f"study={sys.argv[1]}"])
-best = sweep.winner(sweep.open_study(plan, create=False))
-if best is None:
-    sys.exit(f"no finished candidate in {sys.argv[1]}: run STAGE=select first")
-print(best["params"]["trainer.lr"])
-PY
-}
 for task in $TASKS; do
   for method in $METHODS; do
     if [[ "$STAGE" != final ]]; then
@@ -53,11 +43,13 @@ for task in $TASKS; do
         trainer.eval_every=null "study=$studies/${task}_${method}" "${prune[@]}"
     fi
     if [[ "$STAGE" != select ]]; then
-      lr="$(best_lr "$task" "$method")"
+      # the chosen lr written into recipes/vtab/<task>_<method>.yaml (commit it): the final runs are that
+      # recipe's, so the report makes one row per method across tasks (each task its own chosen lr)
+      selectune sweep "study=$studies/${task}_${method}" write=true > /dev/null
       seeds="42"; [[ "$task" == dtd10 ]] && seeds="42 43 44"
       for seed in $seeds; do
         run "$root/final/${task}_${method}_s$seed" "recipe=vtab/${task}_${method}" task.protocol=final \
-          "trainer.lr=$lr" "trainer.seed=$seed"
+          "trainer.seed=$seed"
       done
     fi
   done
