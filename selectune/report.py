@@ -381,7 +381,8 @@ def vtab_averages(rows: list[dict[str, Any]]) -> str:
     lines = []
     image = [r for r in rows if r.get("family") == "vtab" and "accuracy" in r["metrics"]]
     for method, split in sorted({(r["method"], r["split"]) for r in image}):  # val200 and test never averaged
-        accuracy = {r["task"]: r["metrics"]["accuracy"][0] for r in image if (r["method"], r["split"]) == (method, split)}
+        accuracy = {r["task"]: r["metrics"]["accuracy"][0] for r in image
+                    if (r["method"], r["split"]) == (method, split)}
         a = averages(accuracy)
         groups = ", ".join(f"{k[:-5]} {v:.2f}" for k, v in a.items() if k.endswith("_mean") and k != "mean_of_tasks")
         lines.append(f"| {method} | {split} | {a['tasks']} | {a['mean_of_tasks']:.2f} | "

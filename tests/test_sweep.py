@@ -18,6 +18,8 @@ from selectune import commands, sweep
 from selectune.config import compose, conf_dir
 from selectune.errors import SelectuneError
 
+from conftest import REPO
+
 # val accuracy per evaluation for each lr: 1e-3 learns, 1e-2 is best at its end, 1e-1 never leaves chance
 CURVES = {"0.001": [60.0, 64.0, 66.0, 67.0], "0.01": [62.0, 66.0, 70.0, 71.0], "0.1": [50.0, 50.0, 51.0, 50.0]}
 
@@ -270,3 +272,22 @@ def test_a_candidate_killed_before_its_first_checkpoint_starts_again(tmp_path, m
     monkeypatch.setattr(commands, "train", train)
     sweep.run(plan)
     assert sorted(calls) == ["0.001", "0.01", "0.1"]
+
+
+def test_the_schedule_ranking_takes_the_choice_a_cut_schedule_would_make():
+    """scripts/analysis/schedule_ranking.py: at evaluation k only candidates that reached k compete, each by its
+    best score up to k; the regret is read on the whole schedule, and a tie there loses nothing."""
+    sys.path.insert(0, str(REPO / "scripts" / "analysis"))
+    from schedule_ranking import early_choice, study_line
+
+    found = {"a": {"scores": [50.0, 60.0, 70.0], "best": 70.0}, "b": {"scores": [65.0, 66.0, 67.0], "best": 67.0},
+             "c": {"scores": [66.0], "best": 66.0}}  # c: pruned after its first evaluation
+    assert [early_choice(found, k) for k in (1, 2, 3)] == ["c", "b", "a"]
+    line, stable = study_line("s", found, "a")
+    cells = [c.strip() for c in line.strip("|").split("|")][4:]
+    assert cells[:3] == ["c (−4.00)"] * 3 and cells[3:6] == ["b (−3.00)"] * 3 and cells[6:] == ["="] * 4
+    assert stable == 1.0
+    found["b"] = {"scores": [65.0, 66.0, 70.0], "best": 70.0}  # b ties a on the whole schedule
+    line, stable = study_line("s", found, "a")
+    assert "b (tie)" in line and stable == 2 / 3  # from evaluation 2: c (evaluation 1) loses 4
+    assert early_choice({"a": found["a"]}, 1) is None  # one candidate: no choice to compare
