@@ -178,39 +178,29 @@ def test_delta_write(scratch, capsys, monkeypatch):
     resume_finishes(capsys, run)
 
 
-def test_export_write(scratch, capsys, monkeypatch):
-    import transformers.modeling_utils
+@pytest.mark.parametrize("form", ["merged", "peft"])
+def test_export_write_leaves_no_folder_it_made(scratch, capsys, monkeypatch, form):
+    """A full disk during either export form: one line, exit 2, and not even the parent folders it made."""
+    if form == "peft":
+        peft_model = pytest.importorskip("peft.peft_model")
+        module, train_args = peft_model, ("recipe=glue/rte_lora", *TINY, "trainer.max_steps=2",
+                                          "task.max_train_examples=16", "task.max_eval_examples=8")
+    else:
+        import transformers.modeling_utils
 
-    code, line = selectune(capsys, "train", *R, "out_dir=run")
+        module, train_args = transformers.modeling_utils, R
+    code, line = selectune(capsys, "train", *train_args, "out_dir=run")
     assert code == 0, line
 
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
         raise SafetensorError(FULL)
 
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    monkeypatch.setattr(module, "safe_save_file", save_file)
     before = stable(scratch)
-    code, line = selectune(capsys, "export", "run=run", "out=out/merged")
-    assert code == 2 and line == "selectune: error: cannot write out=out/merged: No space left on device"
-    assert stable(scratch) == before
-
-
-def test_peft_export_write_leaves_no_folder_it_made(scratch, capsys, monkeypatch):
-    pytest.importorskip("peft")
-    import peft.peft_model
-
-    code, line = selectune(capsys, "train", "recipe=glue/rte_lora", *TINY, "trainer.max_steps=2",
-                           "task.max_train_examples=16", "task.max_eval_examples=8", "out_dir=run")
-    assert code == 0, line
-
-    def save_file(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 100)
-        raise SafetensorError(FULL)
-
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
-    before = stable(scratch)
-    code, line = selectune(capsys, "export", "run=run", "out=exports/peft/rte", "format=peft")
-    assert code == 2 and line == "selectune: error: cannot write out=exports/peft/rte: No space left on device"
+    out = f"exports/{form}/rte"
+    code, line = selectune(capsys, "export", "run=run", f"out={out}", *(["format=peft"] if form == "peft" else []))
+    assert code == 2 and line == f"selectune: error: cannot write out={out}: No space left on device"
     assert stable(scratch) == before and not (scratch / "exports").exists()
 
 
