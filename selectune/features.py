@@ -96,16 +96,19 @@ class FeatureSplit:
 
     features: torch.Tensor  # rows × hidden, or rows × 1 × hidden (first position only)
     labels: torch.Tensor
+    source_lengths: list[int] | None = None  # the token count of each row the features were read from (text)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, rows: list[int]) -> FeatureSplit:
-        return FeatureSplit(self.features[rows], self.labels[rows])
+        lengths = None if self.source_lengths is None else [self.source_lengths[i] for i in rows]
+        return FeatureSplit(self.features[rows], self.labels[rows], lengths)
 
-    def lengths(self) -> None:
-        """Every row is one vector: nothing to group (trainer.group_by_length has no effect)."""
-        return None
+    def lengths(self) -> list[int] | None:
+        """The source rows' token counts: with trainer.group_by_length the head sees the batches, in the order,
+        the uncached probe would (one vector per row needs no padding; this keeps the two runs the same run)."""
+        return self.source_lengths
 
     def eval_order(self) -> list[int]:
         return list(range(len(self)))
@@ -140,4 +143,4 @@ def extract(model: nn.Module, plan: HeadPlan, split: EncodedSplit, batch_size: i
         handle.remove()
         model.train(was_training)
     assert features is not None, "an empty split has no features"
-    return FeatureSplit(features, split.labels)
+    return FeatureSplit(features, split.labels, split.lengths())

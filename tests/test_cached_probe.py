@@ -51,8 +51,10 @@ def test_features_hold_only_what_the_head_reads(promoted):
 
 
 def text_pair(tmp_path, *overrides: str) -> tuple[dict, dict]:
-    """The same MRPC probe run uncached and cached (4 steps, 2 evaluations)."""
-    args = ("trainer.max_steps=4", "trainer.eval_every=2", "trainer.lr=1e-2", *overrides)
+    """The same MRPC probe run uncached and cached (4 steps, 2 evaluations), batches grouped by length: the
+    cached head must see the uncached run's batches."""
+    args = ("trainer.max_steps=4", "trainer.eval_every=2", "trainer.lr=1e-2", "trainer.group_by_length=true",
+            *overrides)
     plain = train(compose_run("glue/mrpc_linear", *args, "method.cached=false"), tmp_path / "plain")
     cached = train(compose_run("glue/mrpc_linear", *args, "method.cached=true"), tmp_path / "cached")
     return plain, cached
