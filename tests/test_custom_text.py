@@ -85,14 +85,14 @@ def test_csv_train_jsonl_dev_through_train_eval_export(files):
 
 def test_tsv_regression_with_a_carved_validation_split(files):
     result = run_cli("train", "text/custom_linear", "task.train_file=scores.tsv", "task.text_column=review",
-                     "task.label_column=score", "task.regression=true", "task.validation=0.25",
-                     "task.metrics=[spearman,pearson]", *TINY, "trainer.max_steps=2", "out_dir=reg", cwd=files)
+                     "task.label_column=score", "task.regression=true", *TINY, "task.validation=0.25",
+                     "task.metrics=[spearman,pearson]", "trainer.max_steps=2", "out_dir=reg", cwd=files)
     assert result.returncode == 0, result.stderr
     results = json.loads((files / "reg" / "results.json").read_text())
     assert list(results["metrics"]) == ["val"] and list(results["metrics"]["val"]) == ["spearman", "pearson"]
     assert results["selected_on"] == "val"
     result = run_cli("validate", "text/custom_linear", "task.train_file=scores.tsv", "task.text_column=review",
-                     "task.label_column=score", "task.regression=true", "task.validation=0.25", *TINY, cwd=files)
+                     "task.label_column=score", "task.regression=true", *TINY, "task.validation=0.25", cwd=files)
     assert "schedule: 9 steps (3 per epoch of 24 training examples)" in result.stdout, result.stderr
 
 

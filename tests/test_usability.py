@@ -111,7 +111,9 @@ def test_cp_writes_a_recipe_usable_at_once(data_env, tmp_path):
     train_line = result.stdout.strip().splitlines()[-1].strip()
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
     assert train_line == f"selectune train recipe=mine/rte '{searchpath}'"
-    path.write_text(path.read_text().replace("lr: 5.0e-4", "lr: 1.0e-3"))  # the user edits it
+    edited, n = re.subn(r"(?m)^  lr: .*$", "  lr: 1.0e-3", path.read_text())  # the user edits trainer.lr
+    assert n == 1
+    path.write_text(edited)
     result = run_cli("cat", "mine/rte", searchpath, cwd=tmp_path)
     assert "lr: 0.001" in result.stdout and "name: rte" in result.stdout and "name: lora" in result.stdout
     result = run_cli("train", "recipe=mine/rte", searchpath, *QUICK, "out_dir=mine_run", cwd=tmp_path)
@@ -131,7 +133,7 @@ def test_validate_prints_the_expected_wall_time_per_phase(data_env, tmp_path):
                          r"phase 2 6 steps × ([\d.]+) s \+ first steps and projection (.+) \+ 2 evaluations × (.+)\)",
                          line)
     assert match and float(match[3]) > 0 and float(match[4]) > 0, line
-    result = run_cli("validate", "glue/rte_lora", *TINY, cwd=tmp_path)
+    result = run_cli("validate", "glue/rte_lora", *TINY, "trainer.epochs=3", cwd=tmp_path)  # 3 × 6 steps
     assert re.search(r"\(setup .+ \+ train 18 steps × [\d.]+ s( \+ first steps .+)? \+ 3 evaluations × .+\)$",
                      result.stdout.strip()), result.stdout
     assert not (tmp_path / "runs").exists()
