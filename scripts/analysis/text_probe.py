@@ -1,0 +1,110 @@
+"""How far a frozen MiniLM goes on a GLUE task: logistic regression on three readings of the frozen encoder.
+
+    python scripts/analysis/text_probe.py [--tasks rte mrpc] [--write docs/results.md]
+
+The question behind it: selectune's linear probe (head + pooler on the frozen encoder) and the PEFT methods stay
+near the majority class on RTE and MRPC. Is that the features, or how the head reads them? all-MiniLM-L6-v2 was
+trained by sentence-transformers with *mean pooling*; the classification head reads BERT's pooler over [CLS].
+So: scikit-learn's LogisticRegression (lbfgs, standardised features) on
+  - [CLS]: the last hidden state of the first token,
+  - pooler: the shipped tanh(W h[CLS]) (what a head on a frozen pooler reads),
+  - mean: the mask-weighted mean of the last hidden states (the model's own sentence embedding),
+each with the inverse regularisation C chosen on the recipe's `val` (10% of train carved at seed 42, the
+sweeps' split), then GLUE dev scored once at that C. The pair is encoded jointly, as every selectune GLUE run
+reads it. The features come from one fp32 eval-mode pass of `recipe=glue/<task>_linear`'s backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
+from selectune.commands import RunSpec, build, encode_splits
+from selectune.config import compose
+from selectune.tasks import load_task
+from selectune.tasks.batches import eval_batches
+from selectune.tasks.glue import GLUE
+
+from docsection import write_section
+
+C_GRID = [10.0 ** e for e in np.arange(-4, 2.5, 0.5)]
+READINGS = ("cls", "pooler", "mean")
+
+
+@torch.no_grad()
+def readings(task_name: str) -> tuple[object, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The task, {split: {reading: features}} and {split: labels} for train (the sweeps' 90%), val and dev."""
+    cfg = compose("train", [f"recipe=glue/{task_name}_linear", "task.validation=0.1", "trainer.seed=42"])
+    spec = RunSpec.from_config(cfg)
+    task = load_task(spec.task)
+    backbone, _ = build(spec, task)
+    splits = encode_splits(task, backbone, ["train", "val", "dev"])
+    encoder = backbone.model.base_model.eval()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    labels = {}
+    for name, split in splits.items():
+        parts: dict[str, list[np.ndarray]] = {r: [] for r in READINGS}
+        for rows in eval_batches(split, 64):
+            batch = split.batch(rows)
+            batch.pop("labels")
+            result = encoder(**batch)
+            hidden, mask = result.last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()
+            parts["cls"].append(hidden[:, 0].numpy())
+            parts["pooler"].append(result.pooler_output.numpy())
+            parts["mean"].append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+        out[name] = {r: np.concatenate(v) for r, v in parts.items()}
+        labels[name] = split.labels.numpy()
+    return task, out, labels
+
+
+def fit_score(task, primary: str, x_train, y_train, x_eval, y_eval, c: float) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y_train)
+    scores = task.score(model.predict_log_proba(scaler.transform(x_eval)), y_eval)
+    return float(scores[primary])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc"])
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args()
+    lines = ["| task (metric) | features | C (chosen on val) | val | dev | majority class on dev |",
+             "|---|---|---|---|---|---|"]
+    for name in args.tasks:
+        task, x, y = readings(name)
+        primary = GLUE[name].primary
+        majority = np.zeros((len(y["dev"]), 2))
+        majority[:, np.bincount(y["train"]).argmax()] = 1.0
+        floor = task.score(majority, y["dev"])[primary]
+        for reading in READINGS:
+            val = {c: fit_score(task, primary, x["train"][reading], y["train"], x["val"][reading], y["val"], c)
+                   for c in C_GRID}
+            best = max(C_GRID, key=lambda c: (val[c], -c))  # ties: the stronger regularisation
+            dev = fit_score(task, primary, x["train"][reading], y["train"], x["dev"][reading], y["dev"], best)
+            lines.append(f"| {name} ({primary}) | {reading} | {best:.0e} | {val[best]:.2f} | {dev:.2f} | "
+                         f"{floor:.2f} |")
+            print(lines[-1], flush=True)
+    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    body = (f"Generated at {commit} by `python scripts/analysis/text_probe.py --tasks {' '.join(args.tasks)}` on "
+            f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: logistic regression on "
+            f"the frozen all-MiniLM-L6-v2 (fp32), C chosen on the carved `val` (10% of train, seed 42), dev scored "
+            f"once; the majority class is the training split's.\n\n" + "\n".join(lines))
+    print(body)
+    if args.write:
+        write_section(args.write, "results:text_probe", body)
+
+
+if __name__ == "__main__":
+    main()
