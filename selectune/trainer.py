@@ -242,8 +242,9 @@ class Trainer:
                  ctx: Context = Context(),  # noqa: B008 (a frozen, immutable default)
                  on_eval: Callable[[int, float], bool] | None = None) -> None:
         """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes.
-        `on_eval(step, score)` is called after every evaluation with the primary metric on the selection
-        split; returning True ends the run there (a sweep pruning a hopeless candidate), as if it had reached
+        `on_eval(step, score)` is called after every evaluation of the delta's final form (`method.storable`:
+        not during diff pruning's phase 1) with the primary metric on the selection split; returning True ends
+        the run there (a sweep pruning a hopeless candidate), as if it had reached
         its last step: the delta and results are written as usual, with `stopped_at`."""
         cfg.validate()
         if ctx.active and cfg.batch_size < ctx.world:
@@ -386,7 +387,10 @@ class Trainer:
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
-                    if (self.on_eval is not None and self.on_eval(step, self._primary(run.evals[-1]["metrics"]))
+                    # only evaluations of the delta's final form count (diff pruning's phase 1 is not one): a
+                    # sweep prunes on the scores select=best chooses among, never on a model not yet projected
+                    if (self.on_eval is not None and self.method.storable
+                            and self.on_eval(step, self._primary(run.evals[-1]["metrics"]))
                             and step < self.total_steps):
                         run.stopped_at = step
                         break

@@ -75,6 +75,25 @@ def test_a_run_stopped_at_an_evaluation_is_finished_there(data_env, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["stopped_at"] == first
 
 
+def test_a_sweep_is_told_only_of_evaluations_of_the_final_form(data_env, tmp_path):
+    """Diff pruning's phase 1 is evaluated but not storable: a candidate stopped there could store nothing
+    (select=best had no evaluation to keep: the run failed), and its scores are of a model not yet projected.
+    on_eval hears from phase 2 only, and stopping at its first evaluation keeps that delta."""
+    seen = []
+
+    def on_eval(step: int, score: float) -> bool:
+        seen.append(step)
+        return True
+
+    cfg = compose_run("glue/rte_sdiff", "trainer.max_steps=8", "trainer.eval_every=2", "method.phase1_share=0.5",
+                      "trainer.select=best", "task.validation=8", "task.score_dev=false")
+    results = train(cfg, tmp_path / "run", on_eval=on_eval)
+    # phase 1 is steps 1-4, projected at the end of step 4: step 2's evaluation is phase 1's, step 4's the final form's
+    assert [e["step"] for e in results["evals"]] == [2, 4]
+    assert seen == [4] and results["stopped_at"] == 4 == results["selected_step"]
+    assert (tmp_path / "run" / "delta.safetensors").exists()
+
+
 @pytest.mark.parametrize("value", ["bf32", "half"])
 def test_an_unknown_precision_fails_at_config_time(data_env, tmp_path, value):
     from selectune.errors import SelectuneError
