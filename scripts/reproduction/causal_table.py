@@ -36,7 +36,8 @@ def keep_rows(studies: Path, keep: Path) -> list[str]:
         results = run / "results.json"
         evals = sorted(run.glob("eval_*.json"))
         if best is None or not results.exists() or not evals:
-            left.append(folder.name)
+            if not (keep / f"{folder.name}.json").exists():  # kept earlier, from a clone that held its runs
+                left.append(folder.name)
             continue
         r, e = json.loads(results.read_text()), json.loads(evals[0].read_text())
         row = {"study": folder.name, "recipe": plan.recipe, "grid": plan.grid, "fixed": plan.fixed,
