@@ -1,5 +1,5 @@
 """Every study below a folder as Markdown: each `selectune sweep` table (candidates, pruned ones and at which
-evaluation, the chosen values) and the training steps spent against the steps the grids hold.
+evaluation, the chosen values) and the training steps and hours spent against the steps the grids hold.
 
     python scripts/reproduction/sweep_report.py [results/sweeps/glue] [--write docs/results.md]
 
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     from selectune import sweep
 
-    parts, spent, most, done, pruned, candidates = [], 0, 0, 0, 0, 0
+    parts, spent, most, done, pruned, candidates, seconds = [], 0, 0, 0, 0, 0, 0.0
     for folder in sorted(p.parent for p in args.root.glob("*/sweep.json")):
         plan = sweep.parse([f"study={folder}"])
         study = sweep.open_study(plan, create=False)
@@ -33,6 +33,8 @@ def main() -> None:
         per_candidate = {r["candidate"]: r for r in rows}
         planned = sweep.planned_steps(plan)
         spent += sum(r["steps"] or 0 for r in rows)
+        seconds += sum(t.user_attrs.get("train_time_s") or 0.0 for t in study.get_trials(deepcopy=False)
+                       if t.state.name in ("COMPLETE", "PRUNED"))
         most += sum(planned.values())
         done += sum(r["state"] == "complete" for r in rows)
         pruned += sum(r["state"] == "pruned" for r in rows)
@@ -44,7 +46,8 @@ def main() -> None:
     head = (f"Studies under `{args.root}` (read at {commit} by `python scripts/reproduction/sweep_report.py "
             f"{args.root}`): {len(parts)} studies, {candidates} candidates, {done} finished, {pruned} pruned, "
             f"{candidates - done - pruned} not finished; **{spent:,} training steps spent** of the {most:,} the "
-            f"grids hold without pruning.")
+            f"grids hold without pruning, in {seconds / 3600:.1f} hours of training (one thread each; set-up and "
+            f"evaluation not counted).")
     body = head + "\n\n" + "\n\n".join(parts)
     print(body)
     if args.write:
