@@ -16,6 +16,9 @@
 # methods: MRPC 9-20 minutes, RTE 11-16, STS-B 12-14, CoLA 6-8 (the range over sessions), i.e. 40-60
 # minutes per (method, seed) over the four tasks; ~60 per MRPC run for diff pruning's 8 epochs at batch 8;
 # ~30 hours for the whole sweep.
+# With the sweep's recipes written: `python scripts/reproduction/adopt_winners.py <clone>/results/sweeps/glue <root>`
+# first, on the machine that ran the studies, makes each chosen candidate its recipe's seed-42 run (checked equal,
+# dev scored on its delta), so only seeds 43 and 44 train.
 # Resumable: one multirun per (method, seed) over the tasks not finished yet; a killed run continues
 # from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
 # OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root each time.
