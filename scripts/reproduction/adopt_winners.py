@@ -13,6 +13,9 @@ Checked before a candidate is adopted, else it is skipped with the reason:
     this runs on the machine that trained the study);
   - the recipe composed today, at seed 42, equals the candidate's config.yaml in every setting but bookkeeping
     (out_dir, run_name, progress, resume) and task.score_dev: a recipe changed since the sweep is not adopted;
+  - its evaluations ran in fp32 (code since 091d13c; results.json naming its `primary` metric marks it): before,
+    a bf16 run was scored under the autocast, and its chosen epoch may differ from the recipe's today (seen:
+    RTE LoRA's val differed by one or two of 249 examples at some epochs, at equal weights);
   - the method is not the cached linear probe (its batches changed with trainer.group_by_length since; it
     trains in seconds anyway).
 The adopted folder `<root>/<method>/<task>_s42` (reproduce_glue.sh's layout, so it skips that run) holds the
@@ -57,6 +60,10 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     run = folder / "runs" / best["candidate"]
     if not (run / "results.json").exists() or not (run / "delta.safetensors").exists():
         return f"{plan.recipe}: the chosen run {run} is not here"
+    results = json.loads((run / "results.json").read_text())
+    if results.get("precision") != "fp32" and "primary" not in results:
+        return (f"{plan.recipe}: not adopted, trained before evaluations left the bf16 autocast (091d13c): the "
+                f"recipe today chooses its epoch on fp32 scores, which may pick another")
     recipe = flat(OmegaConf.to_container(compose("train", [f"recipe={plan.recipe}", "trainer.seed=42"]),
                                          resolve=True))
     trained = flat(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
@@ -81,7 +88,6 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     OmegaConf.save(config, staging / "config.yaml")
     scored = evaluate_delta(str(staging), None, 64, "cpu")["metrics"]
     (staging / f"eval_{task}.json").unlink(missing_ok=True)  # its numbers go into results.json below
-    results = json.loads((run / "results.json").read_text())
     results["metrics"] = {"dev": scored["dev"], "val": results["metrics"]["val"]}
     primary = GLUE[task].primary
     if abs(scored["val"][primary] - results["metrics"]["val"][primary]) > 1e-6:  # the delta is the run's
