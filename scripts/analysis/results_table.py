@@ -59,7 +59,11 @@ def main() -> None:
     body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/analysis/results_table.py` "
             "(selectune report) "
             f"from {sources}.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
-            + ("Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
+            + ("Selection rule: each run keeps the evaluation with the best score on `val` (the share of train "
+               "its recipe carves out at a fixed seed and does not train on; `trainer.select=best`); dev is scored "
+               "at that evaluation and never chosen on. "
+               if runs and all(r.get("selection") == "best" and r.get("selected_on") == "val" for r in runs) else
+               "Selection rule: the final protocol (train on train800val200, evaluate on test at the end of "
                "training, `trainer.select=last`); nothing is chosen on the test split. "
                if any(r["split"] == "test" for r in rows) else
                "Selection rule: each run's evaluation on VTAB's val200 (the select protocol: train on train800) at "
