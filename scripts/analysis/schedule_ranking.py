@@ -94,6 +94,8 @@ def main() -> None:
     for root in args.roots:
         for folder in sorted(p.parent for p in root.glob("*/sweep.json")):
             plan = sweep.parse([f"study={folder}"])
+            if plan.recipe.endswith(("_sdiff", "_udiff")):  # their per-evaluation scores include phase 1's,
+                continue                                     # a model not yet projected: not comparable
             study = sweep.open_study(plan, create=False)
             best = sweep.winner(study)
             found = curves(study)
@@ -115,7 +117,8 @@ def main() -> None:
             "`trainer.eval_every` steps where the study fixed it); `=` where it is the study's own, else the value "
             "and its whole-schedule score minus the choice's (`tie`: equal); `—`: one candidate left. A cut run is "
             "not a shorter schedule (its learning rate decays over the whole one), so this is evidence, not the "
-            "measurement.\n\n" + "\n".join(head + lines) + "\n\n"
+            "measurement. Diff-pruning studies are left out: their per-evaluation scores include phase 1's, before "
+            "the projection.\n\n" + "\n".join(head + lines) + "\n\n"
             f"From 30% of the schedule on, the early choice stays the study's own (or a tie) in {early} of "
             f"{len(stable_at)} studies (from: {shares}).")
     print(body)
