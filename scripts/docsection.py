@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 
@@ -14,3 +15,8 @@ def write_section(path: Path, marker: str, body: str) -> None:
     doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc)
+
+
+def head_commit() -> str:
+    """The short hash of the checked-out commit: the one a generated table names as read at."""
+    return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()

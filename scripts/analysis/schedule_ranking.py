@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import head_commit, write_section
 
 
 def curves(study) -> dict[str, dict]:
@@ -108,7 +107,7 @@ def main() -> None:
         raise SystemExit("no study with two candidates and a choice under " + ", ".join(map(str, args.roots)))
     head = ["| study | chosen (whole schedule) | candidates | evaluations | "
             + " | ".join(f"{round(100 * f)}%" for f in FRACTIONS) + " |", "|---|---|---|---|" + "---|" * len(FRACTIONS)]
-    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     early = sum(1 for _, s in stable_at if s is not None and s <= 0.3)
     shares = ", ".join(f"{name} {round(100 * s)}%" if s is not None else f"{name} never" for name, s in stable_at)
     body = (f"Read at {commit} by `python scripts/analysis/schedule_ranking.py "

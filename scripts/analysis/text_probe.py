@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from selectune.tasks import load_task
 from selectune.tasks.batches import eval_batches
 from selectune.tasks.glue import GLUE
 
-from docsection import write_section
+from docsection import head_commit, write_section
 
 C_GRID = [10.0 ** e for e in np.arange(-4, 2.5, 0.5)]
 READINGS = ("cls", "pooler", "mean")
@@ -96,7 +95,7 @@ def main() -> None:
             lines.append(f"| {name} ({primary}) | {reading} | {best:.0e} | {val[best]:.2f} | {dev:.2f} | "
                          f"{floor:.2f} |")
             print(lines[-1], flush=True)
-    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     body = (f"Generated at {commit} by `python scripts/analysis/text_probe.py --tasks {' '.join(args.tasks)}` on "
             f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: logistic regression on "
             f"the frozen all-MiniLM-L6-v2 (fp32), C chosen on the carved `val` (10% of train, seed 42), dev scored "

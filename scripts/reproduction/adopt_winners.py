@@ -37,17 +37,12 @@ from omegaconf import OmegaConf
 BOOKKEEPING = ("out_dir", "run_name", "trainer.progress", "trainer.resume", "task.score_dev", "task.data_root")
 
 
-def flat(node, prefix: str = "") -> dict[str, str]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: json.dumps(node)}
-
-
 def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     """Adopt one study's chosen candidate; a line saying what was done or why not."""
     from selectune import sweep
     from selectune.commands import evaluate_delta
     from selectune.config import compose
+    from selectune.report import _flat as flat  # a config as dotted key -> JSON value, as the report reads it
     from selectune.tasks.glue import GLUE
 
     plan = sweep.parse([f"study={folder}"])

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import head_commit, write_section
 
 
 def keep_rows(studies: Path, keep: Path) -> list[str]:
@@ -64,7 +63,7 @@ def table(keep: Path, left: list[str]) -> str:
         lines.append(f"| {task} | {method} | {stored} | {r['chosen'].get('trainer.lr')} ({tried}) | "
                      f"{r['selected_step']} / {r['steps']} | {r['dev']['accuracy']:.2f} ({r['dev_rows']} rows) | "
                      f"{r['step_time_s']:.2f} | {r['peak_memory_mb']:.0f} |")
-    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     text = (f"Fine-tuned SmolLM2-135M-Instruct (read at {commit} by `python scripts/reproduction/causal_table.py`): "
             "each row is the candidate `selectune sweep` chose on 200 rows carved from the training file, then "
             "scored once on GLUE dev with `selectune eval`.\n\n" + "\n".join(lines))

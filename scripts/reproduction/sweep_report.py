@@ -10,12 +10,11 @@ shows what it has finished. The section written is `results:sweeps:<folder name>
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import head_commit, write_section
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
         left = [name for name in planned if name not in per_candidate]
         parts.append(f"#### {plan.recipe}\n\n" + sweep.table(plan, study)
                      + (f" (not finished: {', '.join(left)})" if left else ""))
-    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     head = (f"Studies under `{args.root}` (read at {commit} by `python scripts/reproduction/sweep_report.py "
             f"{args.root}`): {len(parts)} studies, {candidates} candidates, {done} finished, {pruned} pruned, "
             f"{candidates - done - pruned} not finished; **{spent:,} training steps spent** of the {most:,} the "
