@@ -332,7 +332,7 @@ def test_smollm2_converted_folder_is_used_without_reading_the_source_again(monke
     def no_hashing(path):
         raise AssertionError(f"hashed {path} again")
 
-    monkeypatch.setattr(smollm2_gguf, "sha256", no_hashing)
+    monkeypatch.setattr(models, "sha256", no_hashing)
     monkeypatch.setattr(smollm2_gguf, "source_file", lambda: no_hashing("the source"))
     assert smollm2_gguf.ensure_converted() == target
     (target / smollm2_gguf.MARKER).unlink()  # unmarked: never trusted, so the source is looked at again

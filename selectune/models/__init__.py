@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from selectune.errors import SelectuneError
+
 
 def cache_root() -> Path:
     """$XDG_CACHE_HOME/selectune (default ~/.cache/selectune): where converted weights live."""
@@ -24,6 +26,16 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_sha256(source: Path, expected: str, what: str, fix: str) -> str:
+    """`source`'s sha256, or a one-line refusal naming both digests: a converted folder is keyed by the source's
+    hash, so a different file (another release, a truncated download) must never be converted under it."""
+    found = sha256(source)
+    if found != expected:
+        raise SelectuneError(f"{what}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
+                             f"{expected[:8]}…{expected[-8:]} ({fix})")
+    return found
 
 
 def publish_once(target: Path, marker: str, record: dict, build: Callable[[Path], None]) -> Path:

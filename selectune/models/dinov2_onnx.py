@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from selectune.errors import SelectuneError
-from selectune.models import cache_root, publish_once, sha256
+from selectune.models import cache_root, check_sha256, publish_once
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,7 @@ def ensure_converted() -> Path:
     if (target / MARKER).is_file():
         return target
     source = source_file()
-    found = sha256(source)
-    if found != SOURCE_SHA256:
-        raise SelectuneError(f"model={NAME}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
-                             f"{SOURCE_SHA256[:8]}…{SOURCE_SHA256[-8:]} ({SOURCE_DIST}=={SOURCE_VERSION}): {INSTALL}")
+    check_sha256(source, SOURCE_SHA256, f"model={NAME}", f"{SOURCE_DIST}=={SOURCE_VERSION}; {INSTALL}")
     log.warning("converting the DINOv2 ViT-S/14 backbone of %s %s (once) into %s", SOURCE_DIST, SOURCE_VERSION, target)
     record = {"source": f"{SOURCE_DIST}=={SOURCE_VERSION}/{SOURCE_FILE}", "sha256": SOURCE_SHA256}
     return publish_once(target, MARKER, record, lambda folder: build_model(read_state(source)).save_pretrained(folder))

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from selectune.errors import SelectuneError
-from selectune.models import cache_root, publish_once, sha256
+from selectune.models import cache_root, check_sha256, publish_once
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ def ensure_converted() -> Path:
     if (target / MARKER).is_file():
         return target
     source = source_file()
-    found = sha256(source)
-    if found != SOURCE_SHA256:
-        raise SelectuneError(f"model={NAME}: {source} has sha256 {found[:8]}…{found[-8:]}, expected "
-                             f"{SOURCE_SHA256[:8]}…{SOURCE_SHA256[-8:]} ({SOURCE_DIST}=={SOURCE_VERSION}): {INSTALL}")
+    found = check_sha256(source, SOURCE_SHA256, f"model={NAME}", f"{SOURCE_DIST}=={SOURCE_VERSION}; {INSTALL}")
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ModuleNotFoundError:
