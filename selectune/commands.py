@@ -293,10 +293,13 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     target = resolve_device(device)
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)
-    metrics, _ = evaluate(backbone.model, task, splits, batch_size, target)
+    metrics, outputs = evaluate(backbone.model, task, splits, batch_size, target)
     examples = {name: len(split) for name, split in splits.items()}
     result = {"run": str(path), "task": task.name, "trained_on": trained_on, "method": delta.meta["method"],
               "examples": examples, "max_eval_examples": max_examples, "metrics": metrics}
+    counts = {name: task.prediction_counts(values) for name, values in outputs.items()}
+    if all(c is not None for c in counts.values()):
+        result["predictions"] = counts  # per split, rows predicted per label: a collapsed head shows here
     out_dir = path if path.is_dir() else path.parent
     # a partial score never overwrites (or passes for) the whole split's
     name = f"eval_{task.name}.json" if max_examples is None else f"eval_{task.name}_first{max_examples}.json"

@@ -119,7 +119,10 @@ def test_causal_glue_trains_and_reports_glue_metrics(data_env, tmp_path):
     assert results["budget"]["head"] == 0
     result = run_cli("eval", f"run={tmp_path / 'run'}", cwd=tmp_path)  # the stored delta scores the same
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "run" / "eval_sst2.json").read_text())["metrics"] == results["metrics"]
+    scored = json.loads((tmp_path / "run" / "eval_sst2.json").read_text())
+    assert scored["metrics"] == results["metrics"]
+    counts = scored["predictions"]["dev"]  # rows predicted per label, by the label's name in GLUE's file
+    assert set(counts) == {"0", "1"} and sum(counts.values()) == scored["examples"]["dev"]
 
 
 def write_jsonl(path: Path, rows: int) -> Path:

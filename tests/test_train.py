@@ -38,7 +38,8 @@ def test_stored_delta_evaluates_to_the_same_metrics(data_env, tmp_path):
     results = train(compose_run("glue/stsb_bitfit", "trainer.epochs=1"), tmp_path / "run")
     again = evaluate_delta(str(tmp_path / "run"), None, 16, "cpu")
     assert again["metrics"] == results["metrics"]
-    assert json.loads((tmp_path / "run" / "eval_stsb.json").read_text())["metrics"] == results["metrics"]
+    scored = json.loads((tmp_path / "run" / "eval_stsb.json").read_text())
+    assert scored["metrics"] == results["metrics"] and "predictions" not in scored  # regression: no classes
 
 
 def test_same_seed_same_delta_other_seed_other_delta(data_env, tmp_path):

@@ -78,6 +78,15 @@ class Task:
         preds = outputs.reshape(-1) if self.spec.is_regression else outputs.argmax(axis=-1)
         return metrics.compute(self.spec.metrics, preds, labels)
 
+    def prediction_counts(self, outputs: np.ndarray) -> dict[str, int] | None:
+        """How many rows each label was predicted for (argmax), by label name: the one-look check that a run
+        did not collapse to one class. None where outputs are not class scores (regression, causal JSONL)."""
+        if self.spec.is_regression or getattr(self.spec, "score", None) is not None:
+            return None
+        counts = np.bincount(outputs.argmax(axis=-1), minlength=self.spec.num_labels)
+        names = self.spec.labels or tuple(str(i) for i in range(self.spec.num_labels))
+        return {str(name): int(n) for name, n in zip(names, counts, strict=True)}
+
     def encode(self, split: str, backbone: Any) -> EncodedSplit:
         """The split as model inputs, the family's way (tokenised text, images at the backbone's size)."""
         return FAMILIES[self.family].encode(self, split, backbone)
