@@ -45,24 +45,27 @@ def keep_rows(studies: Path, keep: Path) -> list[str]:
                "chosen": best["params"], "val": best["score"], "selected_step": r["selected_step"],
                "steps": r["steps"], "step_time_s": r["step_time_s"], "peak_memory_mb": r["peak_memory_mb"],
                "precision": r["precision"], "budget": r.get("budget"), "dev": e["metrics"]["dev"],
-               "dev_rows": e["examples"]["dev"], "method": r.get("method"), "model": r.get("model")}
+               "dev_rows": e["examples"]["dev"], "dev_predictions": e.get("predictions", {}).get("dev"),
+               "method": r.get("method"), "model": r.get("model")}
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{folder.name}.json").write_text(json.dumps(row, indent=1) + "\n")
     return left
 
 
 def table(keep: Path, left: list[str]) -> str:
-    lines = ["| task | method | stored | lr chosen (val, candidates) | best step / steps | dev accuracy | s/step | "
-             "peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | stored | lr chosen (val, candidates) | best step / steps | dev accuracy | "
+             "dev rows predicted per label | s/step | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(keep.glob("*.json")):
         r = json.loads(path.read_text())
         task, _, method = r["study"].partition("_")
         tried = ", ".join(f"{name} {c['val']:.1f}" + (" pruned" if c["state"] == "pruned" else "")
                           for name, c in sorted(r["candidates"].items()) if c["val"] is not None)
         stored = f"{r['budget']['stored']:,}" if r.get("budget") else "—"
+        counts = r.get("dev_predictions")  # recorded by `selectune eval` since 4ed8945
+        predicted = ", ".join(f"{label} {n}" for label, n in counts.items()) if counts else "not recorded"
         lines.append(f"| {task} | {method} | {stored} | {r['chosen'].get('trainer.lr')} ({tried}) | "
                      f"{r['selected_step']} / {r['steps']} | {r['dev']['accuracy']:.2f} ({r['dev_rows']} rows) | "
-                     f"{r['step_time_s']:.2f} | {r['peak_memory_mb']:.0f} |")
+                     f"{predicted} | {r['step_time_s']:.2f} | {r['peak_memory_mb']:.0f} |")
     commit = head_commit()
     text = (f"Fine-tuned SmolLM2-135M-Instruct (read at {commit} by `python scripts/reproduction/causal_table.py`): "
             "each row is the candidate `selectune sweep` chose on 200 rows carved from the training file, then "
