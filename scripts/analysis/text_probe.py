@@ -5,7 +5,7 @@
 The question behind it: selectune's linear probe (head + pooler on the frozen encoder) and the PEFT methods stay
 near the majority class on RTE and MRPC. Is that the features, or how the head reads them? all-MiniLM-L6-v2 was
 trained by sentence-transformers with *mean pooling*; the classification head reads BERT's pooler over [CLS].
-So: scikit-learn's LogisticRegression (lbfgs, standardised features) on
+So: scikit-learn's LogisticRegression (lbfgs, standardised features; Ridge for STS-B's scores) on
   - [CLS]: the last hidden state of the first token,
   - pooler: the shipped tanh(W h[CLS]) (what a head on a frozen pooler reads),
   - mean: the mask-weighted mean of the last hidden states (the model's own sentence embedding),
@@ -50,28 +50,32 @@ def readings(task_name: str) -> tuple[object, dict[str, dict[str, np.ndarray]], 
     out: dict[str, dict[str, np.ndarray]] = {}
     labels = {}
     for name, split in splits.items():
-        parts: dict[str, list[np.ndarray]] = {r: [] for r in READINGS}
-        for rows in eval_batches(split, 64):
+        hidden_size = encoder.config.hidden_size
+        out[name] = {r: np.empty((len(split), hidden_size), dtype=np.float32) for r in READINGS}
+        for rows in eval_batches(split, 64):  # length-sorted batches: each row's features go back to its row
             batch = split.batch(rows)
             batch.pop("labels")
             result = encoder(**batch)
             hidden, mask = result.last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()
-            parts["cls"].append(hidden[:, 0].numpy())
-            parts["pooler"].append(result.pooler_output.numpy())
-            parts["mean"].append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-        out[name] = {r: np.concatenate(v) for r, v in parts.items()}
+            out[name]["cls"][rows] = hidden[:, 0].numpy()
+            out[name]["pooler"][rows] = result.pooler_output.numpy()
+            out[name]["mean"][rows] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
         labels[name] = split.labels.numpy()
     return task, out, labels
 
 
-def fit_score(task, primary: str, x_train, y_train, x_eval, y_eval, c: float, scale: bool = True) -> float:
-    from sklearn.linear_model import LogisticRegression
+def fit_score(task, primary: str, x_train, y_train, x_eval, y_eval, c: float) -> float:
+    """Logistic regression (ridge regression for a regression task, alpha = 1/C) fitted on train, scored on eval."""
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
-    # unscaled (--raw): the features as a head reads them, where a few outlier dimensions of the encoder dominate
-    scaler = StandardScaler(with_mean=scale, with_std=scale).fit(x_train)
-    model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y_train)
-    scores = task.score(model.predict_log_proba(scaler.transform(x_eval)), y_eval)
+    scaler = StandardScaler().fit(x_train)
+    if task.spec.is_regression:
+        model = Ridge(alpha=1.0 / c).fit(scaler.transform(x_train), y_train)
+        scores = task.score(model.predict(scaler.transform(x_eval)), y_eval)
+    else:
+        model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y_train)
+        scores = task.score(model.predict_log_proba(scaler.transform(x_eval)), y_eval)
     return float(scores[primary])
 
 
@@ -79,35 +83,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc"])
     parser.add_argument("--write", type=Path, default=None)
-    parser.add_argument("--raw", action="store_true", help="no standardisation: the features as a head reads them")
     args = parser.parse_args()
     lines = ["| task (metric) | features | C (chosen on val) | val | dev | majority class on dev |",
              "|---|---|---|---|---|---|"]
     for name in args.tasks:
         task, x, y = readings(name)
         primary = GLUE[name].primary
-        majority = np.zeros((len(y["dev"]), 2))
-        majority[:, np.bincount(y["train"]).argmax()] = 1.0
-        floor = task.score(majority, y["dev"])[primary]
+        if task.spec.is_regression:  # a constant prediction has no correlation: the floor is 0 by definition
+            floor = 0.0
+        else:
+            majority = np.zeros((len(y["dev"]), 2))
+            majority[:, np.bincount(y["train"].astype(int)).argmax()] = 1.0
+            floor = task.score(majority, y["dev"])[primary]
         for reading in READINGS:
-            val = {c: fit_score(task, primary, x["train"][reading], y["train"], x["val"][reading], y["val"], c,
-                                not args.raw) for c in C_GRID}
+            val = {c: fit_score(task, primary, x["train"][reading], y["train"], x["val"][reading], y["val"], c)
+                   for c in C_GRID}
             best = max(C_GRID, key=lambda c: (val[c], -c))  # ties: the stronger regularisation
-            dev = fit_score(task, primary, x["train"][reading], y["train"], x["dev"][reading], y["dev"], best,
-                            not args.raw)
+            dev = fit_score(task, primary, x["train"][reading], y["train"], x["dev"][reading], y["dev"], best)
             lines.append(f"| {name} ({primary}) | {reading} | {best:.0e} | {val[best]:.2f} | {dev:.2f} | "
                          f"{floor:.2f} |")
             print(lines[-1], flush=True)
     commit = head_commit()
-    flags = " --raw" if args.raw else ""
-    body = (f"Generated at {commit} by `python scripts/analysis/text_probe.py --tasks {' '.join(args.tasks)}{flags}` "
+    body = (f"Generated at {commit} by `python scripts/analysis/text_probe.py --tasks {' '.join(args.tasks)}` "
             f"on {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: logistic regression on "
-            f"the frozen all-MiniLM-L6-v2 (fp32, features {'as the head reads them' if args.raw else 'standardised'}),"
-            f" C chosen on the carved `val` (10% of train, seed 42), dev scored "
-            f"once; the majority class is the training split's.\n\n" + "\n".join(lines))
+            f"the frozen all-MiniLM-L6-v2 (fp32, standardised features), C chosen on the carved `val` (10% of train, "
+            f"seed 42), dev scored once; the majority class is the training split's (STS-B: ridge regression, "
+            f"alpha = 1/C; a constant score has no correlation, so its floor is 0).\n\n" + "\n".join(lines))
     print(body)
     if args.write:
-        write_section(args.write, "results:text_probe" + ("_raw" if args.raw else ""), body)
+        write_section(args.write, "results:text_probe", body)
 
 
 if __name__ == "__main__":
