@@ -94,7 +94,7 @@ def read_run(path: Path) -> dict[str, Any]:
     result["run_dir"] = str(path.parent)
     config = path.parent / "config.yaml"
     try:
-        result["settings"] = _flat(OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
+        result["settings"] = flat_settings(OmegaConf.to_container(OmegaConf.load(config))) if config.exists() else {}
     except Exception as err:  # a hand-edited or cut-short YAML file: any parser failure means the same
         raise SelectuneError(f"its config.yaml is not readable ({type(err).__name__})") from None
     return result
@@ -138,9 +138,10 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
     return steps
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, str]:
+def flat_settings(node: Any, prefix: str = "") -> dict[str, str]:
+    """A config as dotted key -> JSON value: what the report compares runs on (and adopt_winners a recipe)."""
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flat_settings(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: json.dumps(node)}
 
 
@@ -203,7 +204,7 @@ def _recipe_settings(run: dict[str, Any], cache: dict[str, dict[str, str] | None
 
         cache[name] = None
         if name in list_recipes():
-            cache[name] = _flat(OmegaConf.to_container(compose("train", [f"recipe={name}"]), resolve=True))
+            cache[name] = flat_settings(OmegaConf.to_container(compose("train", [f"recipe={name}"]), resolve=True))
     return cache[name]
 
 

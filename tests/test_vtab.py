@@ -134,12 +134,12 @@ def test_a_final_run_of_a_recipe_is_the_recipes_row_and_another_lr_a_variant(tmp
     from omegaconf import OmegaConf
 
     from selectune.config import compose
-    from selectune.report import _flat, variants
+    from selectune.report import flat_settings, variants
 
     runs = []
     for task, extra in (("dtd10", []), ("digits", []), ("cifar10_1k", ["trainer.lr=0.5"])):
         cfg = compose("train", [f"recipe=vtab/{task}_linear", "task.protocol=final"] + extra)
         OmegaConf.save(cfg, tmp_path / f"{task}.yaml")
         runs.append({"task": task, "method": "linear", "family": "vtab", "budget": {"stored": 10},
-                     "settings": _flat(OmegaConf.to_container(OmegaConf.load(tmp_path / f"{task}.yaml")))})
+                     "settings": flat_settings(OmegaConf.to_container(OmegaConf.load(tmp_path / f"{task}.yaml")))})
     assert variants(runs) == ["", "", "trainer.lr=0.5"]

@@ -42,7 +42,7 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     from selectune import sweep
     from selectune.commands import evaluate_delta
     from selectune.config import compose
-    from selectune.report import _flat as flat  # a config as dotted key -> JSON value, as the report reads it
+    from selectune.report import flat_settings  # a config as dotted key -> JSON value, as the report reads it
     from selectune.tasks.glue import GLUE
 
     plan = sweep.parse([f"study={folder}"])
@@ -59,9 +59,9 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     if results.get("precision") != "fp32" and "primary" not in results:
         return (f"{plan.recipe}: not adopted, trained before evaluations left the bf16 autocast (091d13c): the "
                 f"recipe today chooses its epoch on fp32 scores, which may pick another")
-    recipe = flat(OmegaConf.to_container(compose("train", [f"recipe={plan.recipe}", "trainer.seed=42"]),
-                                         resolve=True))
-    trained = flat(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
+    recipe = flat_settings(OmegaConf.to_container(compose("train", [f"recipe={plan.recipe}", "trainer.seed=42"]),
+                                                  resolve=True))
+    trained = flat_settings(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
     differ = sorted(k for k in set(recipe) | set(trained)
                     if not k.startswith(BOOKKEEPING) and recipe.get(k) != trained.get(k))
     if differ:
