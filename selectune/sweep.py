@@ -408,6 +408,9 @@ def table(plan: SweepPlan, study) -> str:
     return "\n".join(lines)
 
 
+WRITTEN_TASK_KEYS = ("task.max_train_examples",)  # fixed task overrides that are part of the protocol
+
+
 def write_recipe(plan: SweepPlan, study) -> Path:
     """The winner's values into the recipe file (made on top of its preset where the name had none), with a
     comment line of every candidate's score; GLUE dev stays unseen (the recipe selects on `val`)."""
@@ -430,8 +433,10 @@ def write_recipe(plan: SweepPlan, study) -> Path:
                 f"defaults:\n  - /preset/{preset}\n  - override /task: {task}\n")
     tried = ", ".join(f"{r['candidate']} {r['score']:.2f}" + (" (pruned)" if r["state"] == "pruned" else "")
                       for r in rows(study) if r["score"] is not None)
+    # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
+    # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
     chosen = {**{k: v for k, v in (o.partition("=")[::2] for o in plan.fixed)
-                 if k.startswith(("trainer.", "method."))}, **best["params"]}
+                 if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}, **best["params"]}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
     else:  # evaluated per epoch to prune on val200; the final run scores the 10,000-image test set once

@@ -89,13 +89,15 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
     kept = recipes / "rte_sdiff.yaml"
     before = kept.read_text()
     try:
-        sweep.run(plan_for(tmp_path, "write=true", recipe="glue/wnli_lora"))
+        # the training subset every candidate saw is written with the winner; the backbone override is not
+        sweep.run(plan_for(tmp_path, "write=true", "task.max_train_examples=48", recipe="glue/wnli_lora"))
         text = made.read_text()
         assert "chosen by selectune sweep on val" in text and "lr1e-1" in text
         cfg = compose("train", ["recipe=glue/wnli_lora"])
         assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "best" and cfg.task.validation == 0.1
-        assert cfg.trainer.epochs == 4 and cfg.method.name == "lora"
-        sweep.run(plan_for(tmp_path, "write=true", recipe="glue/wnli_lora"))  # written twice: one block, not two
+        assert cfg.trainer.epochs == 4 and cfg.method.name == "lora" and cfg.task.max_train_examples == 48
+        assert not cfg.model.get("random_init", False)
+        sweep.run(plan_for(tmp_path, "write=true", "task.max_train_examples=48", recipe="glue/wnli_lora"))  # twice: one block
         assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
     finally:
         made.unlink(missing_ok=True)
