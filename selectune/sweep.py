@@ -412,8 +412,9 @@ WRITTEN_TASK_KEYS = ("task.max_train_examples",)  # fixed task overrides that ar
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:
-    """The winner's values into the recipe file (made on top of its preset where the name had none), with a
-    comment line of every candidate's score; GLUE dev stays unseen (the recipe selects on `val`)."""
+    """The winner's values, and the fixed overrides every candidate trained with, into the recipe file (made on
+    top of its preset where the name had none), with a comment line of every candidate's score; GLUE dev stays
+    unseen (the recipe selects on `val`)."""
     from selectune.config import conf_dir
     from selectune.recipes import composed
 
