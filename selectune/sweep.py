@@ -49,6 +49,7 @@ OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "pl
 SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "task.protocol", "trainer.select",
                 "trainer.resume")
 JOURNAL = "study.journal"
+WRITTEN_TASK_KEYS = ("task.max_train_examples",)  # fixed task overrides `write=true` keeps: part of the protocol
 
 
 @dataclass
@@ -406,9 +407,6 @@ def table(plan: SweepPlan, study) -> str:
     lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
                  f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
     return "\n".join(lines)
-
-
-WRITTEN_TASK_KEYS = ("task.max_train_examples",)  # fixed task overrides that are part of the protocol
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:

@@ -49,8 +49,8 @@ def readings(task_name: str) -> tuple[object, dict[str, dict[str, np.ndarray]], 
     encoder = backbone.model.base_model.eval()
     out: dict[str, dict[str, np.ndarray]] = {}
     labels = {}
+    hidden_size = encoder.config.hidden_size
     for name, split in splits.items():
-        hidden_size = encoder.config.hidden_size
         out[name] = {r: np.empty((len(split), hidden_size), dtype=np.float32) for r in READINGS}
         for rows in eval_batches(split, 64):  # length-sorted batches: each row's features go back to its row
             batch = split.batch(rows)
