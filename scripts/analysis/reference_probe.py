@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection and frozen_probe
 from selectune.commands import RunSpec, build, encode_splits, train
 from selectune.config import compose
 from selectune.features import extract, head_plan
 from selectune.tasks import load_task
 
 from docsection import write_section
-
-C_GRID = [10.0 ** e for e in np.arange(-4, 2.5, 0.5)]
+from frozen_probe import C_GRID, choose_c, fitted
 
 
 def features(recipe: str, overrides: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -61,12 +60,8 @@ def features(recipe: str, overrides: list[str]) -> dict[str, tuple[np.ndarray, n
 
 
 def logistic(train_xy, eval_xy, c: float) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_xy[0])
-    model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(train_xy[0]), train_xy[1])
-    return 100.0 * float((model.predict(scaler.transform(eval_xy[0])) == eval_xy[1]).mean())
+    """Accuracy (%) on eval of the frozen probe at C fitted on train."""
+    return 100.0 * float((fitted(*train_xy, c).predict(eval_xy[0]) == eval_xy[1]).mean())
 
 
 def main() -> None:
@@ -80,7 +75,7 @@ def main() -> None:
     val_scores = {c: logistic(xy["train"], xy["val"], c) for c in C_GRID}
     for c, score in val_scores.items():
         print(f"C={c:.0e}: val {score:.2f}", flush=True)
-    best_c = max(C_GRID, key=lambda c: (val_scores[c], -c))  # ties: the stronger regularisation
+    best_c = choose_c(val_scores)
     test = logistic(xy["train+val"], xy["test"], best_c)
     ours = {}
     with tempfile.TemporaryDirectory() as tmp:

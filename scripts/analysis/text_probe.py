@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection and frozen_probe
 from selectune.commands import RunSpec, build, encode_splits
 from selectune.config import compose
 from selectune.tasks import load_task
@@ -33,8 +33,8 @@ from selectune.tasks.batches import eval_batches
 from selectune.tasks.glue import GLUE
 
 from docsection import head_commit, write_section
+from frozen_probe import C_GRID, choose_c, fitted
 
-C_GRID = [10.0 ** e for e in np.arange(-4, 2.5, 0.5)]
 READINGS = ("cls", "pooler", "mean")
 
 
@@ -65,18 +65,10 @@ def readings(task_name: str) -> tuple[object, dict[str, dict[str, np.ndarray]], 
 
 
 def fit_score(task, primary: str, x_train, y_train, x_eval, y_eval, c: float) -> float:
-    """Logistic regression (ridge regression for a regression task, alpha = 1/C) fitted on train, scored on eval."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(x_train)
-    if task.spec.is_regression:
-        model = Ridge(alpha=1.0 / c).fit(scaler.transform(x_train), y_train)
-        scores = task.score(model.predict(scaler.transform(x_eval)), y_eval)
-    else:
-        model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y_train)
-        scores = task.score(model.predict_log_proba(scaler.transform(x_eval)), y_eval)
-    return float(scores[primary])
+    """The frozen probe at C fitted on train, scored on eval with the task's own metric."""
+    model = fitted(x_train, y_train, c, regression=task.spec.is_regression)
+    outputs = model.predict(x_eval) if task.spec.is_regression else model.predict_log_proba(x_eval)
+    return float(task.score(outputs, y_eval)[primary])
 
 
 def main() -> None:
@@ -98,7 +90,7 @@ def main() -> None:
         for reading in READINGS:
             val = {c: fit_score(task, primary, x["train"][reading], y["train"], x["val"][reading], y["val"], c)
                    for c in C_GRID}
-            best = max(C_GRID, key=lambda c: (val[c], -c))  # ties: the stronger regularisation
+            best = choose_c(val)
             dev = fit_score(task, primary, x["train"][reading], y["train"], x["dev"][reading], y["dev"], best)
             lines.append(f"| {name} ({primary}) | {reading} | {best:.0e} | {val[best]:.2f} | {dev:.2f} | "
                          f"{floor:.2f} |")
