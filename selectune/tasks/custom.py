@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from selectune.errors import SelectuneError
-from selectune.tasks.example import Example
+from selectune.tasks.example import Example, LabelledSpec
 from selectune.tasks.text import excerpt, jsonl_objects, read_utf8
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -28,7 +28,7 @@ REGRESSION_METRICS = ("pearson", "spearman")
 
 
 @dataclass(frozen=True)
-class TextSpec:
+class TextSpec(LabelledSpec):
     """What a custom text task is: the spec the rest of selectune reads (labels, metrics, primary)."""
 
     name: str
@@ -36,14 +36,6 @@ class TextSpec:
     metrics: tuple[str, ...]
     primary: str
     max_seq_length: int = 128
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
 
 
 def _file(value: Optional[str], key: str) -> Path:

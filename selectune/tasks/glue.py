@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selectune.errors import SelectuneError
-from selectune.tasks.example import Example
+from selectune.tasks.example import Example, LabelledSpec
 from selectune.tasks.text import excerpt, read_utf8
 
 Column = str | int  # a header name, or a 0-based position for files without a header (CoLA)
 
 
 @dataclass(frozen=True)
-class GlueSpec:
+class GlueSpec(LabelledSpec):
     """What a GLUE task is: where its text and label sit in each source, and how it is scored."""
 
     name: str  # config name, as on the Hub: "mrpc"
@@ -34,14 +34,6 @@ class GlueSpec:
     max_seq_length: int = 128
     header: bool = True
     dev_files: tuple[tuple[str, str], ...] = (("dev", "dev"),)  # (split name, TSV stem / Hub split)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
 
 
 GLUE: dict[str, GlueSpec] = {
