@@ -54,4 +54,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from selectune.errors import SelectuneError
+
+    try:
+        main()
+    except SelectuneError as err:  # e.g. SELECTUNE_DATA unset: the planned steps need each task's train size
+        sys.exit(f"sweep_report: {err}")
