@@ -122,6 +122,11 @@ def resolve_all(cfg: DictConfig) -> None:
         raise SelectuneError(f"config{f' key {key!r}' if key else ''}: {first_line(str(err))}") from None
 
 
+# MethodConfig's settings every method has and no method yaml sets (None: the trainer's lr, the method's lr);
+# a recipe or a command line adds them: `+method.head_lr=2e-2` (tests/test_config.py keeps this list true)
+UNSET_METHOD_KEYS = ("lr", "head_lr")
+
+
 def close_key(config_name: str, overrides: list[str], key: str) -> str:
     """`: did you mean trainer.lr?` for an unknown `trainer.learning_rate`: the keys beside it in the config
     composed without that override (where it composes), matched by spelling; "" when none is close."""
@@ -130,6 +135,8 @@ def close_key(config_name: str, overrides: list[str], key: str) -> str:
     from hydra.errors import HydraException
 
     parent, _, leaf = key.rpartition(".")
+    if parent == "method" and leaf in UNSET_METHOD_KEYS:
+        return f": every method has it, unset in its yaml; add it with +{key}=<value>"
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):

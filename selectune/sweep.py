@@ -169,7 +169,13 @@ def recipe_family(recipe: str, fixed: list[str]) -> str:
     """The task family the recipe (with the fixed overrides) trains on."""
     from selectune.config import compose
 
-    return str(compose("train", [f"recipe={recipe}", *fixed]).task.family)
+    return str(compose("train", [f"recipe={recipe}", *map(added_or_set, fixed)]).task.family)
+
+
+def added_or_set(override: str) -> str:
+    """`+method.head_lr=x` (add a key the config lacks) as `++method.head_lr=x` (add it, or set it where it is):
+    once `write=true` puts the winner's values into the recipe, the key is there, and a plain `+` would fail."""
+    return "+" + override if override.startswith("+") and not override.startswith("++") else override
 
 
 # --------------------------------------------------------------------------- the study store
@@ -296,7 +302,8 @@ def run(plan: SweepPlan) -> None:
 
 
 def candidate_overrides(plan: SweepPlan, point: dict[str, str], out: Path) -> list[str]:
-    return [f"recipe={plan.recipe}", *plan.fixed, *(f"{k}={v}" for k, v in point.items()), *plan.selection,
+    return [f"recipe={plan.recipe}", *map(added_or_set, plan.fixed), *(f"{k}={v}" for k, v in point.items()),
+            *plan.selection,
             "trainer.select=best", "trainer.progress=false", f"out_dir={out}"]
 
 
@@ -434,7 +441,8 @@ def write_recipe(plan: SweepPlan, study) -> Path:
                       for r in rows(study) if r["score"] is not None)
     # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
     # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
-    chosen = {**{k: v for k, v in (o.partition("=")[::2] for o in plan.fixed)
+    # (`+method.head_lr=...` adds a setting the method's yaml leaves unset: in the recipe it is a plain key)
+    chosen = {**{k: v for k, v in ((k.lstrip("+"), v) for k, v in (o.partition("=")[::2] for o in plan.fixed))
                  if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}, **best["params"]}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -9,7 +10,9 @@ from omegaconf import OmegaConf
 
 from selectune import recipes
 from selectune.commands import RunSpec
-from selectune.config import compose, conf_dir, group_options
+from selectune.config import UNSET_METHOD_KEYS, compose, conf_dir, group_options
+from selectune.errors import SelectuneError
+from selectune.methods.base import MethodConfig
 from selectune.tasks import vtab
 
 from conftest import run_cli
@@ -136,3 +139,15 @@ def test_each_method_has_the_presets_of_the_families_it_runs_on_and_no_other():
     for family, folder in (("text", "glue"), ("vision", "vtab_dinov2")):
         wanted = {f"{folder}/{name}" for name, cls in METHODS.items() if family in cls.quick_test}
         assert wanted == {p for p in presets if p.startswith(f"{folder}/")}, family
+
+
+def test_a_method_setting_no_yaml_sets_says_to_add_it_with_a_plus():
+    """`method.head_lr` is every method's setting (docs/methods.md) but in no method's yaml, so Hydra refuses
+    a plain override: the message says how to add it, and the added value reaches the method."""
+    assert set(UNSET_METHOD_KEYS) <= {f.name for f in dataclasses.fields(MethodConfig)}
+    for path in (conf_dir() / "method").glob("*.yaml"):
+        assert not set(UNSET_METHOD_KEYS) & set(OmegaConf.load(path)), path  # else the hint would be wrong
+    with pytest.raises(SelectuneError, match=r"every method has it, unset in its yaml; add it with \+method.head_lr"):
+        compose("train", ["recipe=glue/rte_bitfit", "method.head_lr=1e-2"])
+    spec = RunSpec.from_config(compose("train", ["recipe=glue/rte_bitfit", "+method.head_lr=1e-2"]))
+    assert spec.method.head_lr == 0.01
