@@ -19,8 +19,8 @@
 # With the sweep's recipes written: `python scripts/reproduction/adopt_winners.py <clone>/results/sweeps/glue <root>`
 # first, on the machine that ran the studies, makes each chosen candidate its recipe's seed-42 run (checked equal,
 # dev scored on its delta), so only seeds 43 and 44 train.
-# Resumable: one multirun per (method, seed) over the tasks not finished yet; a killed run continues
-# from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
+# Resumable: one run per (method, seed, task) into <root>/<method>/<task>_s<seed>, a finished one skipped; a
+# killed run continues from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
 # OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root each time.
 set -euo pipefail
 root="${1:-runs/reproduce}"; tasks="${2:-mrpc rte cola stsb}"; seeds="${3:-42,43,44}"
@@ -35,13 +35,12 @@ for method in $methods; do
                         'method.targets=[query,key,value,attention.output.dense,intermediate.dense,output.dense]')
   fi
   for seed in ${seeds//,/ }; do
-    pending=""
     for task in $tasks; do
-      [[ -f "$root/$method/${task}_s${seed}/results.json" ]] || pending+="${pending:+,}glue/${task}_${recipe}"
+      out="$root/$method/${task}_s${seed}"
+      [[ -f "$out/results.json" ]] && { echo "skip $out (done)"; continue; }
+      selectune train "recipe=glue/${task}_${recipe}" "trainer.seed=$seed" "${extra[@]}" "${overrides[@]}" \
+        trainer.progress=false trainer.resume=true "out_dir=$out"
     done
-    [[ -z "$pending" ]] && { echo "skip $method seed $seed (done)"; continue; }
-    selectune train -m "recipe=$pending" "trainer.seed=$seed" "${extra[@]}" "${overrides[@]}" trainer.progress=false \
-      trainer.resume=true "hydra.sweep.dir=$root/$method" 'hydra.sweep.subdir=${task.name}_s${trainer.seed}'
   done
 done
 selectune report "$root" "out=$root"
