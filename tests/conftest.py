@@ -22,10 +22,11 @@ REAL_DATA = Path(os.environ.get("SELECTUNE_DATA", SHARED_DATA)).resolve()  # tes
 
 # fp32 pinned: the default `auto` is bf16 on a CPU with AMX and fp32 on one without, and the tests must not depend
 # on which CPU runs them (bf16 itself is tested by name: test_device.py, test_cheaper_steps.py)
-# A recipe's values chosen by `selectune sweep` (a carved val, the best epoch kept) set aside too: these runs test
-# how the code behaves, on dev, whatever a sweep wrote into the shipped recipe; a test of val or best adds its own.
+# A recipe's values chosen by `selectune sweep` (a carved val, the best epoch kept, length-grouped batches) set aside
+# too: these runs test how the code behaves, on dev, whatever a sweep wrote into the shipped recipe; a test of val,
+# best or grouping adds its own.
 TINY = ["model=tiny_random", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=16",
-        "trainer.precision=fp32", "task.validation=null", "trainer.select=last"]
+        "trainer.precision=fp32", "task.validation=null", "trainer.select=last", "trainer.group_by_length=false"]
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "house", "quickly", "slowly", "big",
          "small", "red", "blue", "was", "is", "not", "very"]

@@ -39,7 +39,9 @@ def main() -> None:
         pruned += sum(r["state"] == "pruned" for r in rows)
         candidates += len(planned)
         left = [name for name in planned if name not in per_candidate]
-        parts.append(f"#### {plan.recipe}\n\n" + sweep.table(plan, study)
+        # a second study of one recipe (a grid extended upwards: `<task>_<method>_hi`) is named by its folder
+        own = folder.name == plan.recipe.split("/", 1)[1]
+        parts.append(f"#### {plan.recipe}{'' if own else f' (study {folder.name})'}\n\n" + sweep.table(plan, study)
                      + (f" (not finished: {', '.join(left)})" if left else ""))
     commit = head_commit()
     head = (f"Studies under `{args.root}` (read at {commit} by `python scripts/reproduction/sweep_report.py "
