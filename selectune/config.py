@@ -123,7 +123,7 @@ def resolve_all(cfg: DictConfig) -> None:
 
 
 # MethodConfig's settings every method has and no method yaml sets (None: the trainer's lr, the method's lr);
-# a recipe or a command line adds them: `+method.head_lr=2e-2` (tests/test_config.py keeps this list true)
+# a recipe or a command line adds them: `+method.head_lr=2e-2` (tests/test_recipes.py keeps this list true)
 UNSET_METHOD_KEYS = ("lr", "head_lr")
 
 
