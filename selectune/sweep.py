@@ -303,8 +303,7 @@ def run(plan: SweepPlan) -> None:
 
 def candidate_overrides(plan: SweepPlan, point: dict[str, str], out: Path) -> list[str]:
     return [f"recipe={plan.recipe}", *map(added_or_set, plan.fixed), *(f"{k}={v}" for k, v in point.items()),
-            *plan.selection,
-            "trainer.select=best", "trainer.progress=false", f"out_dir={out}"]
+            *plan.selection, "trainer.select=best", "trainer.progress=false", f"out_dir={out}"]
 
 
 def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
@@ -442,7 +441,7 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
     # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
     # (`+method.head_lr=...` adds a setting the method's yaml leaves unset: in the recipe it is a plain key)
-    chosen = {**{k: v for k, v in ((k.lstrip("+"), v) for k, v in (o.partition("=")[::2] for o in plan.fixed))
+    chosen = {**{k: v for k, v in (o.lstrip("+").partition("=")[::2] for o in plan.fixed)
                  if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}, **best["params"]}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})

@@ -51,8 +51,8 @@ def test_a_composed_name_is_its_preset_with_its_task():
                          for name in dtd10)
     method = dtd10[0].removeprefix("vtab/dtd10_")
     cfg = compose("train", [f"recipe=vtab/dtd10_{method}"])
-    assert (cfg.model.name_or_path, cfg.task.name, cfg.method.name) == (
-        compose("train", [f"recipe=vtab/fashion_mnist_1k_{method}"]).model.name_or_path, "dtd10", method)
+    assert (cfg.model.name_or_path, cfg.task.name, cfg.method.name, cfg.trainer.epochs) == (
+        compose("train", [f"recipe=vtab/fashion_mnist_1k_{method}"]).model.name_or_path, "dtd10", method, 10)
 
 
 def test_every_recipe_file_sits_on_the_preset_and_task_its_name_says_and_adds_something():
