@@ -16,6 +16,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# below the environment above, which the CLI server imports under; the tests import run_cli from here
+from cli_runner import run_cli  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_DATA = Path(os.environ.get("SELECTUNE_DATA", SHARED_DATA)).resolve()  # tests run commands in other folders
@@ -83,13 +86,6 @@ def glue_root(tmp_path_factory) -> Path:
 def data_env(glue_root, monkeypatch) -> Path:
     monkeypatch.setenv("SELECTUNE_DATA", str(glue_root))
     return glue_root
-
-
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m selectune ...` as a user would, in `cwd`."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env=full_env, text=True,
-                          capture_output=True, timeout=timeout)
 
 
 def kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> None:

@@ -130,8 +130,8 @@ def test_validate_prints_the_expected_wall_time_per_phase(data_env, tmp_path):
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"expected wall time: (.+) on cpu \(setup (.+) \+ phase 1 4 steps × ([\d.]+) s \+ "
-                         r"phase 2 6 steps × ([\d.]+) s \+ first steps and projection (.+) \+ 2 evaluations × (.+)\)",
-                         line)
+                         r"phase 2 6 steps × ([\d.]+) s( \+ first steps and projection .+)? \+ 2 evaluations × (.+)\)",
+                         line)  # no one-off term where the first steps were no slower (a warm process, a tiny model)
     assert match and float(match[3]) > 0 and float(match[4]) > 0, line
     result = run_cli("validate", "glue/rte_lora", *TINY, "trainer.epochs=3", cwd=tmp_path)  # 3 × 6 steps
     assert re.search(r"\(setup .+ \+ train 18 steps × [\d.]+ s( \+ first steps .+)? \+ 3 evaluations × .+\)$",

@@ -1,0 +1,52 @@
+"""The tests' CLI runner (cli_runner.py): a call forked from the pre-imported server gives what a fresh
+`python -m selectune` gives, and a call whose environment a fork could not honour gets a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import cli_runner
+import pytest
+
+from conftest import TINY, run_cli
+
+
+def fresh(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env={**os.environ, **env}, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_a_forked_call_gives_what_a_fresh_interpreter_gives(glue_root, tmp_path):
+    calls = [(("train", "glue/rte_bitfit", "trainer.lr=-1"), glue_root),  # refused while composing
+             (("train", "glue/rte_bitfit", *TINY), tmp_path / "nowhere"),  # refused by the task, inside Hydra's run
+             (("ls", "rte", "lora"), glue_root), (("cat", "glue/rte_lora", "out_dir=x"), glue_root)]
+    for args, data in calls:
+        env = {"SELECTUNE_DATA": str(data)}
+        served = cli_runner._server.served if cli_runner._server else 0
+        forked, plain = run_cli(*args, cwd=tmp_path, env=env), fresh(*args, cwd=tmp_path, env=env)
+        assert cli_runner._server is not None and cli_runner._server.served == served + 1  # the call was forked
+        assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert [r.returncode for r in (forked, plain)] == [0, 0] and list(tmp_path.iterdir()) == []
+
+
+def test_only_environment_read_at_run_time_may_differ_in_a_fork(tmp_path):
+    run_cli("ls", "rte", cwd=tmp_path)
+    server = cli_runner._server
+    assert server is not None
+    base = {**cli_runner.BASE_ENV}
+    assert server.forks({**base, "SELECTUNE_DATA": str(tmp_path), "SELECTUNE_DEBUG": "1"})
+    assert not server.forks({**base, "HF_HUB_OFFLINE": "0"})  # huggingface_hub reads it when imported
+    assert not server.forks({**base, "OMP_NUM_THREADS": "7"})
+    assert not server.forks({k: v for k, v in base.items() if k != "HF_HUB_OFFLINE"})
+
+
+def test_a_call_that_runs_too_long_is_killed_and_the_server_serves_the_next(tmp_path):
+    run_cli("ls", "rte", cwd=tmp_path)
+    server = cli_runner._server
+    assert server is not None
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("cat", "glue/rte_lora", cwd=tmp_path, timeout=0.05)  # composing alone takes longer
+    assert server.proc.poll() is None
+    assert run_cli("ls", "rte", cwd=tmp_path).stdout.split() == fresh("ls", "rte", cwd=tmp_path, env={}).stdout.split()
