@@ -7,8 +7,9 @@ and standard streams as a fresh `python -m selectune` would have them, runs `sel
 and exits through the interpreter's normal shutdown (exit status, atexit, flushed streams). What a forked child
 cannot reproduce is what a module reads from the environment when it is imported (HF_HUB_OFFLINE in
 huggingface_hub, OMP_NUM_THREADS in the OpenMP runtime, ...): a call whose environment differs from the server's
-in any other key than FORK_SAFE_ENV, a call with online=true, one made while another is under way, or SELECTUNE_TEST_FRESH=1 starts
-a fresh interpreter instead, as before; SELECTUNE_TEST_CLI_LOG=<file> lists those calls and the keys that made them.
+in any other key than FORK_SAFE_ENV, a call with online=true, one made while another is under way, or
+SELECTUNE_TEST_FRESH=1 starts a fresh interpreter instead, as before; SELECTUNE_TEST_CLI_LOG=<file> lists those
+calls and the keys that made them.
 """
 
 from __future__ import annotations
