@@ -94,13 +94,17 @@ class CliServer:
         line, _, self.pending = self.pending.partition(b"\n")
         return json.loads(line)
 
+    def unsafe_changes(self, env: dict[str, str]) -> set[str]:
+        """The keys in which this environment differs from the server's and a fork could not honour."""
+        return {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - FORK_SAFE_ENV
+
     def forks(self, env: dict[str, str]) -> bool:
         """Whether a call with this environment behaves in a fork as in a fresh interpreter."""
-        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        return self.proc.poll() is None and changed <= FORK_SAFE_ENV
+        return self.proc.poll() is None and not self.unsafe_changes(env)
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         assert self.proc.stdin is not None
+        command = [sys.executable, "-m", "selectune", *args]
         if not self.ready:
             self.reply(600)  # the imports, once per worker
             self.ready = True
@@ -116,10 +120,10 @@ class CliServer:
             except TimeoutError:
                 os.kill(pid, 9)
                 self.reply(60)
-                raise subprocess.TimeoutExpired([sys.executable, "-m", "selectune", *args], timeout) from None
+                raise subprocess.TimeoutExpired(command, timeout) from None
             self.served += 1
-            return subprocess.CompletedProcess([sys.executable, "-m", "selectune", *args], returncode,
-                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(command, returncode, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -133,12 +137,13 @@ _server: CliServer | None = None
 BASE_ENV = dict(os.environ)  # as conftest set it, before any test's monkeypatch: what the server imports under
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+            fresh: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m selectune ...` as a user would, in `cwd`: a fork of the worker's pre-imported server where
-    that behaves the same (module docstring), else a fresh interpreter."""
+    that behaves the same (module docstring), else (or with `fresh`) a fresh interpreter."""
     global _server
     full_env = {**os.environ, **(env or {})}
-    if os.environ.get("SELECTUNE_TEST_FRESH") != "1":
+    if not fresh and os.environ.get("SELECTUNE_TEST_FRESH") != "1":
         if _server is None:
             _server = CliServer({k: v for k, v in BASE_ENV.items() if k not in FORK_SAFE_ENV})
             atexit.register(_server.close)
@@ -147,9 +152,8 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
                 return _server.run(list(args), Path(cwd).resolve(), full_env, timeout)
             finally:
                 _server.busy.release()
-    if os.environ.get("SELECTUNE_TEST_CLI_LOG") and _server is not None:  # why this call was not forked
-        changed = {k for k in full_env.keys() | _server.env.keys() if full_env.get(k) != _server.env.get(k)}
-        with open(os.environ["SELECTUNE_TEST_CLI_LOG"], "a") as log:
-            log.write(f"fresh: {' '.join(args[:2])}: {sorted(changed - FORK_SAFE_ENV)}\n")
+        if os.environ.get("SELECTUNE_TEST_CLI_LOG"):  # why this call was not forked
+            with open(os.environ["SELECTUNE_TEST_CLI_LOG"], "a") as log:
+                log.write(f"fresh: {' '.join(args[:2])}: {sorted(_server.unsafe_changes(full_env))}\n")
     return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout)

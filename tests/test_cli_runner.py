@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import cli_runner
 import pytest
 
 from conftest import TINY, run_cli
 
-
-def fresh(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env={**os.environ, **env}, text=True,
-                          capture_output=True, timeout=300)
+pytestmark = pytest.mark.skipif(os.environ.get("SELECTUNE_TEST_FRESH") == "1",
+                                reason="SELECTUNE_TEST_FRESH=1: no call is forked, so there is no server to test")
 
 
 def test_a_forked_call_gives_what_a_fresh_interpreter_gives(glue_root, tmp_path):
@@ -25,8 +22,8 @@ def test_a_forked_call_gives_what_a_fresh_interpreter_gives(glue_root, tmp_path)
     for args, data in calls:
         env = {"SELECTUNE_DATA": str(data)}
         served = cli_runner._server.served if cli_runner._server else 0
-        forked, plain = run_cli(*args, cwd=tmp_path, env=env), fresh(*args, cwd=tmp_path, env=env)
-        assert cli_runner._server is not None and cli_runner._server.served == served + 1  # the call was forked
+        forked, plain = run_cli(*args, cwd=tmp_path, env=env), run_cli(*args, cwd=tmp_path, env=env, fresh=True)
+        assert cli_runner._server is not None and cli_runner._server.served == served + 1  # only the first forked
         assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
     assert [r.returncode for r in (forked, plain)] == [0, 0] and list(tmp_path.iterdir()) == []
 
@@ -35,7 +32,7 @@ def test_only_environment_read_at_run_time_may_differ_in_a_fork(tmp_path):
     run_cli("ls", "rte", cwd=tmp_path)
     server = cli_runner._server
     assert server is not None
-    base = {**cli_runner.BASE_ENV}
+    base = cli_runner.BASE_ENV
     assert server.forks({**base, "SELECTUNE_DATA": str(tmp_path), "SELECTUNE_DEBUG": "1"})
     assert not server.forks({**base, "HF_HUB_OFFLINE": "0"})  # huggingface_hub reads it when imported
     assert not server.forks({**base, "OMP_NUM_THREADS": "7"})
@@ -49,4 +46,6 @@ def test_a_call_that_runs_too_long_is_killed_and_the_server_serves_the_next(tmp_
     with pytest.raises(subprocess.TimeoutExpired):
         run_cli("cat", "glue/rte_lora", cwd=tmp_path, timeout=0.05)  # composing alone takes longer
     assert server.proc.poll() is None
-    assert run_cli("ls", "rte", cwd=tmp_path).stdout.split() == fresh("ls", "rte", cwd=tmp_path, env={}).stdout.split()
+    served = server.served
+    assert run_cli("ls", "rte", cwd=tmp_path).stdout == run_cli("ls", "rte", cwd=tmp_path, fresh=True).stdout
+    assert server.served == served + 1
