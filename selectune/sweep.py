@@ -346,6 +346,7 @@ def run_candidate(plan: SweepPlan, study, point: dict[str, str]) -> None:
         raise
     for key in ("selected_step", "steps", "step_time_s", "train_time_s"):
         trial.set_user_attr(key, results[key])
+    trial.set_user_attr("eval_time_s", results.get("eval_time_s"))  # absent from runs finished before it was kept
     trial.set_user_attr("evals", [[e["step"], score_of(e["metrics"], results)] for e in results["evals"]])
     value = score_of(results["metrics"], results)
     if results.get("stopped_at") is not None:

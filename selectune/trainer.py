@@ -216,6 +216,7 @@ class RunState:
     best: Optional[dict[str, Any]] = None
     delta_bytes: Optional[int] = None
     train_time: float = 0.0
+    eval_time: float = 0.0  # seconds in evaluations: the rest of a run's cost (a 10,000-image test split is minutes)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
@@ -439,7 +440,8 @@ class Trainer:
             method.load_state(state["method"])  # first: it may redefine what trains (re-selected masks)
             run.step, run.evals, run.best, run.delta_bytes, run.train_time = (
                 state["step"], state["evals"], state["best"], state["delta_bytes"], state["train_time"])
-            kept = state.get("phase_time")  # absent in checkpoints written before it existed
+            run.eval_time = float(state.get("eval_time", 0.0))  # absent in checkpoints written before it existed
+            kept = state.get("phase_time")  # likewise
             run.phase_time = ({str(k): [float(v[0]), int(v[1])] for k, v in kept.items()}
                               if isinstance(kept, dict) else {})
         self._build_optimizer(run)
@@ -566,7 +568,9 @@ class Trainer:
 
     def _evaluate_and_select(self, run: RunState, progress: Progress) -> None:
         """Score the eval splits; with select=best, store the delta when the selection split improved."""
+        t0 = time.perf_counter()
         metrics, run.outputs = self._evaluate()
+        run.eval_time += time.perf_counter() - t0
         run.evals.append({"step": run.step, "metrics": metrics})
         self._write_jsonl({"step": run.step, "eval": metrics})
         if self.ctx.main:
@@ -584,7 +588,7 @@ class Trainer:
             "step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "method": self.method.state(), "evals": run.evals,
             "best": run.best, "delta_bytes": run.delta_bytes, "train_time": run.train_time,
-            "phase_time": run.phase_time})
+            "eval_time": run.eval_time, "phase_time": run.phase_time})
         run.saved_at = time.perf_counter()
 
     def _finish(self, run: RunState) -> dict[str, Any]:
@@ -608,7 +612,7 @@ class Trainer:
                 "selected_step": chosen["step"], "metrics": chosen["metrics"],
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
-                "stopped_early": run.stopped_early,
+                "eval_time_s": round(run.eval_time, 2), "stopped_early": run.stopped_early,
                 "step_time_s_by_phase": {phase: round(seconds / max(steps, 1), 4)
                                          for phase, (seconds, steps) in run.phase_time.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),

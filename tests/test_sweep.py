@@ -39,7 +39,7 @@ def fake_train(calls: list[str]):
         stopped = evals[-1]["step"] if len(evals) < len(CURVES[lr]) else None
         return {"task": "rte", "family": "glue", "selected_on": "val", "metrics": best["metrics"],
                 "selected_step": best["step"], "evals": evals, "steps": evals[-1]["step"], "step_time_s": 0.1,
-                "train_time_s": 1.0, "stopped_at": stopped}
+                "train_time_s": 1.0, "eval_time_s": 0.5, "stopped_at": stopped}
 
     return train
 
@@ -298,3 +298,29 @@ def test_the_schedule_ranking_takes_the_choice_a_cut_schedule_would_make():
     line, stable = study_line("s", found, "a")
     assert "b (tie)" in line and stable == 2 / 3  # from evaluation 2: c (evaluation 1) loses 4
     assert early_choice({"a": found["a"]}, 1) is None  # one candidate: no choice to compare
+
+
+def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
+    """scripts/analysis/cpu_time.py: each study's finished and pruned candidates, and the runs outside a study,
+    with training and evaluation seconds apart; a run without eval_time_s is counted as not recorded."""
+    sys.path.insert(0, str(REPO / "scripts" / "analysis"))
+    from cpu_time import run_part, study_parts, table
+
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    sweep.run(plan_for(tmp_path / "sweeps", "prune_after=2"))  # 1e-1 pruned after 2 of 4 evaluations
+    candidate = tmp_path / "sweeps" / "study" / "runs" / "lr1e-3"
+    candidate.mkdir(parents=True)
+    (candidate / "results.json").write_text(json.dumps({"steps": 40, "train_time_s": 1.0}))  # counted in the study
+    for name, record in (("a_s42", {"steps": 100, "train_time_s": 3600.0, "eval_time_s": 1800.0}),
+                         ("b_s42", {"steps": 50, "train_time_s": 1800.0})):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(record))
+    [study] = study_parts(tmp_path / "sweeps", "")
+    assert (study.items, study.steps, study.train_s, study.eval_s, study.eval_missing) == (3, 100, 3.0, 1.5, 0)
+    assert run_part(tmp_path / "sweeps", "") is None
+    runs = run_part(tmp_path / "runs", "")
+    assert (runs.items, runs.steps, runs.train_s, runs.eval_s, runs.eval_missing) == (2, 150, 5400.0, 1800.0, 1)
+    assert run_part(tmp_path / "runs", "a_").items == 1 and study_parts(tmp_path / "sweeps", "other") == []
+    text = table([study, runs], planned_hours=4)
+    assert "**2.0 CPU-hours**" in text and "5 candidates and runs, 250 steps" in text
+    assert "1 of them ran before evaluation time was recorded" in text and "(50% of it spent)" in text

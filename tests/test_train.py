@@ -86,6 +86,37 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
     assert steps == whole_steps  # records a killed run wrote after its checkpoint are not duplicated
 
 
+class Stopped(Exception):
+    """Ends a run between two checkpoints, as a kill would."""
+
+
+def test_evaluation_time_is_kept_across_a_resume(data_env, tmp_path):
+    """results.json says what the evaluations cost beside `train_time_s` (with a 10,000-image test split they are
+    minutes of a run); a resumed run adds its own to what the checkpoint had."""
+    from time import perf_counter
+
+    from selectune import checkpoint
+
+    args = ("trainer.max_steps=12", "trainer.eval_every=4")
+    t0 = perf_counter()
+    whole = train(compose_run("glue/rte_full", *args), tmp_path / "whole")
+    wall = perf_counter() - t0
+    assert whole["eval_time_s"] > 0 and whole["eval_time_s"] + whole["train_time_s"] < wall
+
+    def stop(step: int, score: float) -> bool:
+        if step == 8:  # step 4's checkpoint (after its evaluation) is on disk, step 8's is not
+            raise Stopped
+        return False
+
+    with pytest.raises(Stopped):
+        train(compose_run("glue/rte_full", *args), tmp_path / "run", on_eval=stop)
+    kept = checkpoint.read(tmp_path / "run")
+    assert kept["step"] == 4 and kept["eval_time"] > 0
+    resumed = train(compose_run("glue/rte_full", *args, "trainer.resume=true"), tmp_path / "run")
+    assert resumed["eval_time_s"] > kept["eval_time"] and resumed["evals"] == whole["evals"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["eval_time_s"] == resumed["eval_time_s"]
+
+
 def test_resume_without_a_checkpoint_starts_the_records_over(data_env, tmp_path):
     """A run killed before its first checkpoint, resumed: metrics.jsonl holds one run's records, not two."""
     cfg = compose_run("glue/rte_full", "trainer.max_steps=4", "trainer.log_every=1")
