@@ -13,7 +13,8 @@ on train800 and is scored on val200 (`task.protocol=select`): the test split is 
 schedule evaluated every epoch stands for every shorter one (select=best keeps the best epoch); image and
 decoder recipes keep their own schedule. A candidate whose best score so far is below the median of the
 earlier candidates' at the same evaluation stops there (`pruner=median`, from the evaluation `prune_after`
-on; `pruner=none` runs every candidate to its end).
+on; `pruner=none` runs every candidate to its end). A winner at an end of a numeric grid is named in the table,
+with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study).
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -413,7 +414,29 @@ def table(plan: SweepPlan, study) -> str:
     lines.append("")
     lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
                  f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
+    if best is not None and not left:  # every candidate in: is the winner at an end of its grid?
+        lines += [note for note in (edge_note(plan, key, best["params"]) for key in keys) if note]
     return "\n".join(lines)
+
+
+def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str]) -> str:
+    """A line saying the winner's `key` sits at an end of a numeric grid (the best value may lie beyond it) and
+    the sweep to run next: one candidate beyond it, the other keys at the winner's values, the same fixed
+    overrides, in its own study; "" where the value is inside its grid or the values are not numbers."""
+    try:
+        values = sorted(float(v) for v in plan.grid[key])
+        value = float(chosen[key])
+    except ValueError:
+        return ""
+    if len(values) < 2 or values[0] < value < values[-1]:
+        return ""
+    top = value == values[-1]
+    beyond = value * (values[-1] / values[-2] if top else values[0] / values[1])  # one grid step further
+    others = [f"{k}={v}" for k, v in chosen.items() if k != key]
+    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={beyond:.3g}",
+                        f"study={plan.study}_{'hi' if top else 'lo'}"])
+    return (f"note: the chosen {key}={chosen[key]} is the {'top' if top else 'bottom'} of its grid; the best value "
+            f"may lie {'above' if top else 'below'} it: {command}")
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:

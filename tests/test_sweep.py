@@ -324,3 +324,22 @@ def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
     text = table([study, runs], planned_hours=4)
     assert "**2.0 CPU-hours**" in text and "5 candidates and runs, 250 steps" in text
     assert "1 of them ran before evaluation time was recorded" in text and "(50% of it spent)" in text
+
+
+@pytest.mark.parametrize("grid, note", [
+    ("1e-3,1e-2", "the chosen trainer.lr=1e-2 is the top of its grid; the best value may lie above it: "
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 study={study}_hi"),
+    ("1e-2,1e-1", "the chosen trainer.lr=1e-2 is the bottom of its grid; the best value may lie below it: "
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 study={study}_lo"),
+    ("1e-3,1e-2,1e-1", None)])
+def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypatch, grid, note):
+    """Once every candidate is in, a winner at the top (bottom) of a numeric grid gets a note and the sweep of
+    one more value a grid step beyond it, with the same fixed overrides, in its own study."""
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", f"trainer.lr={grid}", "trainer.epochs=4",
+                        f"study={tmp_path / 'study'}", "pruner=none"])
+    sweep.run(plan)
+    text = sweep.table(plan, sweep.open_study(plan, create=False))
+    notes = [line for line in text.splitlines() if line.startswith("note:")]
+    assert notes == ([] if note is None else ["note: " + note.format(study=tmp_path / "study")])
+    assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}) == ""  # not a number: no note
