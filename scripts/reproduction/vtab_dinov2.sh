@@ -20,8 +20,25 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 TASKS="${TASKS:-dtd10 cifar10_1k fashion_mnist_1k digits}"
 METHODS="${METHODS:-full linear bitfit lora ia3 spt_lora spt_adapter sara udiff sdiff adalora}"
 STAGE="${STAGE:-all}"
-candidates() {  # the lr grid per method (the recipe's value is the middle one)
-  case "$1" in
+candidates() {  # candidates <task> <method>: the lr grid
+  # dtd10 (studied first) used the grids below, with one value beyond where its winner sat at an end (studies
+  # <task>_<method>_hi/_lo). Every other task centres its grid on the lr dtd10's val200 chose (its recipe, once
+  # written): that lr and its two neighbours on the grid's ladder (1-2-5 for full FT and diff pruning, 1-3
+  # otherwise). The linear probe (cached features, seconds a candidate) keeps its own wide grid.
+  local dtd10="recipes/vtab/dtd10_$2.yaml"
+  if [[ "$1" != dtd10 && "$2" != linear && -f "$dtd10" ]]; then
+    python - "$dtd10" "$2" <<'PY'
+import math, sys
+import yaml
+lr = float(yaml.safe_load(open(sys.argv[1]))["trainer"]["lr"])
+steps = (1, 2, 5) if sys.argv[2] in ("full", "udiff", "sdiff") else (1, 3)
+ladder = sorted(m * 10.0 ** e for e in range(-8, 1) for m in steps)
+at = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / lr)))
+print(" ".join(f"{v:.1e}".replace("e-0", "e-") for v in ladder[at - 1:at + 2]))
+PY
+    return
+  fi
+  case "$2" in
     full|udiff|sdiff) echo "2.0e-5 5.0e-5 1.0e-4" ;;
     linear|ia3) echo "3.0e-3 1.0e-2 3.0e-2" ;;
     *) echo "3.0e-4 1.0e-3 3.0e-3" ;;
@@ -39,7 +56,7 @@ for task in $TASKS; do
       # committed under results/sweeps/vtab and resumes in a fresh clone
       # the cached linear probe's candidates cost seconds: nothing to save by pruning its noisy early epochs
       prune=(); [[ "$method" == linear ]] && prune=(pruner=none)
-      selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$method" | tr ' ' ',')" \
+      selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$task" "$method" | tr ' ' ',')" \
         trainer.eval_every=null "study=$studies/${task}_${method}" "${prune[@]}"
     fi
     if [[ "$STAGE" != select ]]; then
