@@ -14,7 +14,8 @@ schedule evaluated every epoch stands for every shorter one (select=best keeps t
 decoder recipes keep their own schedule. A candidate whose best score so far is below the median of the
 earlier candidates' at the same evaluation stops there (`pruner=median`, from the evaluation `prune_after`
 on; `pruner=none` runs every candidate to its end). A winner at an end of a numeric grid is named in the table,
-with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study).
+with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study);
+`write=true` then chooses over the study and those extensions together.
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -446,9 +447,12 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     from selectune.config import conf_dir
     from selectune.recipes import composed
 
-    best = winner(study)
-    if best is None:
+    found = candidates_with_extensions(plan, study)
+    done = [c for c in found if c["state"] == "complete" and c["score"] is not None]
+    if not done:
         raise SelectuneError(f"{plan.study}: no finished candidate to write")
+    # ties: the fewer steps (as winner()), then the study itself before its extensions
+    best = max(done, key=lambda c: (c["score"], -(c["selected_step"] or 0)))
     path = conf_dir() / "recipe" / f"{plan.recipe}.yaml"
     if path.exists():
         text = path.read_text()
@@ -460,19 +464,20 @@ def write_recipe(plan: SweepPlan, study) -> Path:
         text = (f"# @package _global_\n# {plan.recipe} — preset/{preset} with values chosen on the validation "
                 f"split\n#   run:       selectune train recipe={plan.recipe}\n"
                 f"defaults:\n  - /preset/{preset}\n  - override /task: {task}\n")
-    tried = ", ".join(f"{r['candidate']} {r['score']:.2f}" + (" (pruned)" if r["state"] == "pruned" else "")
-                      for r in rows(study) if r["score"] is not None)
+    tried = ", ".join(f"{c['candidate']} {c['score']:.2f}" + (" (pruned)" if c["state"] == "pruned" else "")
+                      for c in found if c["score"] is not None)
     # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
     # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
     # (`+method.head_lr=...` adds a setting the method's yaml leaves unset: in the recipe it is a plain key)
-    chosen = {**{k: v for k, v in (o.lstrip("+").partition("=")[::2] for o in plan.fixed)
-                 if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}, **best["params"]}
+    chosen = {k: v for k, v in best["values"].items()
+              if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
     else:  # evaluated per epoch to prune on val200; the final run scores the 10,000-image test set once
         chosen.pop("trainer.eval_every", None)
     text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
-    note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'} ({plan.study}): {tried}"
+    studies = ", ".join(dict.fromkeys(str(c["study"]) for c in found))
+    note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'} ({studies}): {tried}"
     for i, (key, value) in enumerate(chosen.items()):
         section, _, leaf = key.partition(".")
         if not leaf or "." in leaf:
@@ -481,6 +486,43 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)  # the first written recipe of its family (vtab/, causal/)
     path.write_text(text)
     return path
+
+
+def fixed_values(plan: SweepPlan) -> dict[str, str]:
+    """The fixed overrides as key -> value (`+method.head_lr=x` as method.head_lr)."""
+    return {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in plan.fixed)}
+
+
+def extensions(plan: SweepPlan) -> list[SweepPlan]:
+    """The studies beside this one that extend its grid (`<study>_hi`, `<study>_lo`, `<study>_hi2`, ..., as the
+    table's edge note makes them): the same recipe and fixed overrides but for this study's grid keys. A study so
+    named that differs in anything else is not one search with this one: it is named and left out."""
+    out = []
+    mine = {k: v for k, v in fixed_values(plan).items() if k not in plan.grid}
+    for folder in sorted(plan.study.parent.glob(f"{plan.study.name}_*")):
+        if not re.fullmatch(rf"{re.escape(plan.study.name)}_(hi|lo)\d*", folder.name) \
+                or not (folder / JOURNAL).exists() or not (folder / "sweep.json").exists():
+            continue
+        other = parse([f"study={folder}"])
+        theirs = {k: v for k, v in fixed_values(other).items() if k not in plan.grid}
+        if other.recipe != plan.recipe or theirs != mine or set(other.grid) - set(plan.grid) \
+                or other.validation != plan.validation:
+            print(f"sweep: {folder} is not an extension of {plan.study} (other recipe or settings): left out")
+            continue
+        out.append(other)
+    return out
+
+
+def candidates_with_extensions(plan: SweepPlan, study) -> list[dict[str, Any]]:
+    """Every candidate of this study and of its extensions, each with the study it ran in, its values (the fixed
+    overrides with its grid point on top) and its name by this study's grid keys."""
+    found = []
+    for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan))]:
+        for row in rows(opened):
+            values = {**fixed_values(each), **row["params"]}
+            name = point_name({k: values[k] for k in plan.grid if k in values})
+            found.append({**row, "study": each.study, "values": values, "candidate": name})
+    return found
 
 
 def set_in_yaml(text: str, section: str, key: str, value: str, comment: str | None = None) -> str:

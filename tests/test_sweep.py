@@ -343,3 +343,24 @@ def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypa
     notes = [line for line in text.splitlines() if line.startswith("note:")]
     assert notes == ([] if note is None else ["note: " + note.format(study=tmp_path / "study")])
     assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}) == ""  # not a number: no note
+
+
+def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(tmp_path, monkeypatch, capsys):
+    """A grid extended beside its study (`<study>_hi`, as the edge note says) is one search for write=true: the
+    winner over both, every candidate in the comment; a study so named with other settings is left out."""
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    monkeypatch.setitem(CURVES, "0.03", [63.0, 68.0, 72.0, 73.0])
+    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    assert not made.exists()
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
+    try:
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}"]))
+        sweep.run(sweep.parse([*base, "trainer.lr=3e-2", f"study={tmp_path / 's_hi'}"]))
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-1", "trainer.warmup_ratio=0.2", f"study={tmp_path / 's_hi2'}"]))
+        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+        assert f"{tmp_path / 's_hi2'} is not an extension of {tmp_path / 's'}" in capsys.readouterr().out
+        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.03
+        [comment] = [line for line in made.read_text().splitlines() if "chosen by" in line]
+        assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3 67.00, lr1e-2 71.00, lr3e-2 73.00" in comment
+    finally:
+        made.unlink(missing_ok=True)
