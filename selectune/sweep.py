@@ -390,9 +390,8 @@ def rows(study) -> list[dict[str, Any]]:
 
 
 def winner(study) -> dict[str, Any] | None:
-    done = [r for r in rows(study) if r["state"] == "complete" and r["score"] is not None]
-    # ties: the candidate that got there in fewer steps (a shorter schedule would have done)
-    return max(done, key=lambda r: (r["score"], -(r["selected_step"] or 0))) if done else None
+    """This study's best finished candidate (see choose)."""
+    return choose(rows(study))
 
 
 def table(plan: SweepPlan, study) -> str:
@@ -415,17 +414,22 @@ def table(plan: SweepPlan, study) -> str:
     lines.append("")
     lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
                  f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
-    if best is not None and not left:  # every candidate in: is the winner at an end of its grid?
-        lines += [note for note in (edge_note(plan, key, best["params"]) for key in keys) if note]
+    if best is not None and not left:  # every candidate in: is the winner (over the extensions too) at an end?
+        every = candidates_with_extensions(plan, study, quiet=True)
+        overall = choose(every)
+        if overall is not None:
+            tried = {key: [c["values"][key] for c in every if key in c["values"]] for key in keys}
+            lines += [note for note in (edge_note(plan, key, overall["values"], tried[key]) for key in keys) if note]
     return "\n".join(lines)
 
 
-def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str]) -> str:
-    """A line saying the winner's `key` sits at an end of a numeric grid (the best value may lie beyond it) and
-    the sweep to run next: one candidate beyond it, the other keys at the winner's values, the same fixed
-    overrides, in its own study; "" where the value is inside its grid or the values are not numbers."""
+def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str]) -> str:
+    """A line saying the winner's `key` sits at an end of the numeric values tried (this study's grid and the
+    studies that extend it), so the best value may lie beyond, and the sweep to run next: one candidate a grid step
+    further, the other keys at the winner's values, the same fixed overrides, in the next free `<study>_hi[N]` or
+    `_lo[N]`; "" where the value is inside or the values are not numbers."""
     try:
-        values = sorted(float(v) for v in plan.grid[key])
+        values = sorted({float(v) for v in tried})
         value = float(chosen[key])
     except ValueError:
         return ""
@@ -433,10 +437,13 @@ def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str]) -> str:
         return ""
     top = value == values[-1]
     beyond = value * (values[-1] / values[-2] if top else values[0] / values[1])  # one grid step further
-    others = [f"{k}={v}" for k, v in chosen.items() if k != key]
-    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={beyond:.3g}",
-                        f"study={plan.study}_{'hi' if top else 'lo'}"])
-    return (f"note: the chosen {key}={chosen[key]} is the {'top' if top else 'bottom'} of its grid; the best value "
+    others = [f"{k}={v}" for k, v in chosen.items() if k in plan.grid and k != key]
+    stem, n = f"{plan.study}_{'hi' if top else 'lo'}", 1
+    while Path(stem + (str(n) if n > 1 else "")).exists():
+        n += 1
+    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={beyond:.2g}",
+                        f"study={stem}{n if n > 1 else ''}"])
+    return (f"note: the chosen {key}={chosen[key]} is the {'top' if top else 'bottom'} of the values tried; the best "
             f"may lie {'above' if top else 'below'} it: {command}")
 
 
@@ -448,11 +455,9 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     from selectune.recipes import composed
 
     found = candidates_with_extensions(plan, study)
-    done = [c for c in found if c["state"] == "complete" and c["score"] is not None]
-    if not done:
+    best = choose(found)
+    if best is None:
         raise SelectuneError(f"{plan.study}: no finished candidate to write")
-    # ties: the fewer steps (as winner()), then the study itself before its extensions
-    best = max(done, key=lambda c: (c["score"], -(c["selected_step"] or 0)))
     path = conf_dir() / "recipe" / f"{plan.recipe}.yaml"
     if path.exists():
         text = path.read_text()
@@ -493,7 +498,7 @@ def fixed_values(plan: SweepPlan) -> dict[str, str]:
     return {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in plan.fixed)}
 
 
-def extensions(plan: SweepPlan) -> list[SweepPlan]:
+def extensions(plan: SweepPlan, quiet: bool = False) -> list[SweepPlan]:
     """The studies beside this one that extend its grid (`<study>_hi`, `<study>_lo`, `<study>_hi2`, ..., as the
     table's edge note makes them): the same recipe and fixed overrides but for this study's grid keys. A study so
     named that differs in anything else is not one search with this one: it is named and left out."""
@@ -507,22 +512,30 @@ def extensions(plan: SweepPlan) -> list[SweepPlan]:
         theirs = {k: v for k, v in fixed_values(other).items() if k not in plan.grid}
         if other.recipe != plan.recipe or theirs != mine or set(other.grid) - set(plan.grid) \
                 or other.validation != plan.validation:
-            print(f"sweep: {folder} is not an extension of {plan.study} (other recipe or settings): left out")
+            if not quiet:
+                print(f"sweep: {folder} is not an extension of {plan.study} (other recipe or settings): left out")
             continue
         out.append(other)
     return out
 
 
-def candidates_with_extensions(plan: SweepPlan, study) -> list[dict[str, Any]]:
+def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:
     """Every candidate of this study and of its extensions, each with the study it ran in, its values (the fixed
     overrides with its grid point on top) and its name by this study's grid keys."""
     found = []
-    for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan))]:
+    for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan, quiet))]:
         for row in rows(opened):
             values = {**fixed_values(each), **row["params"]}
             name = point_name({k: values[k] for k in plan.grid if k in values})
             found.append({**row, "study": each.study, "values": values, "candidate": name})
     return found
+
+
+def choose(found: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best finished candidate; ties: the fewer steps (a shorter schedule would have done), then the earlier
+    in `found` (a study before its extensions)."""
+    done = [c for c in found if c["state"] == "complete" and c["score"] is not None]
+    return max(done, key=lambda c: (c["score"], -(c["selected_step"] or 0))) if done else None
 
 
 def set_in_yaml(text: str, section: str, key: str, value: str, comment: str | None = None) -> str:

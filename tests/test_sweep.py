@@ -327,9 +327,9 @@ def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("grid, note", [
-    ("1e-3,1e-2", "the chosen trainer.lr=1e-2 is the top of its grid; the best value may lie above it: "
+    ("1e-3,1e-2", "the chosen trainer.lr=1e-2 is the top of the values tried; the best may lie above it: "
                   "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 study={study}_hi"),
-    ("1e-2,1e-1", "the chosen trainer.lr=1e-2 is the bottom of its grid; the best value may lie below it: "
+    ("1e-2,1e-1", "the chosen trainer.lr=1e-2 is the bottom of the values tried; the best may lie below it: "
                   "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 study={study}_lo"),
     ("1e-3,1e-2,1e-1", None)])
 def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypatch, grid, note):
@@ -342,7 +342,7 @@ def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypa
     text = sweep.table(plan, sweep.open_study(plan, create=False))
     notes = [line for line in text.splitlines() if line.startswith("note:")]
     assert notes == ([] if note is None else ["note: " + note.format(study=tmp_path / "study")])
-    assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}) == ""  # not a number: no note
+    assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}, ["x", "1e-2"]) == ""  # not a number
 
 
 def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(tmp_path, monkeypatch, capsys):
@@ -362,5 +362,10 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
         assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.03
         [comment] = [line for line in made.read_text().splitlines() if "chosen by" in line]
         assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3 67.00, lr1e-2 71.00, lr3e-2 73.00" in comment
+        # the winner over both sits at the top again: the next value, in the next free name (s_hi2 is taken)
+        plan = sweep.parse([f"study={tmp_path / 's'}"])
+        [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
+                  if line.startswith("note:")]
+        assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}") and "trainer.lr=3e-2 is the top" in note
     finally:
         made.unlink(missing_ok=True)
