@@ -414,7 +414,10 @@ def table(plan: SweepPlan, study) -> str:
     lines.append("")
     lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
                  f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
-    if best is not None and not left:  # every candidate in: is the winner (over the extensions too) at an end?
+    base = extended(plan)
+    if base is not None:  # the study it extends reads both and says where to go next
+        lines.append(f"(extends {base}: its table chooses over both)")
+    elif best is not None and not left:  # every candidate in: is the winner (over the extensions too) at an end?
         every = candidates_with_extensions(plan, study, quiet=True)
         overall = choose(every)
         if overall is not None:
@@ -517,6 +520,16 @@ def extensions(plan: SweepPlan, quiet: bool = False) -> list[SweepPlan]:
             continue
         out.append(other)
     return out
+
+
+def extended(plan: SweepPlan) -> Path | None:
+    """The study this one extends (`<base>_hi[N]` or `_lo[N]` beside it, and listed among its extensions), or
+    None."""
+    found = re.fullmatch(r"(.+)_(hi|lo)\d*", plan.study.name)
+    base = plan.study.with_name(found.group(1)) if found else None
+    if base is None or not (base / "sweep.json").exists() or not (base / JOURNAL).exists():
+        return None
+    return base if any(e.study == plan.study for e in extensions(parse([f"study={base}"]), quiet=True)) else None
 
 
 def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:

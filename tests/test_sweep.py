@@ -367,5 +367,8 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
         [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
                   if line.startswith("note:")]
         assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}") and "trainer.lr=3e-2 is the top" in note
+        hi = sweep.parse([f"study={tmp_path / 's_hi'}"])  # an extension's own table leaves the choice to its base
+        text = sweep.table(hi, sweep.open_study(hi, create=False))
+        assert f"(extends {tmp_path / 's'}: its table chooses over both)" in text and "note:" not in text
     finally:
         made.unlink(missing_ok=True)
