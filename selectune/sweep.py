@@ -533,14 +533,15 @@ def extended(plan: SweepPlan) -> Path | None:
 
 
 def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:
-    """Every candidate of this study and of its extensions, each with the study it ran in, its values (the fixed
-    overrides with its grid point on top) and its name by this study's grid keys."""
+    """Every candidate of this study and of its extensions, each with the study it ran in, its run folder, its
+    values (the fixed overrides with its grid point on top) and its name by this study's grid keys."""
     found = []
     for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan, quiet))]:
         for row in rows(opened):
             values = {**fixed_values(each), **row["params"]}
             name = point_name({k: values[k] for k in plan.grid if k in values})
-            found.append({**row, "study": each.study, "values": values, "candidate": name})
+            found.append({**row, "study": each.study, "values": values, "candidate": name,
+                          "run_dir": each.study / "runs" / row["candidate"]})
     return found
 
 

@@ -8,6 +8,8 @@ chosen candidate *is* `selectune train recipe=glue/<task>_<method> trainer.seed=
 never steers training: scoring dev on its stored delta gives that run's numbers, and the table's seed-42 run
 costs one dev pass instead of a whole training run (a third of the table's CPU).
 
+The choice is made over the study and the studies beside it that extend its grid (`<study>_hi`, `_lo`, as
+`selectune sweep write=true` makes it); an extension itself is skipped (its base covers it).
 Checked before a candidate is adopted, else it is skipped with the reason:
   - the study has a chosen candidate whose run folder (with its delta) is still here (runs/ is not committed:
     this runs on the machine that trained the study);
@@ -46,13 +48,16 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     from selectune.tasks.glue import GLUE
 
     plan = sweep.parse([f"study={folder}"])
-    best = sweep.winner(sweep.open_study(plan, create=False))
+    base = sweep.extended(plan)
+    if base is not None:
+        return f"{plan.recipe}: {folder.name} extends {base.name}, whose choice covers both"
+    best = sweep.choose(sweep.candidates_with_extensions(plan, sweep.open_study(plan, create=False), quiet=True))
     if best is None:
         return f"{plan.recipe}: no chosen candidate yet"
     task, _, method = plan.recipe.split("/", 1)[1].partition("_")
     if method == "linear":
         return f"{plan.recipe}: not adopted (the cached probe's batches changed since; its run takes seconds)"
-    run = folder / "runs" / best["candidate"]
+    run = Path(best["run_dir"])
     if not (run / "results.json").exists() or not (run / "delta.safetensors").exists():
         return f"{plan.recipe}: the chosen run {run} is not here"
     results = json.loads((run / "results.json").read_text())
@@ -69,6 +74,11 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
             f"{k} ({trained.get(k)} -> {recipe.get(k)})" for k in differ[:4])
     out = root / method / f"{task}_s42"
     if (out / "results.json").exists():
+        held = json.loads((out / "results.json").read_text()).get("adopted_from", {})
+        chosen = (study_name(Path(best["study"])), best["candidate"])
+        if held and (held.get("study"), held.get("candidate")) != chosen:
+            return (f"{plan.recipe}: {out} holds another candidate ({held.get('study')} {held.get('candidate')}) "
+                    f"than the choice ({chosen[0]} {chosen[1]}): remove it to adopt the choice")
         return f"{plan.recipe}: {out} already holds a finished run"
     if dry_run:
         return f"{plan.recipe}: would adopt {run} as {out}"
@@ -93,12 +103,16 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
         shutil.rmtree(staging)
         return (f"{plan.recipe}: not adopted, its delta scores val {scored['val']} against the run's "
                 f"{results['metrics']['val']}")
-    results["adopted_from"] = {"study": f"results/sweeps/{folder.parent.name}/{folder.name}",
-                               "candidate": best["candidate"],
+    results["adopted_from"] = {"study": study_name(Path(best["study"])), "candidate": best["candidate"],
                                "dev_scored_by": "selectune eval on the stored delta"}
     (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     staging.rename(out)
     return f"{plan.recipe}: adopted {run} as {out} (dev {scored['dev']})"
+
+
+def study_name(folder: Path) -> str:
+    """A study as the repository names it: results/sweeps/<family>/<study>."""
+    return f"results/sweeps/{folder.parent.name}/{folder.name}"
 
 
 def main() -> None:
