@@ -3,9 +3,8 @@
 is run in order, in one fresh folder per document with the tiny GLUE data and the files the README's custom
 text example names. A bash block of plain `selectune ...` lines runs each through run_cli (the worker's
 pre-imported interpreter, as every CLI test); any other bash block runs in bash with `selectune` as this
-Python's `-m selectune`; python blocks run
-in one namespace per document, so a later block uses what an earlier one made. Unmarked blocks (installs,
-torchrun, sweeps, hour-long reproductions) are not run."""
+Python's `-m selectune`; python blocks run in one namespace per document, so a later block uses what an earlier
+one made. Unmarked blocks (installs, torchrun, sweeps, hour-long reproductions) are not run."""
 
 from __future__ import annotations
 
