@@ -397,14 +397,20 @@ def winner(study) -> dict[str, Any] | None:
 def table(plan: SweepPlan, study) -> str:
     """The study as Markdown: one line per candidate, the winner marked, the steps spent."""
     found = rows(study)
-    best = winner(study)
     keys = list(plan.grid)
     lines = [f"sweep of {plan.recipe} ({plan.study}); fixed: {' '.join(plan.fixed) or '—'}; "
              f"chosen on {plan.split_name}, pruner {plan.pruner} after {plan.prune_after} evaluations",
              "", "| " + " | ".join([*keys, "state", "val (best eval)", "evaluations", "steps", "s/step"]) + " |",
              "|" + "---|" * (len(keys) + 5)]
+    base = extended(plan)
+    # the mark: the choice over this study and the studies extending its grid (what write=true writes); in an
+    # extension, its own best
+    every = candidates_with_extensions(plan, study, quiet=True) if base is None else []
+    overall = choose(every)
+    own = winner(study) if base is not None else overall if overall and overall["study"] == plan.study else None
     for row in sorted(found, key=lambda r: [str(r["params"].get(k)) for k in keys]):
-        mark = " **chosen**" if best is not None and row["candidate"] == best["candidate"] else ""
+        mark = " **chosen**" if own is not None and row["candidate"] == own.get("run_candidate", own["candidate"]) \
+            else ""
         score = "—" if row["score"] is None else f"{row['score']:.2f}"
         lines.append("| " + " | ".join([*(str(row["params"].get(k)) for k in keys), row["state"] + mark, score,
                                          str(row["evals"]), f"{row['steps'] or 0:,}",
@@ -414,40 +420,47 @@ def table(plan: SweepPlan, study) -> str:
     lines.append("")
     lines.append(f"{len(found)} of {len(plan.points())} candidates done ({sum(r['state'] == 'pruned' for r in found)}"
                  f" pruned), {spent:,} training steps" + (f"; {left} left" if left else ""))
-    base = extended(plan)
     if base is not None:  # the study it extends reads both and says where to go next
         lines.append(f"(extends {base}: its table chooses over both)")
-    elif best is not None and not left:  # every candidate in: is the winner (over the extensions too) at an end?
-        every = candidates_with_extensions(plan, study, quiet=True)
-        overall = choose(every)
-        if overall is not None:
-            tried = {key: [c["values"][key] for c in every if key in c["values"]] for key in keys}
-            lines += [note for note in (edge_note(plan, key, overall["values"], tried[key]) for key in keys) if note]
+        return "\n".join(lines)
+    if overall is not None and overall["study"] != plan.study:
+        lines.append(f"chosen over this study and its extensions: {overall['candidate']} in {overall['study']} "
+                     f"({overall['score']:.2f})")
+    if overall is not None and not left and not extensions_left(plan):  # all in: is the choice at an end?
+        taken: set[Path] = set()
+        for key in keys:
+            note = edge_note(plan, key, overall["values"], [c["values"][bare(key)] for c in every
+                                                             if bare(key) in c["values"]], taken)
+            lines += [note] if note else []
     return "\n".join(lines)
 
 
-def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str]) -> str:
+def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str], taken: set[Path]) -> str:
     """A line saying the winner's `key` sits at an end of the numeric values tried (this study's grid and the
     studies that extend it), so the best value may lie beyond, and the sweep to run next: one candidate a grid step
-    further, the other keys at the winner's values, the same fixed overrides, in the next free `<study>_hi[N]` or
-    `_lo[N]`; "" where the value is inside or the values are not numbers."""
+    further (the ratio of the last two values; integers stay integers), the other keys at the winner's values, the
+    same fixed overrides, in the next free `<study>_hi[N]` or `_lo[N]` (not one in `taken`, which it joins); "" where
+    the value is inside, or the values are not all positive finite numbers."""
     try:
         values = sorted({float(v) for v in tried})
-        value = float(chosen[key])
+        value = float(chosen[bare(key)])
     except ValueError:
         return ""
-    if len(values) < 2 or values[0] < value < values[-1]:
+    if len(values) < 2 or not all(0 < v < math.inf for v in values) or values[0] < value < values[-1]:
         return ""
     top = value == values[-1]
     beyond = value * (values[-1] / values[-2] if top else values[0] / values[1])  # one grid step further
-    others = [f"{k}={v}" for k, v in chosen.items() if k in plan.grid and k != key]
+    shown = str(round(beyond)) if all(v.is_integer() for v in values) else f"{beyond:.2g}"
+    if float(shown) in values or float(shown) <= 0:
+        return ""  # an integer grid step rounded back onto a value tried, or down to zero
+    others = [f"{k}={chosen[bare(k)]}" for k in plan.grid if k != key]
     stem, n = f"{plan.study}_{'hi' if top else 'lo'}", 1
-    while Path(stem + (str(n) if n > 1 else "")).exists():
+    while (study := Path(stem + (str(n) if n > 1 else ""))).exists() or study in taken:
         n += 1
-    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={beyond:.2g}",
-                        f"study={stem}{n if n > 1 else ''}"])
-    return (f"note: the chosen {key}={chosen[key]} is the {'top' if top else 'bottom'} of the values tried; the best "
-            f"may lie {'above' if top else 'below'} it: {command}")
+    taken.add(study)
+    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={shown}", f"study={study}"])
+    return (f"note: the chosen {key}={chosen[bare(key)]} is the {'top' if top else 'bottom'} of the values tried; "
+            f"the best may lie {'above' if top else 'below'} it: {command}")
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:
@@ -457,6 +470,11 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     from selectune.config import conf_dir
     from selectune.recipes import composed
 
+    base = extended(plan)
+    if base is not None:  # an extension is one search with the study it extends: write from there
+        print(f"sweep: {plan.study} extends {base}: the recipe is written from both")
+        plan = parse([f"study={base}"])
+        study = open_study(plan, create=False)
     found = candidates_with_extensions(plan, study)
     best = choose(found)
     if best is None:
@@ -477,8 +495,9 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
     # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
     # (`+method.head_lr=...` adds a setting the method's yaml leaves unset: in the recipe it is a plain key)
-    chosen = {k: v for k, v in best["values"].items()
-              if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS}
+    chosen = {**{k: v for k, v in fixed_values(plan).items()
+                 if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS},
+              **{bare(k): best["values"][bare(k)] for k in plan.grid}}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
     else:  # evaluated per epoch to prune on val200; the final run scores the 10,000-image test set once
@@ -496,25 +515,33 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     return path
 
 
+def bare(key: str) -> str:
+    """An override's key without Hydra's add/delete prefix (`+method.head_lr` is method.head_lr)."""
+    return key.lstrip("+~")
+
+
 def fixed_values(plan: SweepPlan) -> dict[str, str]:
-    """The fixed overrides as key -> value (`+method.head_lr=x` as method.head_lr)."""
-    return {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in plan.fixed)}
+    """The fixed overrides as bare key -> value."""
+    return {bare(k): v for k, _, v in (o.partition("=") for o in plan.fixed)}
 
 
 def extensions(plan: SweepPlan, quiet: bool = False) -> list[SweepPlan]:
     """The studies beside this one that extend its grid (`<study>_hi`, `<study>_lo`, `<study>_hi2`, ..., as the
-    table's edge note makes them): the same recipe and fixed overrides but for this study's grid keys. A study so
-    named that differs in anything else is not one search with this one: it is named and left out."""
+    table's edge note makes them): the same recipe, split and fixed overrides but for this study's grid keys, each
+    of which it sets (in its grid or fixed). A study so named that differs is not one search with this one: it is
+    named (unless `quiet`) and left out."""
     out = []
-    mine = {k: v for k, v in fixed_values(plan).items() if k not in plan.grid}
+    keys = {bare(k) for k in plan.grid}
+    mine = {k: v for k, v in fixed_values(plan).items() if k not in keys}
     for folder in sorted(plan.study.parent.glob(f"{plan.study.name}_*")):
         if not re.fullmatch(rf"{re.escape(plan.study.name)}_(hi|lo)\d*", folder.name) \
                 or not (folder / JOURNAL).exists() or not (folder / "sweep.json").exists():
             continue
         other = parse([f"study={folder}"])
-        theirs = {k: v for k, v in fixed_values(other).items() if k not in plan.grid}
-        if other.recipe != plan.recipe or theirs != mine or set(other.grid) - set(plan.grid) \
-                or other.validation != plan.validation:
+        theirs = fixed_values(other)
+        sets = {bare(k) for k in other.grid} | set(theirs)
+        if other.recipe != plan.recipe or {k: v for k, v in theirs.items() if k not in keys} != mine \
+                or {bare(k) for k in other.grid} - keys or keys - sets or other.validation != plan.validation:
             if not quiet:
                 print(f"sweep: {folder} is not an extension of {plan.study} (other recipe or settings): left out")
             continue
@@ -532,16 +559,22 @@ def extended(plan: SweepPlan) -> Path | None:
     return base if any(e.study == plan.study for e in extensions(parse([f"study={base}"]), quiet=True)) else None
 
 
+def extensions_left(plan: SweepPlan) -> bool:
+    """Whether an extension of this study still has candidates to finish (its value is tried but not scored)."""
+    return any(len(rows(open_study(e, create=False))) < len(e.points()) for e in extensions(plan, quiet=True))
+
+
 def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:
     """Every candidate of this study and of its extensions, each with the study it ran in, its run folder, its
-    values (the fixed overrides with its grid point on top) and its name by this study's grid keys."""
+    values (the fixed overrides with its grid point on top, bare keys) and its name by this study's grid keys
+    (`run_candidate`: its own)."""
     found = []
     for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan, quiet))]:
         for row in rows(opened):
-            values = {**fixed_values(each), **row["params"]}
-            name = point_name({k: values[k] for k in plan.grid if k in values})
+            values = {**fixed_values(each), **{bare(k): v for k, v in row["params"].items()}}
+            name = point_name({k: values[bare(k)] for k in plan.grid if bare(k) in values})
             found.append({**row, "study": each.study, "values": values, "candidate": name,
-                          "run_dir": each.study / "runs" / row["candidate"]})
+                          "run_candidate": row["candidate"], "run_dir": each.study / "runs" / row["candidate"]})
     return found
 
 

@@ -54,12 +54,14 @@ def plain_calls(body: str, overrides: str, cwd: Path) -> list[list[str]] | None:
     for line in block_lines(body, overrides):
         if not line.strip():
             continue
-        outside = QUOTED.sub("", line).split("#", 1)[0]  # what bash reads unquoted, before a comment
-        quoted = QUOTED.findall(line.split(" #", 1)[0])
-        if re.search(r"[|&;<>()`*?\[\]{}~\\$]", outside) \
+        masked = QUOTED.sub(lambda m: "_" * len(m.group()), line)  # quoted words blanked, positions kept
+        comment = re.search(r"(^|\s)#", masked)  # bash's comment starts a word; a # inside a word is a letter
+        line, masked = (line[:comment.start()], masked[:comment.start()]) if comment else (line, masked)
+        quoted = QUOTED.findall(line)
+        if re.search(r"[#|&;<>()`*?\[\]{}~\\$]", masked) or re.search(r"\$PWD\w", line) \
                 or any("$" in q.replace("$PWD", "") or "`" in q or (q[0] == "'" and "$" in q) for q in quoted):
             return None
-        args = shlex.split(line.replace("$PWD", str(cwd)), comments=True)
+        args = shlex.split(line.replace("$PWD", str(cwd)))
         if not args or args[0] != "selectune":
             return None
         calls.append(args[1:])
@@ -109,7 +111,8 @@ def test_plain_blocks_run_through_the_cli_runner_and_the_rest_through_bash(tmp_p
     body = 'selectune train r \\\n  b=2  # a (note) | here\nselectune cp x "y=[file://$PWD/conf]"'
     assert plain_calls(body, "a=1", tmp_path) == [["train", "r", "b=2", "a=1"], ["cp", "x", f"y=[file://{tmp_path}/conf]"]]
     for shell in ("selectune ls | head", "selectune ls > out", "ls", "selectune ls $HOME", "selectune ls 'x$PWD'",
-                  "selectune ls *.yaml", "selectune ls; ls", "selectune ls && ls", "x=1 selectune ls"):
+                  "selectune ls *.yaml", "selectune ls; ls", "selectune ls && ls", "x=1 selectune ls",
+                  "selectune x a#b c", 'selectune x "$PWDX"'):
         assert plain_calls(shell, "", tmp_path) is None, shell
 
 

@@ -303,7 +303,7 @@ def test_the_schedule_ranking_takes_the_choice_a_cut_schedule_would_make():
 def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
     """scripts/analysis/cpu_time.py: each study's finished and pruned candidates, and the runs outside a study,
     with training and evaluation seconds apart; a run without eval_time_s is counted as not recorded."""
-    sys.path.insert(0, str(REPO / "scripts" / "analysis"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "analysis"))
     from cpu_time import run_part, study_parts, table
 
     monkeypatch.setattr(commands, "train", fake_train([]))
@@ -342,7 +342,25 @@ def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypa
     text = sweep.table(plan, sweep.open_study(plan, create=False))
     notes = [line for line in text.splitlines() if line.startswith("note:")]
     assert notes == ([] if note is None else ["note: " + note.format(study=tmp_path / "study")])
-    assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}, ["x", "1e-2"]) == ""  # not a number
+    assert sweep.edge_note(plan, "trainer.lr", {"trainer.lr": "x"}, ["x", "1e-2"], set()) == ""  # not a number
+
+
+def test_the_edge_note_on_zero_integer_and_two_key_grids(tmp_path):
+    """No note where a ratio means nothing (a zero, a non-finite value); an integer grid steps to an integer; two
+    keys at their ends get two studies, not one name twice."""
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.lr=1e-3,1e-2", "method.r=4,8",
+                        f"study={tmp_path / 's'}"])
+    note = sweep.edge_note
+    assert note(plan, "trainer.lr", {"trainer.lr": "0.1"}, ["0", "0.1"], set()) == ""
+    assert note(plan, "trainer.lr", {"trainer.lr": "1e-2"}, ["nan", "1e-2"], set()) == ""
+    taken: set = set()
+    r = note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "8"}, ["4", "8"], taken)
+    lr = note(plan, "trainer.lr", {"trainer.lr": "1e-2", "method.r": "8"}, ["1e-3", "1e-2"], taken)
+    assert r.endswith(f"trainer.lr=1e-2 method.r=16 study={tmp_path / 's_hi'}")
+    assert lr.endswith(f"method.r=8 trainer.lr=0.1 study={tmp_path / 's_hi2'}")
+    assert note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "2"}, ["2", "3"], set()).endswith(
+        f"method.r=1 study={tmp_path / 's_lo'}")
+    assert note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "1"}, ["1", "2"], set()) == ""  # not r=0
 
 
 def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(tmp_path, monkeypatch, capsys):
@@ -367,8 +385,37 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
         [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
                   if line.startswith("note:")]
         assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}") and "trainer.lr=3e-2 is the top" in note
+        base_table = sweep.table(plan, sweep.open_study(plan, create=False))
+        assert "**chosen**" not in base_table  # the choice is the extension's candidate, named below the rows
+        assert f"chosen over this study and its extensions: lr3e-2 in {tmp_path / 's_hi'} (73.00)" in base_table
         hi = sweep.parse([f"study={tmp_path / 's_hi'}"])  # an extension's own table leaves the choice to its base
         text = sweep.table(hi, sweep.open_study(hi, create=False))
         assert f"(extends {tmp_path / 's'}: its table chooses over both)" in text and "note:" not in text
+        made.unlink()
+        sweep.run(sweep.parse([f"study={tmp_path / 's_hi'}", "write=true"]))  # through the extension: the same
+        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.03
+        assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3" in made.read_text()
+    finally:
+        made.unlink(missing_ok=True)
+
+
+def test_write_keeps_every_grid_key_and_a_lo_extension_that_sets_them(tmp_path, monkeypatch):
+    """write=true writes each grid key of the winner, whatever its section (task.max_train_examples here), as it
+    did before extensions; a `_lo` study that sets every grid key extends the study, one that leaves a grid key
+    to the recipe's default does not (its winner would leave a stale value in the recipe)."""
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    assert not made.exists()
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
+    try:
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-2,1e-1", "task.max_train_examples=40,48",
+                               f"study={tmp_path / 's'}"]))
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-3", "task.max_train_examples=48", f"study={tmp_path / 's_lo'}"]))
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-3", f"study={tmp_path / 's_lo2'}"]))  # leaves one key out
+        plan = sweep.parse([f"study={tmp_path / 's'}"])
+        assert [e.study for e in sweep.extensions(plan, quiet=True)] == [tmp_path / "s_lo"]
+        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+        cfg = compose("train", ["recipe=glue/wnli_lora"])
+        assert cfg.trainer.lr == 0.01 and cfg.task.max_train_examples == 40  # the tie: the fewer steps, then first
     finally:
         made.unlink(missing_ok=True)

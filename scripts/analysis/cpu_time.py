@@ -5,7 +5,8 @@ study journals and run records (nothing is trained).
         [--planned-hours 72]
 
 Each folder is read for studies (`<study>/sweep.json` beside its `study.journal`: every finished or pruned
-candidate) and for runs (`results.json` at any depth, outside a study). Training is `train_time_s` (the steps);
+candidate) and for runs (`results.json` at any depth, outside a study; an adopted candidate is the study's, not
+counted twice). Training is `train_time_s` (the steps);
 evaluation is `eval_time_s`, which runs record since it was added to results.json: older runs are counted as
 not recorded and their number is given. Process start, model loading, tokenising and a cached probe's feature
 pass are in neither. Each run used one thread, so seconds are CPU-seconds of one core.
@@ -67,6 +68,8 @@ def run_part(root: Path, match: str) -> Part | None:
         if match not in path.parent.name or any((p / "sweep.json").exists() for p in path.parents):
             continue
         results = json.loads(path.read_text())
+        if "adopted_from" in results:  # a study's candidate kept as a table's run: its training is the study's
+            continue
         part.add(results.get("steps"), results.get("train_time_s"), results.get("eval_time_s"))
     return part if part.items else None
 
