@@ -2,7 +2,7 @@
 study journals and run records (nothing is trained).
 
     python scripts/analysis/cpu_time.py results/sweeps/vtab results/dinov2_vtab_tuned [--match dtd10] \
-        [--planned-hours 72]
+        [--planned-hours 72] [--write docs/results.md --section cpu_time_vtab --title "..."]
 
 Each folder is read for studies (`<study>/sweep.json` beside its `study.journal`: every finished or pruned
 candidate) and for runs (`results.json` at any depth, outside a study; an adopted candidate is the study's, not
@@ -19,6 +19,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
+from docsection import head_commit, write_section
 
 
 @dataclass
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--match", default="", help="only studies and runs whose folder name contains this")
     parser.add_argument("--planned-hours", type=float, default=None)
+    parser.add_argument("--write", type=Path, default=None, help="a Markdown file to put the table in")
+    parser.add_argument("--section", default="cpu_time", help="its marker: <!-- results:<section> -->")
+    parser.add_argument("--title", default="CPU time", help="the section's heading")
     args = parser.parse_args()
     parts: list[Part] = []
     for root in args.folders:
@@ -106,7 +112,15 @@ def main() -> None:
         parts += [part] if part else []
     if not parts:
         sys.exit(f"cpu_time: no study (sweep.json) or run (results.json) under {', '.join(map(str, args.folders))}")
-    print(table(parts, args.planned_hours))
+    text = table(parts, args.planned_hours)
+    print(text)
+    if args.write:
+        command = " ".join(["python scripts/analysis/cpu_time.py", *map(str, args.folders),
+                            *([f"--match {args.match}"] if args.match else []),
+                            *([f"--planned-hours {args.planned_hours:g}"] if args.planned_hours else [])])
+        write_section(args.write, f"results:{args.section}",
+                      f"### {args.title}\n\nRead at {head_commit()} by `{command}` from the committed journals and run "
+                      f"records.\n\n{text}")
 
 
 if __name__ == "__main__":
