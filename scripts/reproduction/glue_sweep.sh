@@ -12,12 +12,25 @@
 # claimed. With "write", each finished study puts its winner into recipes/glue/<task>_<method>.yaml, with the
 # two cheaper-step settings every candidate ran with (bf16 where the CPU has it, length-grouped batches), so the
 # final runs train as the candidates did.
+#
+# Diff pruning (udiff, sdiff: not in the default list, hours a candidate) searches its penalty instead: lambda at
+# half, one and two times the recipe's (method.l0_weight), at the recipe's lr and schedule (its epochs, not the
+# sweep's 10), pruned from the first evaluation after the projection on (phase 1's scores are of the unprojected
+# diff, and a larger lambda learns more slowly there).
 set -euo pipefail
 methods="${1:-lora bitfit linear ia3 full sara spt_lora adalora}"; tasks="${2:-rte mrpc stsb cola}"; write="${3:-}"
 : "${SELECTUNE_DATA:?set SELECTUNE_DATA to the folder holding glue/<TASK>/train.tsv}"
+setting() {  # setting <recipe> <section> <key>: the composed recipe's value
+  selectune cat "$1" | awk -v s="$2:" -v k="$3:" '$0 == s {in_s = 1; next} /^[a-z]/ {in_s = 0} in_s && $1 == k {print $2; exit}'
+}
 for task in $tasks; do
   for method in $methods; do
-    study="results/sweeps/glue/${task}_${method}"
-    selectune sweep "glue/${task}_${method}" trainer.precision=auto trainer.group_by_length=true "study=$study" ${write:+write=true}
+    recipe="glue/${task}_${method}"; study="results/sweeps/glue/${task}_${method}"; search=()
+    if [[ "$method" == udiff || "$method" == sdiff ]]; then
+      lambda=$(setting "$recipe" method l0_weight)
+      search=("method.l0_weight=$(python -c "import sys; l = float(sys.argv[1]); print(f'{l / 2:g},{l:g},{2 * l:g}')" "$lambda")"
+              "trainer.epochs=$(setting "$recipe" trainer epochs)" "prune_after=$(( $(setting "$recipe" method phase1_epochs) + 1 ))")
+    fi
+    selectune sweep "$recipe" trainer.precision=auto trainer.group_by_length=true "${search[@]}" "study=$study" ${write:+write=true}
   done
 done
