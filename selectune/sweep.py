@@ -4,6 +4,7 @@
     selectune sweep glue/rte_lora trainer.lr=2e-4,5e-4,1e-3 trainer.epochs=10 study=sweeps/rte_lora
     selectune sweep glue/rte_lora study=sweeps/rte_lora write=true   # the winner into recipes/glue/rte_lora.yaml
     selectune sweep study=sweeps/rte_lora table=true                 # the study so far, nothing run
+    selectune sweep study=sweeps/rte_lora extend=2 write=true        # up to 2 values beyond an end of the grid
 
 The search is a grid over the overrides given as comma lists (`trainer.lr=a,b,c`, `method.l0_weight=x,y`);
 every other override applies to each candidate. A text or causal-LM candidate trains with `task.validation`
@@ -15,7 +16,8 @@ decoder recipes keep their own schedule. A candidate whose best score so far is 
 earlier candidates' at the same evaluation stops there (`pruner=median`, from the evaluation `prune_after`
 on; `pruner=none` runs every candidate to its end). A winner at an end of a numeric grid is named in the table,
 with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study);
-`write=true` then chooses over the study and those extensions together.
+`write=true` then chooses over the study and those extensions together; `extend=N` runs them itself, one at a
+time while the choice sits at an end, N at most.
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -47,7 +49,7 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "lora": [2e-4, 5e-4, 1e-3], "ia3": [3e-3, 1e-2, 3e-2], "adalora": [5e-4, 1e-3, 2e-3],
     "spt_lora": [2e-4, 5e-4, 1e-3], "spt_adapter": [2e-4, 5e-4, 1e-3], "sara": [5e-4, 2e-3, 5e-3]}
 DEFAULT_EPOCHS = {"full": 5}  # others: 10
-OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan")
+OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan", "extend")
 SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "task.protocol", "trainer.select",
                 "trainer.resume")
 JOURNAL = "study.journal"
@@ -64,6 +66,7 @@ class SweepPlan:
     study: Path
     pruner: str = "median"
     prune_after: int = 2  # evaluations before any pruning
+    extend: int = 0  # extension studies to run while the choice sits at an end of the values tried
     validation: float = 0.1
     write: bool = False
     table_only: bool = False
@@ -148,10 +151,11 @@ def parse(args: list[str]) -> SweepPlan:
     plan.pruner = options.get("pruner", plan.pruner)
     if plan.pruner not in ("median", "none"):
         raise SelectuneError(f"sweep: pruner={plan.pruner}: use median or none")
-    for key in ("prune_after",):
+    for key in ("prune_after", "extend"):
         if key in options:
             if not options[key].isdigit():
-                raise SelectuneError(f"sweep: {key}={options[key]}: give a number of evaluations")
+                what = "evaluations" if key == "prune_after" else "extension studies"
+                raise SelectuneError(f"sweep: {key}={options[key]}: give a number of {what}")
             setattr(plan, key, int(options[key]))
     if "validation" in options:
         try:
@@ -293,14 +297,25 @@ def run(plan: SweepPlan) -> None:
     for point in plan.points():  # every value checked before anything is written or run
         RunSpec.from_config(compose("train", candidate_overrides(plan, point, plan.study / "runs" / "check")))
     study = open_study(plan, create=True)
-    for point in plan.points():
-        name = point_name(point)
-        if name in claims(study):
-            continue
-        run_candidate(plan, study, point)
+    run_candidates(plan, study)
+    for _ in range(plan.extend):  # while the choice sits at an end: one value beyond it, in its own study
+        beyond = next_extension(plan, study)
+        if beyond is None:
+            break
+        print(f"sweep: the choice sits at an end of the values tried; extending in {beyond.study}: "
+              f"{' '.join(o for o in beyond.fixed if o not in plan.fixed)}", flush=True)
+        run_candidates(beyond, open_study(beyond, create=True))
     print(table(plan, study))
     if plan.write:
         print(f"wrote {write_recipe(plan, study)}")
+
+
+def run_candidates(plan: SweepPlan, study) -> None:
+    """Train every candidate of the study that no process has finished or claimed."""
+    for point in plan.points():
+        if point_name(point) in claims(study):
+            continue
+        run_candidate(plan, study, point)
 
 
 def candidate_overrides(plan: SweepPlan, point: dict[str, str], out: Path) -> list[str]:
@@ -435,32 +450,59 @@ def table(plan: SweepPlan, study) -> str:
     return "\n".join(lines)
 
 
-def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str], taken: set[Path]) -> str:
-    """A line saying the winner's `key` sits at an end of the numeric values tried (this study's grid and the
-    studies that extend it), so the best value may lie beyond, and the sweep to run next: one candidate a grid step
-    further (the ratio of the last two values; integers stay integers), the other keys at the winner's values, the
-    same fixed overrides, in the next free `<study>_hi[N]` or `_lo[N]` (not one in `taken`, which it joins); "" where
-    the value is inside, or the values are not all positive finite numbers."""
+def edge_step(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str],
+              taken: set[Path]) -> tuple[list[str], Path, bool] | None:
+    """Where to look next when the winner's `key` sits at an end of the numeric values tried (this study's grid
+    and the studies that extend it): the overrides of one candidate a grid step further (the ratio of the last two
+    values; integers stay integers), the other grid keys at the winner's values, in the next free
+    `<study>_hi[N]` or `_lo[N]` (not one in `taken`, which it joins), and whether it is above. None where the value
+    is inside, or the values are not all positive finite numbers."""
     try:
         values = sorted({float(v) for v in tried})
         value = float(chosen[bare(key)])
     except ValueError:
-        return ""
+        return None
     if len(values) < 2 or not all(0 < v < math.inf for v in values) or values[0] < value < values[-1]:
-        return ""
+        return None
     top = value == values[-1]
     beyond = value * (values[-1] / values[-2] if top else values[0] / values[1])  # one grid step further
     shown = str(round(beyond)) if all(v.is_integer() for v in values) else f"{beyond:.2g}"
     if float(shown) in values or float(shown) <= 0:
-        return ""  # an integer grid step rounded back onto a value tried, or down to zero
-    others = [f"{k}={chosen[bare(k)]}" for k in plan.grid if k != key]
+        return None  # an integer grid step rounded back onto a value tried, or down to zero
     stem, n = f"{plan.study}_{'hi' if top else 'lo'}", 1
     while (study := Path(stem + (str(n) if n > 1 else ""))).exists() or study in taken:
         n += 1
     taken.add(study)
-    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *others, f"{key}={shown}", f"study={study}"])
+    return [*(f"{k}={chosen[bare(k)]}" for k in plan.grid if k != key), f"{key}={shown}"], study, top
+
+
+def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str], taken: set[Path]) -> str:
+    """The table's line for edge_step: the winner's end and the sweep command to run next; "" where none."""
+    step = edge_step(plan, key, chosen, tried, taken)
+    if step is None:
+        return ""
+    overrides, study, top = step
+    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *overrides, f"study={study}"])
     return (f"note: the chosen {key}={chosen[bare(key)]} is the {'top' if top else 'bottom'} of the values tried; "
-            f"the best may lie {'above' if top else 'below'} it: {command}")
+            f"the best may lie {'above' if top else 'below'} it: {command}  (or extend=1)")
+
+
+def next_extension(plan: SweepPlan, study) -> SweepPlan | None:
+    """The extension study the table's note names (the first grid key at an end), as a plan to run; None where
+    the choice is inside the values tried, or candidates are left."""
+    every = candidates_with_extensions(plan, study, quiet=True)
+    overall = choose(every)
+    if overall is None or len(rows(study)) < len(plan.points()) or extensions_left(plan):
+        return None
+    for key in plan.grid:
+        step = edge_step(plan, key, overall["values"], [c["values"][bare(key)] for c in every
+                                                         if bare(key) in c["values"]], set())
+        if step is not None:
+            overrides, path, _ = step
+            split = [f"validation={plan.validation:g}"] if plan.family != "vtab" else []  # vtab: its own val200
+            return parse([plan.recipe, *plan.fixed, *overrides, f"study={path}", f"pruner={plan.pruner}",
+                          f"prune_after={plan.prune_after}", *split])
+    return None
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:

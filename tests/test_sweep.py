@@ -143,6 +143,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["glue/rte_lora", "task.validation=0.2"], "the sweep sets task.validation"),
     (["glue/rte_lora", "trainer.lr=1e-3,1e-3"], "repeats or leaves out a value"),
     (["glue/rte_lora", "pruner=hyperband"], "pruner=hyperband: use median or none"),
+    (["glue/rte_lora", "extend=two"], "extend=two: give a number of extension studies"),
     (["glue/rte_lora", "trainer.lr=1e-3,abc"], "trainer.lr"),
     (["glue/rte_lora", "trainer.learning_rate=1e-3,1e-2"], "unknown"),
 ])
@@ -328,9 +329,11 @@ def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("grid, note", [
     ("1e-3,1e-2", "the chosen trainer.lr=1e-2 is the top of the values tried; the best may lie above it: "
-                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 study={study}_hi"),
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 study={study}_hi"
+                  "  (or extend=1)"),
     ("1e-2,1e-1", "the chosen trainer.lr=1e-2 is the bottom of the values tried; the best may lie below it: "
-                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 study={study}_lo"),
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 study={study}_lo"
+                  "  (or extend=1)"),
     ("1e-3,1e-2,1e-1", None)])
 def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypatch, grid, note):
     """Once every candidate is in, a winner at the top (bottom) of a numeric grid gets a note and the sweep of
@@ -356,10 +359,10 @@ def test_the_edge_note_on_zero_integer_and_two_key_grids(tmp_path):
     taken: set = set()
     r = note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "8"}, ["4", "8"], taken)
     lr = note(plan, "trainer.lr", {"trainer.lr": "1e-2", "method.r": "8"}, ["1e-3", "1e-2"], taken)
-    assert r.endswith(f"trainer.lr=1e-2 method.r=16 study={tmp_path / 's_hi'}")
-    assert lr.endswith(f"method.r=8 trainer.lr=0.1 study={tmp_path / 's_hi2'}")
+    assert r.endswith(f"trainer.lr=1e-2 method.r=16 study={tmp_path / 's_hi'}  (or extend=1)")
+    assert lr.endswith(f"method.r=8 trainer.lr=0.1 study={tmp_path / 's_hi2'}  (or extend=1)")
     assert note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "2"}, ["2", "3"], set()).endswith(
-        f"method.r=1 study={tmp_path / 's_lo'}")
+        f"method.r=1 study={tmp_path / 's_lo'}  (or extend=1)")
     assert note(plan, "method.r", {"trainer.lr": "1e-2", "method.r": "1"}, ["1", "2"], set()) == ""  # not r=0
 
 
@@ -384,7 +387,8 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
         plan = sweep.parse([f"study={tmp_path / 's'}"])
         [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
                   if line.startswith("note:")]
-        assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}") and "trainer.lr=3e-2 is the top" in note
+        assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}  (or extend=1)")
+        assert "trainer.lr=3e-2 is the top" in note
         base_table = sweep.table(plan, sweep.open_study(plan, create=False))
         assert "**chosen**" not in base_table  # the choice is the extension's candidate, named below the rows
         assert f"chosen over this study and its extensions: lr3e-2 in {tmp_path / 's_hi'} (73.00)" in base_table
@@ -419,3 +423,23 @@ def test_write_keeps_every_grid_key_and_a_lo_extension_that_sets_them(tmp_path, 
         assert cfg.trainer.lr == 0.01 and cfg.task.max_train_examples == 40  # the tie: the fewer steps, then first
     finally:
         made.unlink(missing_ok=True)
+
+
+def test_extend_runs_the_extensions_while_the_choice_sits_at_an_end(tmp_path, monkeypatch):
+    """extend=N: after the grid, one value beyond the winner in its own study, again while the winner (over all)
+    sits at an end, N times at most; the base's table then chooses over all of them."""
+    calls: list[str] = []
+    monkeypatch.setattr(commands, "train", fake_train(calls))
+    monkeypatch.setitem(CURVES, "1", [70.0, 72.0, 74.0, 75.0])  # better again above 1e-1
+    monkeypatch.setitem(CURVES, "0.1", [64.0, 70.0, 72.0, 72.5])  # better than 1e-2's 71
+    monkeypatch.setitem(CURVES, "10", [50.0, 50.0, 50.0, 50.0])  # too far
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.lr=1e-3,1e-2", "trainer.epochs=4",
+                        "pruner=none", "extend=1", f"study={tmp_path / 's'}"])
+    sweep.run(plan)
+    assert calls == ["0.001", "0.01", "0.1"]  # one extension: 1e-1 won it, so the next would be 1
+    sweep.run(sweep.parse([f"study={tmp_path / 's'}", "extend=3"]))  # the same study again, more steps allowed
+    assert calls == ["0.001", "0.01", "0.1", "1", "10"]  # 1 won, so 10; 10 lost: 1 is inside, it stops
+    assert [e.study.name for e in sweep.extensions(plan, quiet=True)] == ["s_hi", "s_hi2", "s_hi3"]
+    text = sweep.table(plan, sweep.open_study(plan, create=False))
+    assert f"chosen over this study and its extensions: lr1 in {tmp_path / 's_hi2'} (75.00)" in text
+    assert "note:" not in text
