@@ -288,6 +288,18 @@ def _glue_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[
     return cells
 
 
+def _image_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(method label, image task) -> [(seed, accuracy on the run's split)]: the final protocol's test split, or
+    val200 for select runs (a task's runs on both are not compared: the split is part of the column)."""
+    cells: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for run, variant in zip(runs, variants(runs, across_tasks=True), strict=True):
+        split = next(iter(run["metrics"]), None)
+        if run.get("family") == "vtab" and split and "accuracy" in run["metrics"][split]:
+            label = f"{run['method']} ({variant})" if variant else run["method"]
+            cells[(label, f"{run['task']} ({split})")].append((run["seed"], run["metrics"][split]["accuracy"]))
+    return cells
+
+
 def _glue_tasks(cells: dict[tuple[str, str], Any]) -> list[str]:
     """The GLUE tasks the cells hold, in GLUE's order (the papers' column order)."""
     return [t for t in GLUE if any(task == t for _, task in cells)]
@@ -338,16 +350,19 @@ def _pair_label(name: str, labels: set[str]) -> str:
     if matches:
         raise SelectuneError(f"report: pair label {name!r} fits {len(matches)} labels; give one whole: "
                              f"{', '.join(repr(m) for m in matches)}")
-    raise SelectuneError(f"report: no GLUE run is labelled {name!r} (labels: {', '.join(sorted(labels))})")
+    raise SelectuneError(f"report: no run is labelled {name!r} (labels: {', '.join(sorted(labels))})")
 
 
 def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
-    """Method A − method B per GLUE task on the seeds both have, so a difference is never one of seed
-    luck: mean ± sample std of the per-seed differences, the seeds, and on how many A ≥ B; the average
-    over the tasks only where every task of the table has a common seed. Labels as in `glue_matrix`."""
-    cells = _glue_cells(runs)
-    tasks = _glue_tasks(cells)
-    lines = _glue_header("A − B", tasks)
+    """Method A − method B per task (GLUE: the primary dev metric; images: accuracy on the run's split) on the
+    seeds both have, so a difference is never one of seed luck: mean ± sample std of the per-seed differences,
+    the seeds, and on how many A ≥ B; the average over the tasks only where every task of the table has a
+    common seed. Labels as in `glue_matrix`."""
+    glue, image = _glue_cells(runs), _image_cells(runs)
+    cells = {**glue, **image}
+    tasks = _glue_tasks(glue) + sorted({task for _, task in image})
+    lines = ["| A − B | " + " | ".join(f"{t} ({GLUE[t].primary})" if t in GLUE else t for t in tasks)
+             + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
     labels = {label for label, _ in cells}
     for a, b in pairs:
         a, b = (_pair_label(label, labels) for label in (a, b))

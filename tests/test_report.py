@@ -7,14 +7,15 @@ import json
 from conftest import run_cli
 
 
-def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None):
+def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
         trainer = {**config.get("trainer", {}), "seed": seed}
         (folder / "config.yaml").write_text(json.dumps({**config, "trainer": trainer, "out_dir": str(folder)}))
-    result = {"task": task, "method": method, "seed": seed, "metrics": {"dev": metrics}, "selection": "last",
+    result = {"task": task, "method": method, "seed": seed, "metrics": {split: metrics}, "selection": "last",
               "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
-              "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10}
+              "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10,
+              **({"family": family} if family else {})}
     (folder / "results.json").write_text(json.dumps(result))
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -122,7 +123,7 @@ def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fail
         in lines
 
     result = run_cli("report", str(runs), f"out={tmp_path / 'bad'}", "pair=sdiff:lora", cwd=tmp_path)
-    assert result.returncode != 0 and "no GLUE run is labelled 'lora'" in result.stderr
+    assert result.returncode != 0 and "no run is labelled 'lora'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
     result = run_cli("report", str(runs), "pair=sdiff", cwd=tmp_path)
     assert result.returncode != 0 and "pair= takes two method labels" in result.stderr
@@ -144,3 +145,17 @@ def test_a_kept_runs_compressed_curve_reads_as_the_plain_one(tmp_path):
         handle.write("\n".join(lines) + "\n")
     assert metrics_file(kept).name == "metrics.jsonl.gz" and metrics_file(tmp_path) is None
     assert read_losses(metrics_file(plain)) == read_losses(metrics_file(kept)) == [(1, 0.7), (3, 0.5)]
+
+
+def test_pair_compares_image_methods_on_their_test_split(tmp_path):
+    """Images pair like GLUE: accuracy on the run's split (the final protocol's test), per task, common seeds."""
+    runs = tmp_path / "runs"
+    for seed, (a, b) in ((42, (75.0, 74.0)), (43, (76.0, 77.0)), (44, (78.0, 75.0))):
+        fake_run(runs / f"a{seed}", "dtd10", "spt_lora", seed, {"accuracy": a}, 5000, split="test", family="vtab")
+        fake_run(runs / f"b{seed}", "dtd10", "lora", seed, {"accuracy": b}, 5000, split="test", family="vtab")
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", "pair=spt_lora:lora", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    # differences +1, -1, +3: mean 1, sample std 2
+    assert "| spt_lora − lora | +1.00 ± 2.00 (seeds 42,43,44; A ≥ B on 2/3) | +1.00 |" in lines
+    assert "| A − B | dtd10 (test) | average |" in lines

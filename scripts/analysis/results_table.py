@@ -85,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SelectuneError as err:  # a wrong --pair label, an unreadable folder: one line, nothing written
+        sys.exit(f"results_table: {err}")
