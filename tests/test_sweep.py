@@ -443,3 +443,13 @@ def test_extend_runs_the_extensions_while_the_choice_sits_at_an_end(tmp_path, mo
     text = sweep.table(plan, sweep.open_study(plan, create=False))
     assert f"chosen over this study and its extensions: lr1 in {tmp_path / 's_hi2'} (75.00)" in text
     assert "note:" not in text
+
+
+def test_patience_check_stops_as_the_trainer_does():
+    """scripts/analysis/patience_check.py: a run stops once `patience` evaluations in a row beat no best (a tie is
+    no new best), as trainer.patience does."""
+    sys.path.insert(0, str(REPO / "scripts" / "analysis"))
+    from patience_check import stop_after
+
+    assert stop_after([1.0, 2.0, 2.0, 1.0, 3.0], 2) == 4  # 2.0 ties, 1.0 below: two without a new best
+    assert stop_after([1.0, 2.0, 3.0], 2) == 3 and stop_after([5.0, 1.0, 1.0, 9.0], 3) == 4
