@@ -453,3 +453,17 @@ def test_patience_check_stops_as_the_trainer_does():
 
     assert stop_after([1.0, 2.0, 2.0, 1.0, 3.0], 2) == 4  # 2.0 ties, 1.0 below: two without a new best
     assert stop_after([1.0, 2.0, 3.0], 2) == 3 and stop_after([5.0, 1.0, 1.0, 9.0], 3) == 4
+
+
+def test_extensions_are_found_from_a_relative_study_path(tmp_path, monkeypatch):
+    """The note's study name, the extension search and the base of an extension hold for `study=s` typed from the
+    folder it lives in, as for an absolute path."""
+    calls: list[str] = []
+    monkeypatch.setattr(commands, "train", fake_train(calls))
+    monkeypatch.chdir(tmp_path)
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", "trainer.lr=1e-3,1e-2", "trainer.epochs=4",
+                        "pruner=none", "extend=1", "study=s"])
+    sweep.run(plan)
+    assert calls == ["0.001", "0.01", "0.1"] and (tmp_path / "s_hi" / "study.journal").is_file()
+    assert [e.study for e in sweep.extensions(plan, quiet=True)] == [Path("s_hi")]
+    assert sweep.extended(sweep.parse(["study=s_hi"])) == Path("s")
