@@ -241,8 +241,23 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "step_time_s": statistics.mean(m["step_time_s"] for m in members),
                      "phase_step_time_s": _phase_times(members),
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
+                     "top_label_share": _top_label_share(members, split),
                      "runs": [m["run_dir"] for m in members]})
     return rows
+
+
+def _top_label_share(members: list[dict[str, Any]], split: str) -> tuple[float, int] | None:
+    """The share of the split's rows predicted as the most-predicted label (the mean over the runs that recorded
+    their predictions, and how many did): near 100% is a head collapsed to one class. None where no run did
+    (regression, or runs from before results.json kept `predictions`)."""
+    shares = []
+    for member in members:
+        counts = member.get("predictions")
+        counts = counts.get(split) if isinstance(counts, dict) else None  # a hand-edited file: checked, not trusted
+        if isinstance(counts, dict) and counts and all(type(n) is int and n >= 0 for n in counts.values()) \
+                and sum(counts.values()) > 0:
+            shares.append(max(counts.values()) / sum(counts.values()))
+    return (statistics.mean(shares), len(shares)) if shares else None
 
 
 def _phase_times(members: list[dict[str, Any]]) -> dict[str, float]:
@@ -265,7 +280,7 @@ def _phases_shown(row: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | method | primary metric | all metrics (split) | seeds | stored params | % of backbone | "
-             "delta on disk | s/step | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "delta on disk | s/step | peak memory | top label share |", "|---" * 11 + "|"]
     for r in rows:
         primary = r["metrics"].get(r["primary"])
         shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
@@ -273,8 +288,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
-                     f"{r['peak_memory_mb'] / 1024:.2f} GiB |")
+                     f"{r['peak_memory_mb'] / 1024:.2f} GiB | "
+                     f"{_share_shown(r.get('top_label_share'), len(r['seeds']))} |")
     return "\n".join(lines)
+
+
+def _share_shown(share: tuple[float, int] | None, seeds: int) -> str:
+    """`55%`, or `55% (2 of 3 runs)` where only some recorded predictions; `—` where none did."""
+    if share is None:
+        return "—"
+    value, runs = share
+    return f"{100 * value:.0f}%" + (f" ({runs} of {seeds} runs)" if runs < seeds else "")
 
 
 def _glue_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:

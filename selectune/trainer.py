@@ -571,14 +571,18 @@ class Trainer:
         t0 = time.perf_counter()
         metrics, run.outputs = self._evaluate()
         run.eval_time += time.perf_counter() - t0
-        run.evals.append({"step": run.step, "metrics": metrics})
+        record: dict[str, Any] = {"step": run.step, "metrics": metrics}
+        counts = {split: self.task.prediction_counts(values) for split, values in run.outputs.items()}
+        if counts and all(c is not None for c in counts.values()):  # rows per predicted label: a collapse shows
+            record["predictions"] = counts
+        run.evals.append(record)
         self._write_jsonl({"step": run.step, "eval": metrics})
         if self.ctx.main:
             progress.console.print(f"step {run.step}: " + format_metrics(metrics))
             log.info("step %d: %s", run.step, format_metrics(metrics))
         improved = run.best is None or self._primary(metrics) > self._primary(run.best["metrics"])
         if self.cfg.select == "best" and self.method.storable and improved:
-            run.best = {"step": run.step, "metrics": metrics}
+            run.best = dict(record)
             if self.ctx.main:
                 run.delta_bytes = self.save_delta(self.run_dir / "delta.safetensors")
                 save_outputs(self.run_dir, run.outputs)
@@ -610,6 +614,7 @@ class Trainer:
         distributed = {"world": self.ctx.world, "in_sync": self.ctx.in_sync(self.model)} if self.ctx.active else None
         return {"selection": cfg.select, "selected_on": self.task.select_split, "primary": self.task.spec.primary,
                 "selected_step": chosen["step"], "metrics": chosen["metrics"],
+                "predictions": chosen.get("predictions"),
                 "final": run.evals[-1], "evals": run.evals, "steps": run.step, "delta_bytes": run.delta_bytes,
                 "train_time_s": round(run.train_time, 2), "step_time_s": round(run.train_time / max(run.step, 1), 4),
                 "eval_time_s": round(run.eval_time, 2), "stopped_early": run.stopped_early,

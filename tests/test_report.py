@@ -7,7 +7,8 @@ import json
 from conftest import run_cli
 
 
-def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None):
+def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None,
+             predictions=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
         trainer = {**config.get("trainer", {}), "seed": seed}
@@ -15,7 +16,8 @@ def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, conf
     result = {"task": task, "method": method, "seed": seed, "metrics": {split: metrics}, "selection": "last",
               "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10,
-              **({"family": family} if family else {})}
+              **({"family": family} if family else {}),
+              **({"predictions": {split: predictions}} if predictions else {})}
     (folder / "results.json").write_text(json.dumps(result))
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -159,3 +161,19 @@ def test_pair_compares_image_methods_on_their_test_split(tmp_path):
     # differences +1, -1, +3: mean 1, sample std 2
     assert "| spt_lora − lora | +1.00 ± 2.00 (seeds 42,43,44; A ≥ B on 2/3) | +1.00 |" in lines
     assert "| A − B | dtd10 (test) | average |" in lines
+
+
+def test_the_top_label_share_shows_a_collapse(tmp_path):
+    """The share of rows predicted as the most-predicted label, averaged over the runs that recorded it: 100% is a
+    head that answers one class; runs from before `predictions` was kept count as not recorded."""
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", "rte", "lora", 1, {"accuracy": 52.7}, 5000, predictions={"entailment": 277, "not": 0})
+    fake_run(runs / "b", "rte", "lora", 2, {"accuracy": 55.0}, 5000, predictions={"entailment": 150, "not": 127})
+    fake_run(runs / "c", "rte", "lora", 3, {"accuracy": 54.0}, 5000)  # before predictions were kept
+    fake_run(runs / "d", "stsb", "lora", 1, {"pearson": 85.0, "spearman": 84.0}, 5000)  # regression: none
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    rte = next(line for line in lines if line.startswith("| rte | lora |"))
+    assert rte.endswith("| 77% (2 of 3 runs) |")  # (277/277 + 150/277) / 2 = 0.77
+    assert next(line for line in lines if line.startswith("| stsb | lora |")).endswith("| — |")

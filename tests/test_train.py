@@ -24,6 +24,11 @@ def test_train_writes_results_delta_and_metrics(data_env, tmp_path):
     assert set(saved["metrics"]["dev"]) == {"f1", "accuracy"}
     assert saved["budget"]["stored"] == TaskDelta.load(run).stored == results["budget"]["stored"]
     assert saved["delta_bytes"] == (run / "delta.safetensors").stat().st_size
+    import numpy as np  # rows per predicted label of the kept evaluation: the collapse check, by label name
+
+    predicted = saved["predictions"]["dev"]
+    assert len(predicted) == 2 and all(type(n) is int for n in predicted.values())
+    assert sum(predicted.values()) == len(np.load(run / "outputs_dev.npy"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" in r] == [6, 12]
     logged = [r for r in records if "loss" in r]

@@ -92,9 +92,12 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     config.out_dir = str(out)
     OmegaConf.save(config, staging / "config.yaml")
     # the run's own eval batch size: the same batches its evaluations scored
-    scored = evaluate_delta(str(staging), None, int(config.trainer.eval_batch_size), "cpu")["metrics"]
+    evaluated = evaluate_delta(str(staging), None, int(config.trainer.eval_batch_size), "cpu")
+    scored = evaluated["metrics"]
     (staging / f"eval_{task}.json").unlink(missing_ok=True)  # its numbers go into results.json below
     results["metrics"] = {"dev": scored["dev"], "val": results["metrics"]["val"]}
+    if "predictions" in evaluated:  # rows per predicted label, as a recipe run records them
+        results["predictions"] = {split: evaluated["predictions"][split] for split in ("dev", "val")}
     primary = GLUE[task].primary
     # the delta is the run's: its val score equals the run's. To 1e-4 points, not exactly: the run scored its
     # unmerged form (LoRA's x·A·B beside x·W), the delta is merged into W, and a Pearson moves in the 6th digit
