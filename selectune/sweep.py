@@ -29,6 +29,7 @@ rest. Two sweeps may share a study (one per core): each takes candidates the oth
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def parse(args: list[str]) -> SweepPlan:
         if len(set(values)) != len(values) or any(v == "" for v in values):
             raise SelectuneError(f"sweep: {key}={','.join(values)} repeats or leaves out a value")
     plan = SweepPlan(recipe, grid, fixed, Path(study_text or f"sweeps/{recipe}"))
-    plan.family = recipe_family(recipe, fixed)
+    plan.family = recipe_family(recipe, tuple(fixed))
     # the method a recipe name ends with, the longest match (`rte_spt_lora` is spt_lora, not lora)
     method = max((m for m in DEFAULT_LRS if recipe.endswith(f"_{m}")), key=len, default=recipe.rsplit("_", 1)[-1])
     if not any(k == "trainer.lr" for k in grid) and not any(o.startswith("trainer.lr=") for o in fixed):
@@ -171,8 +172,10 @@ def parse(args: list[str]) -> SweepPlan:
     return plan
 
 
-def recipe_family(recipe: str, fixed: list[str]) -> str:
-    """The task family the recipe (with the fixed overrides) trains on."""
+@functools.lru_cache(maxsize=64)
+def recipe_family(recipe: str, fixed: tuple[str, ...]) -> str:
+    """The task family the recipe (with the fixed overrides) trains on. Cached: reading a study and the studies
+    beside it parses each several times, and one composition costs a fraction of a second."""
     from selectune.config import compose
 
     return str(compose("train", [f"recipe={recipe}", *map(added_or_set, fixed)]).task.family)
