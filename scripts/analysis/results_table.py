@@ -75,8 +75,9 @@ def main() -> None:
             f"{markdown(rows)}\n\n"
             + (f"Per method, the primary dev metric of each task (seeds in brackets) and the average over the "
                f"tasks (only where a method has them all):\n\n{matrix}\n\n" if matrix else "")
-            + (f"Paired on the seeds both methods have (A − B of the primary dev metric: mean ± sample std "
-               f"of the per-seed differences; the average over the tasks only where every task has a pair):"
+            + (f"Paired on the seeds both methods have (A − B of the primary metric on the runs' split, GLUE dev: "
+               f"mean ± sample std of the per-seed differences; the average over the tasks only where every task "
+               f"has a pair):"
                f"\n\n{differences}\n\n" if differences else "")
             + (f"Both VTAB averages over the image tasks present:\n\n{vtab_averages(rows)}\n\n"
                                         if vtab_averages(rows) else "") + f"![{section}]({image})")
