@@ -85,8 +85,9 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     staging = out.with_name(out.name + ".adopting")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in ("delta.safetensors", "metrics.jsonl"):
-        shutil.copy2(run / name, staging / name)
+    for name in ("delta.safetensors", "metrics.jsonl", "adalora_ranks.json"):  # the last: AdaLoRA's final ranks
+        if (run / name).exists():
+            shutil.copy2(run / name, staging / name)
     config = OmegaConf.load(run / "config.yaml")
     config.task.score_dev = True
     config.out_dir = str(out)
