@@ -330,8 +330,9 @@ def _glue_tasks(cells: dict[tuple[str, str], Any]) -> list[str]:
 
 
 def _glue_header(first: str, tasks: list[str]) -> list[str]:
-    return ["| " + first + " | " + " | ".join(f"{t} ({GLUE[t].primary})" for t in tasks) + " | average |",
-            "|---|" + "---|" * (len(tasks) + 1)]
+    """A matrix's header: a GLUE task with its primary metric, an image column (`task (split)`) as it is."""
+    return ["| " + first + " | " + " | ".join(f"{t} ({GLUE[t].primary})" if t in GLUE else t for t in tasks)
+            + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
 
 
 def glue_matrix(runs: list[dict[str, Any]]) -> str:
@@ -385,8 +386,7 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     glue, image = _glue_cells(runs), _image_cells(runs)
     cells = {**glue, **image}
     tasks = _glue_tasks(glue) + sorted({task for _, task in image})
-    lines = ["| A − B | " + " | ".join(f"{t} ({GLUE[t].primary})" if t in GLUE else t for t in tasks)
-             + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    lines = _glue_header("A − B", tasks)
     labels = {label for label, _ in cells}
     for a, b in pairs:
         a, b = (_pair_label(label, labels) for label in (a, b))
