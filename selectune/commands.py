@@ -264,7 +264,7 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     delta on another task than its own is refused unless `force`: its head was trained for the other task's
     labels, and the score would be silently meaningless."""
     from selectune.delta.taskdelta import TaskDelta
-    from selectune.evaluation import evaluate
+    from selectune.evaluation import evaluate, prediction_counts
 
     path = Path(run)
     delta = TaskDelta.load(path)
@@ -297,9 +297,9 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
     examples = {name: len(split) for name, split in splits.items()}
     result = {"run": str(path), "task": task.name, "trained_on": trained_on, "method": delta.meta["method"],
               "examples": examples, "max_eval_examples": max_examples, "metrics": metrics}
-    counts = {name: task.prediction_counts(values) for name, values in outputs.items()}
-    if all(c is not None for c in counts.values()):
-        result["predictions"] = counts  # per split, rows predicted per label: a collapsed head shows here
+    predictions = prediction_counts(task, outputs)
+    if predictions is not None:
+        result["predictions"] = predictions  # per split, rows predicted per label: a collapsed head shows here
     out_dir = path if path.is_dir() else path.parent
     # a partial score never overwrites (or passes for) the whole split's
     name = f"eval_{task.name}.json" if max_examples is None else f"eval_{task.name}_first{max_examples}.json"

@@ -44,6 +44,16 @@ def evaluate(model: nn.Module, task: Task, splits: dict[str, EncodedSplit], batc
     return metrics, outputs
 
 
+def prediction_counts(task: Task, outputs: dict[str, np.ndarray]) -> dict[str, dict[str, int]] | None:
+    """Rows predicted per label, by split (`Task.prediction_counts`): what a training run's evaluations and
+    `selectune eval` record, so a head that answers one class shows. None where there are no outputs or they
+    are not class scores (regression, causal JSONL)."""
+    counts = {name: task.prediction_counts(values) for name, values in outputs.items()}
+    if not counts or any(c is None for c in counts.values()):
+        return None
+    return counts  # type: ignore[return-value]
+
+
 def save_outputs(folder: Path, outputs: dict[str, np.ndarray]) -> None:
     """Raw outputs per split as `outputs_<split>.npy` (row order of the split's file)."""
     for name, values in outputs.items():

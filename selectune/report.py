@@ -301,26 +301,22 @@ def _share_shown(share: tuple[float, int] | None, seeds: int) -> str:
     return f"{100 * value:.0f}%" + (f" ({runs} of {seeds} runs)" if runs < seeds else "")
 
 
-def _glue_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(method label, GLUE task) -> [(seed, primary dev metric)], labels as in `variants(across_tasks=True)`."""
-    cells: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
-    for run, variant in zip(runs, variants(runs, across_tasks=True), strict=True):
-        if run["task"] in GLUE:
-            split = next(iter(run["metrics"]))
-            label = f"{run['method']} ({variant})" if variant else run["method"]
-            cells[(label, run["task"])].append((run["seed"], run["metrics"][split][GLUE[run["task"]].primary]))
-    return cells
-
-
-def _image_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(method label, image task) -> [(seed, accuracy on the run's split)]: the final protocol's test split, or
-    val200 for select runs (a task's runs on both are not compared: the split is part of the column)."""
+def _cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(method label, column) -> [(seed, score)], labels as in `variants(across_tasks=True)`. A GLUE run's column
+    is its task, scored by the task's primary dev metric; an image run's is `task (split)`, scored by accuracy
+    on that split: the final protocol's test split, or val200 for select runs (a task's runs on both are not
+    compared: the split is part of the column). Other runs have no column."""
     cells: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for run, variant in zip(runs, variants(runs, across_tasks=True), strict=True):
         split = next(iter(run["metrics"]), None)
-        if run.get("family") == "vtab" and split and "accuracy" in run["metrics"][split]:
-            label = f"{run['method']} ({variant})" if variant else run["method"]
-            cells[(label, f"{run['task']} ({split})")].append((run["seed"], run["metrics"][split]["accuracy"]))
+        if run["task"] in GLUE:
+            column, score = run["task"], run["metrics"][split][GLUE[run["task"]].primary]
+        elif run.get("family") == "vtab" and split and "accuracy" in run["metrics"][split]:
+            column, score = f"{run['task']} ({split})", run["metrics"][split]["accuracy"]
+        else:
+            continue
+        label = f"{run['method']} ({variant})" if variant else run["method"]
+        cells[(label, column)].append((run["seed"], score))
     return cells
 
 
@@ -339,7 +335,7 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
     """Methods × GLUE tasks, as the papers print it: each task's primary dev metric (mean ± std over
     seeds, with the seed count), and the average over the tasks — only for a method that has every task
     of the table, so an average is never taken over a different set of tasks. "" for under two tasks."""
-    cells = {key: [value for _, value in members] for key, members in _glue_cells(runs).items()}
+    cells = {key: [value for _, value in members] for key, members in _cells(runs).items() if key[1] in GLUE}
     tasks = _glue_tasks(cells)
     if len(tasks) < 2:
         return ""
@@ -383,9 +379,8 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     seeds both have, so a difference is never one of seed luck: mean ± sample std of the per-seed differences,
     the seeds, and on how many A ≥ B; the average over the tasks only where every task of the table has a
     common seed. Labels as in `glue_matrix`."""
-    glue, image = _glue_cells(runs), _image_cells(runs)
-    cells = {**glue, **image}
-    tasks = _glue_tasks(glue) + sorted({task for _, task in image})
+    cells = _cells(runs)
+    tasks = _glue_tasks(cells) + sorted({column for _, column in cells if column not in GLUE})
     lines = _glue_header("A − B", tasks)
     labels = {label for label, _ in cells}
     for a, b in pairs:

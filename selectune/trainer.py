@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from selectune import checkpoint
 from selectune.distributed import Context, device_for
 from selectune.errors import SelectuneError
-from selectune.evaluation import evaluate, predict, save_outputs
+from selectune.evaluation import evaluate, predict, prediction_counts, save_outputs
 from selectune.methods.base import Method, ParamGroup
 from selectune.tasks import Task
 from selectune.tasks.batches import EncodedSplit, train_batches
@@ -572,8 +572,8 @@ class Trainer:
         metrics, run.outputs = self._evaluate()
         run.eval_time += time.perf_counter() - t0
         record: dict[str, Any] = {"step": run.step, "metrics": metrics}
-        counts = {split: self.task.prediction_counts(values) for split, values in run.outputs.items()}
-        if counts and all(c is not None for c in counts.values()):  # rows per predicted label: a collapse shows
+        counts = prediction_counts(self.task, run.outputs)
+        if counts is not None:  # rows per predicted label: a collapse shows
             record["predictions"] = counts
         run.evals.append(record)
         self._write_jsonl({"step": run.step, "eval": metrics})
