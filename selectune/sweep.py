@@ -423,7 +423,8 @@ def table(plan: SweepPlan, study) -> str:
     base = extended(plan)
     # the mark: the choice over this study and the studies extending its grid (what write=true writes); in an
     # extension, its own best
-    every = candidates_with_extensions(plan, study, quiet=True) if base is None else []
+    searched = with_extensions(plan, study, quiet=True) if base is None else []
+    every = candidates(plan, searched)
     overall = choose(every)
     own = winner(study) if base is not None else overall if overall and overall["study"] == plan.study else None
     for row in sorted(found, key=lambda r: [str(r["params"].get(k)) for k in keys]):
@@ -444,7 +445,7 @@ def table(plan: SweepPlan, study) -> str:
     if overall is not None and overall["study"] != plan.study:
         lines.append(f"chosen over this study and its extensions: {overall['candidate']} in {overall['study']} "
                      f"({overall['score']:.2f})")
-    if overall is not None and not left and not extensions_left(plan):  # all in: is the choice at an end?
+    if overall is not None and not left and not extensions_left(searched):  # all in: is the choice at an end?
         taken: set[Path] = set()
         for key in keys:
             note = edge_note(plan, key, overall["values"], [c["values"][bare(key)] for c in every
@@ -493,9 +494,10 @@ def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str
 def next_extension(plan: SweepPlan, study) -> SweepPlan | None:
     """The extension study the table's note names (the first grid key at an end), as a plan to run; None where
     the choice is inside the values tried, or candidates are left."""
-    every = candidates_with_extensions(plan, study, quiet=True)
+    searched = with_extensions(plan, study, quiet=True)
+    every = candidates(plan, searched)
     overall = choose(every)
-    if overall is None or len(rows(study)) < len(plan.points()) or extensions_left(plan):
+    if overall is None or len(searched[0][1]) < len(plan.points()) or extensions_left(searched):
         return None
     for key in plan.grid:
         step = edge_step(plan, key, overall["values"], [c["values"][bare(key)] for c in every
@@ -604,23 +606,35 @@ def extended(plan: SweepPlan) -> Path | None:
     return base if any(e.study == plan.study for e in extensions(parse([f"study={base}"]), quiet=True)) else None
 
 
-def extensions_left(plan: SweepPlan) -> bool:
-    """Whether an extension of this study still has candidates to finish (its value is tried but not scored)."""
-    return any(len(rows(open_study(e, create=False))) < len(e.points()) for e in extensions(plan, quiet=True))
+def with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[tuple[SweepPlan, list[dict[str, Any]]]]:
+    """This study and each study extending its grid, with their finished candidates (`rows`): each journal read
+    once, for all a table, a write or an `extend=` step asks of them."""
+    return [(plan, rows(study)), *((e, rows(open_study(e, create=False))) for e in extensions(plan, quiet))]
 
 
-def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:
-    """Every candidate of this study and of its extensions, each with the study it ran in, its run folder, its
-    values (the fixed overrides with its grid point on top, bare keys) and its name by this study's grid keys
+def extensions_left(searched: list[tuple[SweepPlan, list[dict[str, Any]]]]) -> bool:
+    """Whether an extension (`with_extensions` after the study itself) still has candidates to finish (its value
+    is tried but not scored)."""
+    return any(len(found) < len(each.points()) for each, found in searched[1:])
+
+
+def candidates(plan: SweepPlan, searched: list[tuple[SweepPlan, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Every candidate of `with_extensions`' studies, each with the study it ran in, its run folder, its values
+    (the fixed overrides with its grid point on top, bare keys) and its name by this study's grid keys
     (`run_candidate`: its own)."""
     found = []
-    for each, opened in [(plan, study), *((e, open_study(e, create=False)) for e in extensions(plan, quiet))]:
-        for row in rows(opened):
+    for each, done in searched:
+        for row in done:
             values = {**fixed_values(each), **{bare(k): v for k, v in row["params"].items()}}
             name = point_name({k: values[bare(k)] for k in plan.grid if bare(k) in values})
             found.append({**row, "study": each.study, "values": values, "candidate": name,
                           "run_candidate": row["candidate"], "run_dir": each.study / "runs" / row["candidate"]})
     return found
+
+
+def candidates_with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[dict[str, Any]]:
+    """`candidates` of this study and its extensions (what write=true and adopt_winners.py choose from)."""
+    return candidates(plan, with_extensions(plan, study, quiet))
 
 
 def choose(found: list[dict[str, Any]]) -> dict[str, Any] | None:
