@@ -9,7 +9,8 @@ Run last, a winner faces every other finished candidate, so this is the hardest 
 smallest lead (best so far − that median) over the evaluations where the pruner looks; negative: it would have been
 stopped. What a pruned candidate would have reached is not in the journal, so this says whether pruning could have
 removed the candidate that won among those that finished, not whether a pruned one would have won. Studies with
-pruning off (the cached linear probe) or under two finished candidates are left out.
+pruning off (the cached linear probe), under two finished candidates, or of diff pruning (its scores before the
+projection are of the unprojected diff; its λ studies prune only after it) are left out.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for do
 from docsection import head_commit, write_section
 
 
-def smallest_lead(curve: dict[int, float], others: list[dict[int, float]], prune_after: int) -> tuple[float, int] | None:
+def smallest_lead(curve: dict[int, float], others: list[dict[int, float]],
+                  prune_after: int) -> tuple[float, int] | None:
     """The winner's smallest lead over the median of `others` at the evaluations the pruner checks, and where."""
     leads = []
     best = float("-inf")
@@ -46,8 +48,8 @@ def main() -> None:
     for root in args.roots:
         for folder in sorted(p.parent for p in root.glob("*/sweep.json")):
             plan = sweep.parse([f"study={folder}"])
-            if plan.pruner == "none":
-                continue
+            if plan.pruner == "none" or plan.recipe.endswith(("_sdiff", "_udiff")):  # diff pruning: its scores
+                continue  # before the projection are of the unprojected diff, not of what the run keeps
             trials = sweep.open_study(plan, create=False).get_trials(deepcopy=False)
             done = [t for t in trials if t.state.name == "COMPLETE" and "candidate" in t.user_attrs]
             pruned = [t for t in trials if t.state.name == "PRUNED"]
@@ -62,7 +64,8 @@ def main() -> None:
             name = f"{root.name}/{folder.name}"
             stopped += [name] if lead[0] < 0 else []
             cut = ", ".join(f"{t.user_attrs.get('candidate')} at {max(t.intermediate_values)}" for t in pruned) or "—"
-            rows.append(f"| {name} | {len(done)} | {cut} | {best['candidate']} | {lead[0]:+.2f} (evaluation {lead[1]}) |")
+            rows.append(f"| {name} | {len(done)} | {cut} | {best['candidate']} | {lead[0]:+.2f} "
+                        f"(evaluation {lead[1]}) |")
     lines = [f"Read at {head_commit()} by `python scripts/analysis/pruner_check.py "
              f"{' '.join(str(r) for r in args.roots)}` from the committed journals: {len(rows)} studies with median "
              f"pruning and two or more finished candidates; winners a median pruner would have stopped had they run "
