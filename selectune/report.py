@@ -242,6 +242,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "phase_step_time_s": _phase_times(members),
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
                      "top_label_share": _top_label_share(members, split),
+                     "precisions": _precisions(members),
                      "runs": [m["run_dir"] for m in members]})
     return rows
 
@@ -258,6 +259,26 @@ def _top_label_share(members: list[dict[str, Any]], split: str) -> tuple[float, 
                 and sum(counts.values()) > 0:
             shares.append(max(counts.values()) / sum(counts.values()))
     return (statistics.mean(shares), len(shares)) if shares else None
+
+
+def _precisions(members: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The seeds by the precision each run trained in (results.json's `precision`, what `trainer.precision=auto`
+    resolved to on the machine that ran it; `unrecorded` for runs from before it was kept), so a row whose seeds
+    ran on different hardware says so."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for member in members:
+        precision = member.get("precision")
+        seen[precision if isinstance(precision, str) and precision else "unrecorded"].append(member["seed"])
+    return {name: sorted(seeds) for name, seeds in sorted(seen.items())}
+
+
+def _seeds_shown(row: dict[str, Any]) -> str:
+    """`42,43,44`, with `(bf16: 42; fp32: 43,44)` after it where the seeds trained in different precisions."""
+    shown = ",".join(map(str, row["seeds"]))
+    precisions = row.get("precisions") or {}
+    if len(precisions) > 1:
+        shown += " (" + "; ".join(f"{name}: {','.join(map(str, seeds))}" for name, seeds in precisions.items()) + ")"
+    return shown
 
 
 def _phase_times(members: list[dict[str, Any]]) -> dict[str, float]:
@@ -285,7 +306,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         primary = r["metrics"].get(r["primary"])
         shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
-        lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {','.join(map(str, r['seeds']))} | "
+        lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r)} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB | "

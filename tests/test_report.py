@@ -8,7 +8,7 @@ from conftest import run_cli
 
 
 def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None,
-             predictions=None):
+             predictions=None, precision=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
         trainer = {**config.get("trainer", {}), "seed": seed}
@@ -17,7 +17,8 @@ def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, conf
               "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10,
               **({"family": family} if family else {}),
-              **({"predictions": {split: predictions}} if predictions else {})}
+              **({"predictions": {split: predictions}} if predictions else {}),
+              **({"precision": precision} if precision else {})}
     (folder / "results.json").write_text(json.dumps(result))
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -177,3 +178,21 @@ def test_the_top_label_share_shows_a_collapse(tmp_path):
     rte = next(line for line in lines if line.startswith("| rte | lora |"))
     assert rte.endswith("| 77% (2 of 3 runs) |")  # (277/277 + 150/277) / 2 = 0.77
     assert next(line for line in lines if line.startswith("| stsb | lora |")).endswith("| — |")
+
+
+def test_a_row_whose_seeds_trained_in_different_precisions_names_them(tmp_path):
+    # trainer.precision=auto is bf16 on a CPU with AVX512-BF16/AMX and fp32 on one without: seeds run on two
+    # machines share a row (same recipe), and the seeds cell says which ran in which
+    fake_run(tmp_path / "runs" / "a", "rte", "lora", 42, {"accuracy": 54.0}, 5000, precision="bf16")
+    fake_run(tmp_path / "runs" / "b", "rte", "lora", 43, {"accuracy": 56.0}, 5000, precision="fp32")
+    fake_run(tmp_path / "runs" / "c", "rte", "lora", 44, {"accuracy": 52.0}, 5000, precision="fp32")
+    fake_run(tmp_path / "runs" / "d", "rte", "bitfit", 42, {"accuracy": 53.0}, 4000, precision="fp32")
+    fake_run(tmp_path / "runs" / "e", "rte", "bitfit", 43, {"accuracy": 55.0}, 4000, precision="fp32")
+    fake_run(tmp_path / "runs" / "f", "rte", "ia3", 42, {"accuracy": 58.0}, 3000, precision="bf16")
+    fake_run(tmp_path / "runs" / "g", "rte", "ia3", 43, {"accuracy": 57.0}, 3000)  # before results.json kept it
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert "| 42,43,44 (bf16: 42; fp32: 43,44) |" in next(line for line in lines if "| lora |" in line)
+    assert "| 42,43 |" in next(line for line in lines if "| bitfit |" in line)  # one precision: nothing added
+    assert "| 42,43 (bf16: 42; unrecorded: 43) |" in next(line for line in lines if "| ia3 |" in line)
