@@ -58,7 +58,9 @@ def main() -> None:
                f"torch {torch.__version__}")
     body = (f"### {args.title}\n\nGenerated {datetime.date.today()} by `scripts/analysis/results_table.py` "
             "(selectune report) "
-            f"from {sources}.  \nCommand: `{args.command}`  \nMachine: {machine}.  \n"
+            f"from {sources}.  \nCommand: `{args.command}`  \nTable made on: {machine}. The runs ran where their "
+            "session did (s/step and peak memory are theirs, averaged; a row whose seeds trained in different "
+            "precisions, as `trainer.precision=auto` resolved on each machine, names them by seed).  \n"
             + ("Selection rule: each run keeps the evaluation with the best score on `val` (the share of train "
                "its recipe carves out at a fixed seed and does not train on; `trainer.select=best`); dev is scored "
                "at that evaluation and never chosen on. "
