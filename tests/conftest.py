@@ -15,6 +15,13 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one pytest-xdist worker per core (`-n auto`): each worker's torch, and every CLI call it makes, computes on its
+# share of the cores. Left to torch, two workers ran two threads each on 2 cores, and test_train + test_flat_gates
+# took 62 s instead of 45 (one 2-core AMD EPYC, the same two files, `-n 2 --dist loadfile`). Set before torch is
+# imported; an OMP_NUM_THREADS already set is kept.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 # below the environment above, which the CLI server imports under; the tests import run_cli from here
 from cli_runner import run_cli  # noqa: F401
