@@ -272,11 +272,14 @@ def _precisions(members: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {name: sorted(seeds) for name, seeds in sorted(seen.items())}
 
 
-def _seeds_shown(row: dict[str, Any]) -> str:
-    """`42,43,44`, with `(bf16: 42; fp32: 43,44)` after it where the seeds trained in different precisions."""
+def _seeds_shown(row: dict[str, Any], name_precision: bool) -> str:
+    """`42,43,44`; with `name_precision` (the table's runs trained in more than one precision) each row says in
+    which: `42,43,44 (fp32)`, or `42,43,44 (bf16: 42; fp32: 43,44)` where its own seeds differ."""
     shown = ",".join(map(str, row["seeds"]))
     precisions = row.get("precisions") or {}
-    if len(precisions) > 1:
+    if len(precisions) == 1 and name_precision:
+        shown += f" ({next(iter(precisions))})"
+    elif len(precisions) > 1:
         shown += " (" + "; ".join(f"{name}: {','.join(map(str, seeds))}" for name, seeds in precisions.items()) + ")"
     return shown
 
@@ -302,11 +305,12 @@ def _phases_shown(row: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | method | primary metric | all metrics (split) | seeds | stored params | % of backbone | "
              "delta on disk | s/step | peak memory | top label share |", "|---" * 11 + "|"]
+    mixed = len({name for r in rows for name in r.get("precisions") or {}}) > 1
     for r in rows:
         primary = r["metrics"].get(r["primary"])
         shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
-        lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r)} | "
+        lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r, mixed)} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB | "

@@ -194,5 +194,14 @@ def test_a_row_whose_seeds_trained_in_different_precisions_names_them(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
     assert "| 42,43,44 (bf16: 42; fp32: 43,44) |" in next(line for line in lines if "| lora |" in line)
-    assert "| 42,43 |" in next(line for line in lines if "| bitfit |" in line)  # one precision: nothing added
+    assert "| 42,43 (fp32) |" in next(line for line in lines if "| bitfit |" in line)  # the table mixes them
     assert "| 42,43 (bf16: 42; unrecorded: 43) |" in next(line for line in lines if "| ia3 |" in line)
+
+
+def test_a_table_of_one_precision_does_not_name_it(tmp_path):
+    fake_run(tmp_path / "runs" / "a", "rte", "lora", 42, {"accuracy": 54.0}, 5000, precision="bf16")
+    fake_run(tmp_path / "runs" / "b", "rte", "bitfit", 42, {"accuracy": 53.0}, 4000, precision="bf16")
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert all("| 42 |" in next(line for line in lines if f"| {m} |" in line) for m in ("lora", "bitfit"))
