@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +23,9 @@ from selectune.runspec import RunSpec
 from selectune.tasks import Task, is_causal, load_task
 from selectune.tasks.batches import EncodedSplit, train_batches
 from selectune.trainer import Trainer, format_metrics, resolve_device, task_loss
+
+if TYPE_CHECKING:  # imported where used: loading a delta is not on every command's start-up path
+    from selectune.delta.taskdelta import TaskDelta
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -254,19 +257,16 @@ def remove_run_dir(run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- eval
-def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str,
-                   max_examples: int | None = None, force: bool = False) -> dict[str, Any]:
-    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default).
+def delta_on_task(path: Path, task_node: DictConfig | None = None, max_examples: int | None = None,
+                  force: bool = False) -> tuple[TaskDelta, Task, Backbone, str]:
+    """A stored TaskDelta applied to its base model, with the task it is to be scored on (its own by default,
+    data from SELECTUNE_DATA, never a folder the delta file names): (delta, task, backbone, task trained on).
 
-    The whole split is scored unless `max_examples` says otherwise: the training run's own
-    `task.max_eval_examples` (a quick run's 64) is not inherited, so a number printed here is a dev-set
-    number; nor is `task.score_dev=false` (a sweep candidate's): dev is scored beside its `val`. Scoring a
-    delta on another task than its own is refused unless `force`: its head was trained for the other task's
-    labels, and the score would be silently meaningless."""
+    Refuses another task than its own unless `force`, and a base whose weights differ from those it was trained
+    on. The task scores its whole eval splits (`max_examples` rows at most where given) and dev beside a sweep
+    candidate's `val`. What `selectune eval` scores, and what a script scoring a stored delta should build on."""
     from selectune.delta.taskdelta import TaskDelta
-    from selectune.evaluation import evaluate, prediction_counts
 
-    path = Path(run)
     delta = TaskDelta.load(path)
     cfg = OmegaConf.create(delta.meta["config"])
     trained_on = str(delta.meta.get("task", cfg.task.get("name")))
@@ -290,6 +290,22 @@ def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, devi
         raise SelectuneError(f"the base weights of '{backbone.name}' differ from those the delta was trained on "
                              f"(hash {backbone.base_hash()} != {delta.meta['base_hash']})")
     delta.apply_to(backbone.model)
+    return delta, task, backbone, trained_on
+
+
+def evaluate_delta(run: str, task_node: DictConfig | None, batch_size: int, device: str,
+                   max_examples: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate a stored TaskDelta on a task's dev split(s) (the task it was trained on by default).
+
+    The whole split is scored unless `max_examples` says otherwise: the training run's own
+    `task.max_eval_examples` (a quick run's 64) is not inherited, so a number printed here is a dev-set
+    number; nor is `task.score_dev=false` (a sweep candidate's): dev is scored beside its `val`. Scoring a
+    delta on another task than its own is refused unless `force`: its head was trained for the other task's
+    labels, and the score would be silently meaningless."""
+    from selectune.evaluation import evaluate, prediction_counts
+
+    path = Path(run)
+    delta, task, backbone, trained_on = delta_on_task(path, task_node, max_examples, force)
     target = resolve_device(device)
     backbone.model.to(target)
     splits = encode_splits(task, backbone, task.eval_splits)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
 from docsection import head_commit, write_section
@@ -46,22 +45,13 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from selectune.commands import build, encode_splits
-    from selectune.delta.taskdelta import TaskDelta
+    from selectune.commands import delta_on_task, encode_splits
     from selectune.evaluation import predict
-    from selectune.runspec import RunSpec
-    from selectune.tasks import load_task
 
-    delta = TaskDelta.load(args.run)
-    cfg = OmegaConf.create(delta.meta["config"])
-    cfg.task.data_root = None  # the data is the user's (SELECTUNE_DATA), never a folder the delta names
-    spec = RunSpec.from_config(cfg)
-    task = load_task(spec.task)
-    backbone, _ = build(spec, task)
-    delta.apply_to(backbone.model)
+    delta, task, backbone, _ = delta_on_task(args.run)  # as `selectune eval` builds it: the base hash checked
     split_name = args.split or task.eval_splits[0]
     split = encode_splits(task, backbone, [split_name])[split_name]
-    batch = int(cfg.trainer.eval_batch_size)
+    batch = int(delta.meta["config"]["trainer"]["eval_batch_size"])
     labels = split.labels.numpy()
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     outputs: dict[str, np.ndarray] = {}
