@@ -50,10 +50,11 @@ def main() -> None:
             plan = sweep.parse([f"study={folder}"])
             if plan.pruner == "none" or plan.recipe.endswith(("_sdiff", "_udiff")):  # diff pruning: its scores
                 continue  # before the projection are of the unprojected diff, not of what the run keeps
-            trials = sweep.open_study(plan, create=False).get_trials(deepcopy=False)
+            study = sweep.open_study(plan, create=False)
+            trials = study.get_trials(deepcopy=False)
             done = [t for t in trials if t.state.name == "COMPLETE" and "candidate" in t.user_attrs]
             pruned = [t for t in trials if t.state.name == "PRUNED"]
-            best = sweep.choose(sweep.rows(sweep.open_study(plan, create=False)))
+            best = sweep.winner(study)
             if best is None or len(done) < 2:
                 continue
             won = next(t for t in done if t.user_attrs["candidate"] == best["candidate"])
