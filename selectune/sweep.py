@@ -426,7 +426,7 @@ def table(plan: SweepPlan, study) -> str:
     searched = with_extensions(plan, study, quiet=True) if base is None else []
     every = candidates(plan, searched)
     overall = choose(every)
-    own = winner(study) if base is not None else overall if overall and overall["study"] == plan.study else None
+    own = choose(found) if base is not None else overall if overall and overall["study"] == plan.study else None
     for row in sorted(found, key=lambda r: [str(r["params"].get(k)) for k in keys]):
         mark = " **chosen**" if own is not None and row["candidate"] == own.get("run_candidate", own["candidate"]) \
             else ""
