@@ -301,6 +301,31 @@ def test_the_schedule_ranking_takes_the_choice_a_cut_schedule_would_make():
     assert early_choice({"a": found["a"]}, 1) is None  # one candidate: no choice to compare
 
 
+def test_the_short_schedule_comparison_reads_each_choice_on_the_long_schedule():
+    """schedule_ranking.py --short: each schedule chooses by the sweep's rule (a pruned candidate is not chosen),
+    the short choice is scored by what it got on the long schedule, and rho covers only values both finished."""
+    sys.path.insert(0, str(REPO / "scripts" / "analysis"))
+    from schedule_ranking import compare_line
+
+    def row(score, state="complete", steps=50):
+        return {"score": score, "state": state, "steps": steps, "selected_step": steps}
+
+    short = {1e-3: row(60.0), 3e-3: row(70.0), 1e-2: row(65.0), 3e-2: row(40.0)}
+    long = {1e-3: row(66.0, steps=100), 3e-3: row(72.0, steps=100), 1e-2: row(80.0, "pruned", 20),
+            3e-2: row(30.0, steps=100)}
+    line, same = compare_line("s", short, long)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "1e-03: 60.00 / 66.00, 3e-03: 70.00 / 72.00, 1e-02: 65.00 / 80.00p, 3e-02: 40.00 / 30.00"
+    assert cells[2:5] == ["3e-03", "3e-03", "0"] and same is True  # the pruned 1e-2 is not the long choice
+    assert cells[5] == "+1.00 (3)" and cells[6] == "200 / 320"
+    long[3e-3] = row(64.0, steps=100)  # now the long schedule chooses 1e-3; the short choice loses 2 there
+    line, same = compare_line("s", short, long)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:5] == ["3e-03", "1e-03", "−2.00"] and same is False and cells[5] == "+0.50 (3)"
+    del long[3e-3]  # the short choice never ran on the long schedule
+    assert "not run long" in compare_line("s", short, long)[0]
+
+
 def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
     """scripts/analysis/cpu_time.py: each study's finished and pruned candidates, and the runs outside a study,
     with training and evaluation seconds apart; a run without eval_time_s is counted as not recorded."""

@@ -13,12 +13,22 @@ What this is not: a run cut at epoch k of 10 is not a k-epoch run. Its learning 
 epochs' schedule (at epoch k it is still (1 - k/10) of the peak), so agreement here is evidence for a shorter
 schedule, not a measurement of it; the check that settles it is the short schedule run. Nothing is trained.
 The section written is `results:schedule_ranking`.
+
+That check, once short-schedule studies have run (same recipes and values, `trainer.epochs` lower):
+
+    python scripts/analysis/schedule_ranking.py results/sweeps/vtab --short results/sweeps/vtab_5ep [--write ...]
+
+compares each study under --short with the same-named study (and its extensions) under the root given: every
+value's score on both schedules, each schedule's choice, what the short choice scores on the long schedule
+against the long choice, and the rank correlation over the values both ran to the end. Section
+`results:short_schedule`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -82,13 +92,99 @@ def study_line(name: str, found: dict[str, dict], chosen: str) -> tuple[str, flo
     return f"| {name} | {chosen} | {len(found)} | {longest} | " + " | ".join(cells) + " |", stable
 
 
+def by_value(folder: Path) -> tuple[str, dict[float, dict]]:
+    """A study's grid key and its finished candidates over it and its extensions, by the key's value."""
+    from selectune import sweep
+
+    plan = sweep.parse([f"study={folder}"])
+    if len(plan.grid) != 1:
+        raise SystemExit(f"{folder}: a one-key grid is compared, this study's is {sorted(plan.grid) or 'empty'}")
+    [key] = plan.grid
+    found = sweep.candidates_with_extensions(plan, sweep.open_study(plan, create=False), quiet=True)
+    return key, {float(c["values"][sweep.bare(key)]): c for c in found}
+
+
+def compare_line(name: str, short: dict[float, dict], long: dict[float, dict]) -> tuple[str, bool | None]:
+    """The Markdown row comparing one study on a short and a long schedule, and whether they chose the same
+    value (None: one of them has no choice). Cells read `short / long` scores, `p` where the pruner stopped it,
+    `·` where that schedule did not try the value."""
+    from scipy.stats import spearmanr
+
+    from selectune import sweep
+
+    def shown(c: dict | None) -> str:
+        if c is None or c["score"] is None:
+            return "·"
+        return f"{c['score']:.2f}" + ("p" if c["state"] == "pruned" else "")
+
+    values = sorted(set(short) | set(long))
+    cells = ", ".join(f"{v:.0e}: {shown(short.get(v))} / {shown(long.get(v))}" for v in values)
+    pick_short, pick_long = sweep.choose(list(short.values())), sweep.choose(list(long.values()))
+    if pick_short is None or pick_long is None:
+        return f"| {name} | {cells} | — | — | — | — | — |", None
+    v_short = next(v for v, c in short.items() if c is pick_short)
+    v_long = next(v for v, c in long.items() if c is pick_long)
+    on_long = long.get(v_short)
+    if on_long is None or on_long["score"] is None:
+        regret = "not run long"
+    else:
+        diff = on_long["score"] - pick_long["score"]
+        regret = ("0" if diff == 0 else f"{diff:+.2f}".replace("-", "−")) + (" (pruned)" if on_long["state"] == "pruned" else "")
+    both = [v for v in values if v in short and v in long and short[v]["state"] == long[v]["state"] == "complete"]
+    rho = spearmanr([short[v]["score"] for v in both], [long[v]["score"] for v in both])[0] if len(both) >= 3 else None
+    rho_cell = "—" if rho is None or rho != rho else f"{rho:+.2f} ({len(both)})"
+    steps = (sum(c["steps"] or 0 for c in short.values()), sum(c["steps"] or 0 for c in long.values()))
+    return (f"| {name} | {cells} | {v_short:.0e} | {v_long:.0e} | {regret} | {rho_cell} | {steps[0]} / {steps[1]} |",
+            v_short == v_long)
+
+
+def short_schedule(long_root: Path, short_root: Path) -> str:
+    """The `results:short_schedule` section: every study under short_root against its namesake under long_root."""
+    lines, same, key = [], [], None
+    for folder in sorted(p.parent for p in short_root.glob("*/sweep.json")):
+        if re.search(r"_(hi|lo)\d*$", folder.name):  # an extension: read with the study it extends
+            continue
+        if not (long_root / folder.name / "sweep.json").exists():
+            raise SystemExit(f"{folder}: no study {long_root / folder.name} to compare it with")
+        key, short = by_value(folder)
+        long_key, long = by_value(long_root / folder.name)
+        if long_key != key:
+            raise SystemExit(f"{folder}: its grid is over {key}, {long_root / folder.name}'s over {long_key}")
+        line, agree = compare_line(folder.name, short, long)
+        lines.append(line)
+        same.append(agree)
+    if not lines:
+        raise SystemExit(f"no study under {short_root}")
+    head = [f"| study | {key}: val short / long | chosen short | chosen long | long score of the short choice − "
+            "the long choice | Spearman ρ (values) | training steps short / long |", "|---|---|---|---|---|---|---|"]
+    decided = [s for s in same if s is not None]
+    return (f"Read at {head_commit()} by `python scripts/analysis/schedule_ranking.py {long_root} --short "
+            f"{short_root}`. Short: the studies under {short_root} (the long schedule's recipes, values and "
+            f"validation split, fewer epochs, every candidate run to its end); long: {long_root}'s studies with "
+            "their extensions. Each value's best validation score on both (`p`: stopped by the pruner, its best "
+            "until then; `·`: not tried); each schedule's choice by the sweep's own rule; what the short "
+            "choice scored on the long schedule minus the long choice; ρ over the values both ran to the end "
+            "(at least 3).\n\n" + "\n".join(head + lines) + "\n\n"
+            f"The short schedule chose the long one's value in {sum(decided)} of {len(decided)} studies.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path)
+    parser.add_argument("--short", type=Path, default=None,
+                        help="a root of short-schedule studies to compare with the one root given")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     from selectune import sweep
 
+    if args.short is not None:
+        if len(args.roots) != 1:
+            raise SystemExit("--short compares with one root of long-schedule studies")
+        body = short_schedule(args.roots[0], args.short)
+        print(body)
+        if args.write:
+            write_section(args.write, "results:short_schedule", body)
+        return
     lines, stable_at = [], []
     for root in args.roots:
         for folder in sorted(p.parent for p in root.glob("*/sweep.json")):
