@@ -21,11 +21,13 @@
 # dev scored on its delta), so only seeds 43 and 44 train.
 # Resumable: one run per (method, seed, task) into <root>/<method>/<task>_s<seed>, a finished one skipped; a
 # killed run continues from its checkpoint. Two calls with disjoint method lists may share a root (one per core, with
-# OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root each time.
+# OMP_NUM_THREADS=1); the table is rebuilt from every finished run below the root after a call that trained one
+# (REPORT=0: never, e.g. when the runs' table is made elsewhere; REPORT=1: always).
 set -euo pipefail
 root="${1:-runs/reproduce}"; tasks="${2:-mrpc rte cola stsb}"; seeds="${3:-42,43,44}"
 methods="${4:-full linear bitfit lora lora_0.5pct sara udiff sdiff spt_lora adalora}"
 read -ra overrides <<< "${5:-}"
+trained=0
 : "${SELECTUNE_DATA:?set SELECTUNE_DATA to the folder holding glue/<TASK>/train.tsv}"
 for method in $methods; do
   recipe="${method%_0.5pct}"; extra=()
@@ -40,9 +42,12 @@ for method in $methods; do
       [[ -f "$out/results.json" ]] && { echo "skip $out (done)"; continue; }
       selectune train "recipe=glue/${task}_${recipe}" "trainer.seed=$seed" "${extra[@]}" "${overrides[@]}" \
         trainer.progress=false trainer.resume=true "out_dir=$out"
+      trained=1
     done
   done
 done
+report="${REPORT:-$trained}"
+[[ "$report" == 1 ]] || exit 0
 selectune report "$root" "out=$root"
 python scripts/analysis/results_table.py "$root" --section reproduce \
   --title "GLUE reproduction sweep: offline MiniLM, seeds $seeds" \
