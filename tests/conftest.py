@@ -5,6 +5,7 @@ Everything here runs offline: HF_HUB_OFFLINE=1 makes any accidental Hub access f
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -24,7 +25,7 @@ if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 # below the environment above, which the CLI server imports under; the tests import run_cli from here
-from cli_runner import run_cli  # noqa: F401
+from cli_runner import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -110,6 +111,18 @@ def kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> No
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run_dir / "results.json").exists()
+
+
+def whole_and_resumed(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """`selectune <args>` run through once (tmp_path/whole) and once SIGKILLed after its first checkpoint and
+    resumed (tmp_path/killed): both runs' results.json, for a test to say what must be equal."""
+    whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    kill_after_first_checkpoint(args, tmp_path / "killed", tmp_path)
+    resumed = run_cli(*args, f"out_dir={tmp_path / 'killed'}", "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stderr
+    return tuple(json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "killed"))
 
 
 def compose_run(recipe: str, *overrides: str):

@@ -223,24 +223,15 @@ def test_phase1_resumed_after_a_kill_is_bit_identical(data_env, tmp_path, monkey
     47 of 119 tensors off by 1e-7..1.5e-6 after two steps), which failed this test about once in five
     suite runs; with COMPATIBLE, 25 of 25 agreed. That variation is the library's, between any two
     processes, resumed or not; what this test checks is selectune's part: RNG streams, data order, state."""
-    import json
-
     from selectune.delta.taskdelta import TaskDelta
 
-    from conftest import TINY, kill_after_first_checkpoint, run_cli
+    from conftest import TINY, whole_and_resumed
 
     args = ["train", "recipe=glue/rte_sdiff", *TINY, "trainer.epochs=2", "method.phase1_epochs=1",
             "method.group_rows=4", "method.l0_weight=1e-4", "trainer.lr=1e-2", "trainer.eval_every=12",
             "trainer.checkpoint_every=2"]
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # inherited by all three processes
-    whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr
-    kill_after_first_checkpoint(args, tmp_path / "killed", tmp_path)
-    resumed = run_cli(*args, f"out_dir={tmp_path / 'killed'}", "trainer.resume=true", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from step" in resumed.stderr
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())
-    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    a, b = whole_and_resumed(args, tmp_path)
     assert a["evals"] == b["evals"] and a["method_state"]["mask_hash"] == b["method_state"]["mask_hash"]
     da, db = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "killed").tensors
     differ = [(k, float((da[k] - db[k]).abs().max())) for k in da if not torch.equal(da[k], db[k])]

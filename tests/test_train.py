@@ -10,7 +10,7 @@ import torch
 from selectune.commands import evaluate_delta, train
 from selectune.delta.taskdelta import TaskDelta
 
-from conftest import TINY, compose_run, kill_after_first_checkpoint, run_cli
+from conftest import TINY, compose_run, whole_and_resumed
 
 
 def test_train_writes_results_delta_and_metrics(data_env, tmp_path):
@@ -74,15 +74,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data_env, tmp_path):
     """SIGKILL a run right after its first checkpoint, resume it, compare with a run never stopped."""
     args = ["train", "recipe=glue/rte_full", *TINY, "task.max_train_examples=160", "trainer.epochs=2",
             "trainer.eval_every=15", "trainer.checkpoint_every=5"]
-    whole = run_cli(*args, f"out_dir={tmp_path / 'whole'}", cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr
-    kill_after_first_checkpoint(args, tmp_path / "killed", tmp_path)
-
-    resumed = run_cli(*args, f"out_dir={tmp_path / 'killed'}", "trainer.resume=true", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from step" in resumed.stderr
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())
-    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    a, b = whole_and_resumed(args, tmp_path)
     assert a["evals"] == b["evals"] and a["metrics"] == b["metrics"]
     da, db = TaskDelta.load(tmp_path / "whole").tensors, TaskDelta.load(tmp_path / "killed").tensors
     assert all(torch.equal(da[k], db[k]) for k in da)

@@ -129,7 +129,8 @@ def compare_line(name: str, short: dict[float, dict], long: dict[float, dict]) -
         regret = "not run long"
     else:
         diff = on_long["score"] - pick_long["score"]
-        regret = ("0" if diff == 0 else f"{diff:+.2f}".replace("-", "−")) + (" (pruned)" if on_long["state"] == "pruned" else "")
+        regret = "0" if diff == 0 else f"{diff:+.2f}".replace("-", "−")
+        regret += " (pruned)" if on_long["state"] == "pruned" else ""
     both = [v for v in values if v in short and v in long and short[v]["state"] == long[v]["state"] == "complete"]
     rho = spearmanr([short[v]["score"] for v in both], [long[v]["score"] for v in both])[0] if len(both) >= 3 else None
     rho_cell = "—" if rho is None or rho != rho else f"{rho:+.2f} ({len(both)})"
