@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -141,9 +140,11 @@ def compare_line(name: str, short: dict[float, dict], long: dict[float, dict]) -
 
 def short_schedule(long_root: Path, short_root: Path) -> str:
     """The `results:short_schedule` section: every study under short_root against its namesake under long_root."""
+    from selectune import sweep
+
     lines, same, key = [], [], None
     for folder in sorted(p.parent for p in short_root.glob("*/sweep.json")):
-        if re.search(r"_(hi|lo)\d*$", folder.name):  # an extension: read with the study it extends
+        if sweep.extended(sweep.parse([f"study={folder}"])) is not None:  # read with the study it extends
             continue
         if not (long_root / folder.name / "sweep.json").exists():
             raise SystemExit(f"{folder}: no study {long_root / folder.name} to compare it with")
