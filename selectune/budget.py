@@ -2,8 +2,11 @@
 
 A budget is asked as a fraction of the backbone (`budget.fraction=0.005`) or a count
 (`budget.count=120000`); the head, which every method stores whole, is counted in it (as diff
-pruning's 0.5% counts the classifier). Every run reports what it asked, what it trains and what it
-stores, so two methods are only compared at the same stored count.
+pruning's 0.5% counts the classifier). Or as a count beyond the head (`budget.beyond_head=73728`):
+the run's own head is added to it, so a method sized to another's count matches it whatever the
+head holds (a regression task's one output, MNLI's three, the pooler where the model trains it with
+the head). Every run reports what it asked, what it trains and what it stores, so two methods are
+only compared at the same stored count.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ class BudgetConfig:
 
     fraction: Optional[float] = None  # of the backbone's pretrained parameters
     count: Optional[int] = None  # absolute number of stored values
+    beyond_head: Optional[int] = None  # stored values besides the run's head (its size is added)
 
-    def resolve(self, num_backbone: int) -> Optional[int]:
-        """The asked number of stored values, or None when the method sizes itself."""
-        if self.fraction is not None and self.count is not None:
-            raise SelectuneError("budget: give budget.fraction or budget.count, not both")
+    def resolve(self, num_backbone: int, num_head: int) -> Optional[int]:
+        """The asked number of stored values (head included), or None when the method sizes itself."""
+        given = [f"budget.{k}" for k in ("fraction", "count", "beyond_head") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise SelectuneError(f"budget: {' and '.join(given)} are both set; give one (a preset's budget is "
+                                 "replaced whole by e.g. budget=none budget.count=N)")
+        if self.beyond_head is not None:
+            if self.beyond_head <= 0:
+                raise SelectuneError(f"budget.beyond_head={self.beyond_head}: must be positive")
+            return self.beyond_head + num_head
         if self.fraction is not None:
             if not 0 < self.fraction <= 1:
                 raise SelectuneError(f"budget.fraction={self.fraction}: must be in (0, 1]")

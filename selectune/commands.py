@@ -40,7 +40,8 @@ def build(spec: RunSpec, task: Task):
     labels = task.spec.labels if not task.spec.is_regression else None
     backbone = load_backbone(spec.model, task.spec.num_labels, task.spec.is_regression, labels,
                              spec.trainer.seed, causal_lm=is_causal(task.spec))
-    method = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
+    budget = spec.budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters)
+    method = build_method(spec.method, budget)
     return backbone, method
 
 

@@ -147,7 +147,8 @@ def prepare(overrides: Sequence[str], seq: int, batch: int = 32, n_batches: int 
     spec = RunSpec.from_config(compose("train", list(overrides)))
     backbone = load_backbone(spec.model, 2, False, None, 0)
     backbone.model.float()  # fp16-carried weights train in fp32 like the original
-    method = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
+    budget = spec.budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters)
+    method = build_method(spec.method, budget)
     dev = torch.device(device)
     model = backbone.model.to(dev)
     vocab = int(getattr(model.config, "vocab_size", 30522))

@@ -42,3 +42,38 @@ def test_lora_trains_and_stores_the_promoted_pooler(data_env, tmp_path):
         assert not torch.equal(stored, base.get_parameter(name).detach())  # it trained
     train(compose_run("glue/mrpc_lora", "trainer.max_steps=3"), tmp_path / "plain")
     assert not any(k.startswith("bert.pooler") for k in TaskDelta.load(tmp_path / "plain").tensors)
+
+
+def test_a_budget_beyond_the_head_adds_the_runs_own_head():
+    from selectune.budget import BudgetConfig
+
+    assert BudgetConfig(beyond_head=1000).resolve(50_000, 770) == 1770
+    assert BudgetConfig(beyond_head=1000).resolve(50_000, 148_610) == 149_610
+    assert BudgetConfig(count=1000).resolve(50_000, 770) == 1000  # a count already holds the head
+    with pytest.raises(SelectuneError, match="budget.count and budget.beyond_head are both set; give one"):
+        BudgetConfig(count=1000, beyond_head=1000).resolve(50_000, 770)
+    with pytest.raises(SelectuneError, match="budget.beyond_head=0: must be positive"):
+        BudgetConfig(beyond_head=0).resolve(50_000, 770)
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_spt_recipes_ask_for_what_lora_stores_with_the_same_head(task):
+    """SPT's GLUE recipes compare with LoRA r=8 at the same stored count: the same head as LoRA's recipes (the
+    pooler trained with the classifier) and LoRA's adapter count beside it, on a 2-class task and on STS-B's one
+    output alike (a fixed count held STS-B's SPT 385 values above LoRA)."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+    from selectune.methods import build_method
+
+    specs = {m: RunSpec.from_config(compose("train", [f"recipe=glue/{task}_{m}", "+model.random_init=true"]))
+             for m in ("lora", "spt_lora", "spt_adapter")}
+    assert specs["lora"].model.train_with_head == ["bert.pooler"]
+    regression = task == "stsb"
+    backbone = load_backbone(specs["lora"].model, 1 if regression else 2, regression, None, seed=0)
+    lora = build_method(specs["lora"].method, None)
+    lora.attach(backbone)
+    stored = lora.report().stored
+    assert stored == 73_728 + 147_840 + (385 if regression else 770)  # adapters + pooler + classifier
+    for name in ("spt_lora", "spt_adapter"):
+        assert specs[name].model.train_with_head == specs["lora"].model.train_with_head, name
+        assert specs[name].budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters) == stored

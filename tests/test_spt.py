@@ -182,7 +182,7 @@ def test_spt_trains_within_the_budget_and_exports(method, data_env, tmp_path):
     from selectune.commands import evaluate_delta, train
     from selectune.export import export
 
-    results = train(compose_run(f"glue/mrpc_{method}", "budget.count=30000", "method.probe_batches=2",
+    results = train(compose_run(f"glue/mrpc_{method}", "budget=none", "budget.count=30000", "method.probe_batches=2",
                                 "trainer.max_steps=3"), tmp_path / "run")
     state, budget = results["method_state"], results["budget"]
     assert budget["stored"] <= 30000 and budget["stored"] == budget["trainable"]

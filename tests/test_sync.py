@@ -21,7 +21,7 @@ from conftest import compose_run
 # LoRA r=8 on query/value of the tiny model (2 layers, 64 wide) + its 2-label head: the budget at which the
 # selective methods are compared with LoRA, as scripts/bench/bench_step.py does on MiniLM.
 TINY_LORA_COUNT = 2 * 2 * 8 * 2 * 64 + 2 * 64 + 2
-SAME_COUNT = ["budget.fraction=null", f"budget.count={TINY_LORA_COUNT}"]
+SAME_COUNT = ["budget=none", f"budget.count={TINY_LORA_COUNT}"]
 CASES = {
     "sparse": ["recipe=glue/sst2_sara", "method.targets=[query,value]", *SAME_COUNT],
     "sara": ["recipe=glue/sst2_sara", *SAME_COUNT],

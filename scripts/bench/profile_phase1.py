@@ -95,7 +95,8 @@ def child(variant: str, model: str, batch: int, seq: int, image: int, steps: int
                  *([f"model.image_size={image}"] if vision else []), *extra]
     spec = RunSpec.from_config(compose("train", overrides))
     backbone = load_backbone(spec.model, 2, False, None, 0)
-    method = build_method(spec.method, spec.budget.resolve(backbone.num_base_parameters))
+    budget = spec.budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters)
+    method = build_method(spec.method, budget)
     method.attach(backbone)
     method.plan(10_000, 1_000)
     net = backbone.model.train()

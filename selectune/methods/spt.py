@@ -135,13 +135,14 @@ def allocate(scores: dict[str, torch.Tensor], budget: int, module_cost, alpha: f
 class SPT(Method):
     Config = SPTConfig
     uses_budget = True
-    quick_test = {"text": ("budget.count=20000", "method.probe_batches=2"),
-                  "vision": ("budget.fraction=null", "budget.count=3000", "method.probe_batches=2")}
+    quick_test = {"text": ("budget=none", "budget.count=20000", "method.probe_batches=2"),
+                  "vision": ("budget=none", "budget.count=3000", "method.probe_batches=2")}
     cfg: SPTConfig
 
     def setup(self, backbone: Backbone, probe_batches: ProbeBatches | None) -> None:
         if self.budget is None:
-            raise SelectuneError("SPT allocates a budget: give budget.count=N or budget.fraction=F")
+            raise SelectuneError("SPT allocates a budget: give budget.count=N, budget.beyond_head=N or "
+                                 "budget.fraction=F")
         if probe_batches is None:
             raise SelectuneError("SPT needs training batches to probe sensitivity")
         self.adapter = self.cfg.form == "adapter"
