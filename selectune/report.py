@@ -152,7 +152,7 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     is a recipe) is named by the settings in which it departs from that recipe — seeds and bookkeeping
     aside — so one label means one variant on every task, even where the recipes set a per-task value
     (AdaLoRA's γ is 0.1 on MRPC and 0.3 on RTE), and a run older than a recipe change is named by the
-    old value (`sara (trainer.lr=0.0005)`). Other runs are named by the settings in which the runs of
+    old value (`sara (trainer.lr=0.0005)`); a setting newer than the run and null in the recipe is no change. Other runs are named by the settings in which the runs of
     their task, method and stored count differ; with across_tasks, by every setting in which the
     method's runs differ within *some* task (the per-task table alone would call a variant plain on a
     task where only it was run). Settings of the task itself (`task.*`) never name those variants."""
@@ -177,8 +177,9 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
         if recipe is None:
             keys = differing[(run["task"], run["method"], run["budget"]["stored"])]
         else:
-            keys = sorted(k for k in set(run["settings"]) | set(recipe)
-                          if not k.startswith(NOT_A_VARIANT) and run["settings"].get(k) != recipe.get(k))
+            # a setting a run predates reads as null: a key is added with the default that keeps the old behaviour
+            keys = sorted(k for k in set(run["settings"]) | set(recipe) if not k.startswith(NOT_A_VARIANT)
+                          and run["settings"].get(k, "null") != recipe.get(k, "null"))
         labels.append(", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={_shown(run, k)}"
                                 for k in keys))
     return labels
