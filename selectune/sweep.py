@@ -17,7 +17,9 @@ earlier candidates' at the same evaluation stops there (`pruner=median`, from th
 on; `pruner=none` runs every candidate to its end). A winner at an end of a numeric grid is named in the table,
 with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study);
 `write=true` then chooses over the study and those extensions together; `extend=N` runs them itself, one at a
-time while the choice sits at an end, N at most.
+time while the choice sits at an end, N at most. `select_only=trainer.epochs` (any fixed override, comma-separated)
+keeps a setting out of what `write=true` writes: a choice made on a shorter schedule than the recipe trains (the
+recipe's comment line says at which).
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -50,7 +52,7 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "lora": [2e-4, 5e-4, 1e-3], "ia3": [3e-3, 1e-2, 3e-2], "adalora": [5e-4, 1e-3, 2e-3],
     "spt_lora": [2e-4, 5e-4, 1e-3], "spt_adapter": [2e-4, 5e-4, 1e-3], "sara": [5e-4, 2e-3, 5e-3]}
 DEFAULT_EPOCHS = {"full": 5}  # others: 10
-OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan", "extend")
+OPTIONS = ("study", "pruner", "prune_after", "write", "table", "validation", "plan", "extend", "select_only")
 SET_BY_SWEEP = ("hydra", "out_dir", "task.validation", "task.score_dev", "task.protocol", "trainer.select",
                 "trainer.resume")
 JOURNAL = "study.journal"
@@ -74,6 +76,7 @@ class SweepPlan:
     plan_only: bool = False
     family: str = "glue"  # the recipe's task family: where a candidate is scored (see selection)
     defaults_used: list[str] = field(default_factory=list)
+    select_only: tuple[str, ...] = ()  # fixed overrides the candidates trained with that write=true leaves out
 
     @property
     def selection(self) -> list[str]:
@@ -166,6 +169,12 @@ def parse(args: list[str]) -> SweepPlan:
                                  "rows") from None
     if plan.family == "vtab" and "validation" in given:
         raise SelectuneError("sweep: validation= is for text tasks; an image task chooses on its own val200")
+    if options.get("select_only"):
+        plan.select_only = tuple(k.strip().lstrip("+~") for k in options["select_only"].split(",") if k.strip())
+        unknown = [k for k in plan.select_only if k not in fixed_values(plan)]
+        if unknown:
+            raise SelectuneError(f"sweep: select_only={','.join(unknown)}: not a fixed override of this study "
+                                 f"(fixed: {' '.join(plan.fixed) or 'none'})")
     plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
     plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")
     plan.plan_only = options.get("plan", "false").lower() in ("true", "1", "yes")
@@ -204,7 +213,8 @@ def open_study(plan: SweepPlan, create: bool):
     saved = plan.study / "sweep.json"
     mine = {"recipe": plan.recipe, "grid": plan.grid, "fixed": plan.fixed, "validation": plan.validation,
             "overrides": [*plan.fixed, *(f"{k}={','.join(v)}" for k, v in plan.grid.items())],
-            "options": {"pruner": plan.pruner, "prune_after": plan.prune_after, "validation": plan.validation}}
+            "options": {"pruner": plan.pruner, "prune_after": plan.prune_after, "validation": plan.validation,
+                        **({"select_only": ",".join(plan.select_only)} if plan.select_only else {})}}
     if saved.exists():
         before = json.loads(saved.read_text())
         if create and {k: before.get(k) for k in ("recipe", "grid", "fixed", "validation")} != \
@@ -542,8 +552,10 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     # the schedule, the method's settings and the training subset every candidate saw go with the winner, so the
     # recipe trains as the candidate did; the backbone and other plumbing overrides stay the caller's
     # (`+method.head_lr=...` adds a setting the method's yaml leaves unset: in the recipe it is a plain key)
-    chosen = {**{k: v for k, v in fixed_values(plan).items()
-                 if k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS},
+    # (but for `select_only`: a shorter selection schedule stays the sweep's, and the recipe says so)
+    fixed = fixed_values(plan)
+    chosen = {**{k: v for k, v in fixed.items() if k not in plan.select_only
+                 and (k.startswith(("trainer.", "method.")) or k in WRITTEN_TASK_KEYS)},
               **{bare(k): best["values"][bare(k)] for k in plan.grid}}
     if plan.family != "vtab":  # text: the recipe keeps choosing its step on val; images: train800val200 -> test
         chosen.update({"trainer.select": "best", "task.validation": f"{plan.validation:g}"})
@@ -551,7 +563,8 @@ def write_recipe(plan: SweepPlan, study) -> Path:
         chosen.pop("trainer.eval_every", None)
     text = re.sub(r"(?m)^  # chosen by selectune sweep.*\n", "", text).rstrip("\n") + "\n"
     studies = ", ".join(dict.fromkeys(str(c["study"]) for c in found))
-    note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'} ({studies}): {tried}"
+    at = "".join(f" at {k}={fixed[k]}" for k in plan.select_only)
+    note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'}{at} ({studies}): {tried}"
     for i, (key, value) in enumerate(chosen.items()):
         section, _, leaf = key.partition(".")
         if not leaf or "." in leaf:

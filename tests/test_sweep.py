@@ -125,6 +125,29 @@ def test_an_image_winner_is_written_without_the_sweeps_evaluation_cadence(tmp_pa
                 made.parent.rmdir()
 
 
+def test_a_choice_made_on_a_shorter_schedule_is_written_without_it(tmp_path, monkeypatch):
+    """select_only: the candidates trained 4 epochs, the recipe keeps its preset's 10 and says where the lr came
+    from; the study remembers the option, so a later write=true from its folder alone does the same."""
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    made = conf_dir() / "recipe" / "vtab" / "dtd10_lora.yaml"
+    before = made.read_text() if made.exists() else None
+    try:
+        sweep.run(sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1",
+                               "trainer.epochs=4", "trainer.eval_every=null", f"study={tmp_path / 's'}",
+                               "select_only=trainer.epochs", "write=true"]))
+        cfg = compose("train", ["recipe=vtab/dtd10_lora"])
+        assert cfg.trainer.lr == 0.01 and cfg.trainer.epochs == 10  # the preset's schedule, not the sweep's
+        assert "chosen by selectune sweep on val200 at trainer.epochs=4 (" in made.read_text()
+        made.write_text(before) if before is not None else made.unlink()  # as it was: the study writes it again
+        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+        assert compose("train", ["recipe=vtab/dtd10_lora"]).trainer.epochs == 10
+    finally:
+        if before is not None:
+            made.write_text(before)
+        else:
+            made.unlink(missing_ok=True)
+
+
 def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
     text = (conf_dir() / "recipe" / "glue" / "rte_sdiff.yaml").read_text()
     out = sweep.set_in_yaml(sweep.set_in_yaml(text, "trainer", "lr", "1e-4", "chosen"), "task", "validation", "0.1")
@@ -145,6 +168,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["glue/rte_lora", "pruner=hyperband"], "pruner=hyperband: use median or none"),
     (["glue/rte_lora", "extend=two"], "extend=two: give a number of extension studies"),
     (["glue/rte_lora", "trainer.lr=1e-3,abc"], "trainer.lr"),
+    (["glue/rte_lora", "select_only=trainer.batch_size"], "select_only=trainer.batch_size: not a fixed override"),
     (["glue/rte_lora", "trainer.learning_rate=1e-3,1e-2"], "unknown"),
 ])
 def test_bad_sweeps_fail_in_one_line_and_write_nothing(data_env, tmp_path, args, message):
