@@ -155,7 +155,8 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     old value (`sara (trainer.lr=0.0005)`); a setting newer than the run and null in the recipe is no
     change. Other runs are named by the settings in which the runs of their task, method and stored count
     differ; with across_tasks, by every setting in which the method's runs differ within *some* task (the
-    per-task table alone would call a variant plain on a task where only it was run). Settings of the task itself (`task.*`) never name those variants."""
+    per-task table alone would call a variant plain on a task where only it was run). Settings of the task
+    itself (`task.*`) never name those variants."""
     recipes: dict[str, dict[str, str] | None] = {}
     experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
