@@ -29,7 +29,7 @@ class BudgetConfig:
         """The asked number of stored values (head included), or None when the method sizes itself."""
         given = [f"budget.{k}" for k in ("fraction", "count", "beyond_head") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise SelectuneError(f"budget: {' and '.join(given)} are both set; give one (a preset's budget is "
+            raise SelectuneError(f"budget: {' and '.join(given)} are set together; give one (a preset's budget is "
                                  "replaced whole by e.g. budget=none budget.count=N)")
         if self.beyond_head is not None:
             if self.beyond_head <= 0:

@@ -119,6 +119,13 @@ def test_wrong_type_override_names_the_key(tmp_path):
                          "trainer.select", cwd=tmp_path)
 
 
+def test_two_budgets_at_once(data_env, tmp_path):
+    """A count on top of a preset's budget is ambiguous (with the head or beside it): refused, with the way out."""
+    result = run_cli("train", "recipe=glue/rte_spt_lora", *TINY, "budget.count=1000", cwd=tmp_path)
+    assert_clean_failure(result, "budget.count and budget.beyond_head are set together",
+                         "budget=none budget.count=N", cwd=tmp_path)
+
+
 def test_missing_data_folder(tmp_path):
     result = run_cli("train", "recipe=glue/rte_full", *TINY, cwd=tmp_path,
                      env={"SELECTUNE_DATA": str(tmp_path / "nowhere")})

@@ -50,7 +50,7 @@ def test_a_budget_beyond_the_head_adds_the_runs_own_head():
     assert BudgetConfig(beyond_head=1000).resolve(50_000, 770) == 1770
     assert BudgetConfig(beyond_head=1000).resolve(50_000, 148_610) == 149_610
     assert BudgetConfig(count=1000).resolve(50_000, 770) == 1000  # a count already holds the head
-    with pytest.raises(SelectuneError, match="budget.count and budget.beyond_head are both set; give one"):
+    with pytest.raises(SelectuneError, match="budget.count and budget.beyond_head are set together; give one"):
         BudgetConfig(count=1000, beyond_head=1000).resolve(50_000, 770)
     with pytest.raises(SelectuneError, match="budget.beyond_head=0: must be positive"):
         BudgetConfig(beyond_head=0).resolve(50_000, 770)
