@@ -53,7 +53,7 @@ run() {  # run <dir> <selectune train args...>: skip runs that already finished
 for task in $TASKS; do
   for method in $METHODS; do
     if [[ "$STAGE" != final ]]; then
-      # train800 -> val200, evaluated every epoch so hopeless candidates stop early; the study (journal) is
+      # train800 -> val200, evaluated every epoch (the journal keeps each score); the study (journal) is
       # committed under results/sweeps/vtab and resumes in a fresh clone
       # every candidate runs to its end (pruner=none): on dtd10's studies, median pruning after 2 of 10 evaluations
       # saved 290 of 4,000 steps (4 candidates) and stopped SPT-Adapter's best lr (docs/results.md "A 5-epoch
