@@ -170,7 +170,7 @@ def parse(args: list[str]) -> SweepPlan:
     if plan.family == "vtab" and "validation" in given:
         raise SelectuneError("sweep: validation= is for text tasks; an image task chooses on its own val200")
     if options.get("select_only"):
-        plan.select_only = tuple(k.strip().lstrip("+~") for k in options["select_only"].split(",") if k.strip())
+        plan.select_only = tuple(bare(k.strip()) for k in options["select_only"].split(",") if k.strip())
         unknown = [k for k in plan.select_only if k not in fixed_values(plan)]
         if unknown:
             raise SelectuneError(f"sweep: select_only={','.join(unknown)}: not a fixed override of this study "
