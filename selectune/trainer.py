@@ -246,7 +246,8 @@ class Trainer:
         `on_eval(step, score)` is called after every evaluation of the delta's final form (`method.storable`:
         not during diff pruning's phase 1) with the primary metric on the selection split; returning True ends
         the run there (a sweep pruning a hopeless candidate), as if it had reached
-        its last step: the delta and results are written as usual, with `stopped_at`."""
+        its last step: the delta and results are written as usual, with `stopped_at`. A resumed run first tells
+        it the evaluations its checkpoint kept, in order (their answers are not acted on)."""
         cfg.validate()
         if ctx.active and cfg.batch_size < ctx.world:
             raise SelectuneError(f"trainer.batch_size={cfg.batch_size} is the global batch: it must be at least the "
@@ -460,6 +461,13 @@ class Trainer:
             if self.ctx.main:
                 self.console.print(f"resumed from step {run.step}/{self.total_steps} "
                                    f"({self.run_dir / checkpoint.NAME})")
+            if self.on_eval is not None:
+                # the evaluations before the kill, told again in order: a sweep's new trial for this candidate
+                # then numbers the next one as the run's k-th, as the pruner compares it with other candidates'
+                # k-th (only a pruning decision at a new evaluation stops the run)
+                for record in run.evals:
+                    if record.get("storable", True):
+                        self.on_eval(record["step"], self._primary(record["metrics"]))
         elif self.cfg.resume:
             self._truncate_jsonl(-1)  # a run killed before its first checkpoint: its records start over too
             if self.ctx.main:
@@ -572,6 +580,8 @@ class Trainer:
         metrics, run.outputs = self._evaluate()
         run.eval_time += time.perf_counter() - t0
         record: dict[str, Any] = {"step": run.step, "metrics": metrics}
+        if not self.method.storable:  # diff pruning's phase 1: not a form the run can store; on_eval never saw it
+            record["storable"] = False
         counts = prediction_counts(self.task, run.outputs)
         if counts is not None:  # rows per predicted label: a collapse shows
             record["predictions"] = counts

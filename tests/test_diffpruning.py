@@ -127,7 +127,8 @@ def test_two_phases_project_exactly_and_keep_the_rest_bit_identical(method, data
     from selectune.tasks import load_task
 
     cfg = compose_run(f"glue/rte_{method}", "trainer.epochs=2", "method.phase1_epochs=1", "method.log_every=2",
-                      "trainer.log_every=2", "trainer.lr=1e-2", "method.l0_weight=1e-4")
+                      "trainer.log_every=2", "trainer.lr=1e-2", "method.l0_weight=1e-4",
+                      "trainer.eval_every=2")
     results = train(cfg, tmp_path / "run")
     budget = results["budget"]
     assert budget["stored"] == budget["trainable"] == budget["asked"] == round(0.005 * budget["backbone"])
@@ -137,6 +138,9 @@ def test_two_phases_project_exactly_and_keep_the_rest_bit_identical(method, data
     phase1 = [r for r in records if r.get("phase") == 1.0]
     assert phase1 and all(0 < r["expected_density"] <= 1 and 0 <= r["groups_off_fraction"] <= 1 for r in phase1)
     assert all("z_nonzero_sampled" in r and "z_nonzero_eval" in r and r["penalty"] > 0 for r in phase1)
+    # phase 1's evaluations are marked as not of a storable form: a resumed sweep candidate does not report them
+    storable = [e.get("storable", True) for e in results["evals"]]
+    assert storable == sorted(storable) and not storable[0] and storable[-1], storable
     delta = TaskDelta.load(tmp_path / "run")
     assert delta.stored == budget["stored"]
     spec = RunSpec.from_config(cfg)

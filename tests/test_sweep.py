@@ -306,6 +306,45 @@ def test_a_candidate_killed_before_its_first_checkpoint_starts_again(tmp_path, m
     assert sorted(calls) == ["0.001", "0.01", "0.1"]
 
 
+class Killed(Exception):
+    """The process dying mid-run, as the sweep's caller sees it."""
+
+
+def test_a_resumed_candidate_reports_the_evaluations_before_its_kill(data_env, tmp_path, monkeypatch):
+    """A candidate killed after two evaluations resumes from its checkpoint in a new trial; that trial gets all four
+    evaluations, numbered as the run made them, so the pruner compares its k-th with the other candidates' k-th
+    (before, it held only the two after the resume, numbered 1 and 2)."""
+    plan = sweep.parse(["glue/rte_lora", "model=tiny_random", "validation=16", "trainer.batch_size=16",
+                        "trainer.lr=1e-2", "trainer.epochs=4", "pruner=none", f"study={tmp_path / 's'}"])
+    real = commands.train
+
+    def killed_at_the_third_evaluation(cfg, run_dir, on_eval=None, **kwargs):
+        seen = []
+
+        def told(step: int, score: float) -> bool:
+            seen.append(step)
+            if len(seen) == 3:  # after evaluation 2's checkpoint, before evaluation 3's
+                raise Killed
+            return on_eval(step, score)
+
+        return real(cfg, run_dir, on_eval=told, **kwargs)
+
+    monkeypatch.setattr(commands, "train", killed_at_the_third_evaluation)
+    with pytest.raises(Killed):
+        sweep.run(plan)
+    monkeypatch.setattr(commands, "train", real)
+    sweep.run(plan)
+    from optuna.trial import TrialState
+    trials = sweep.open_study(plan, create=False).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    results = json.loads((Path(trials[1].user_attrs["run_dir"]) / "results.json").read_text())
+    scores = [e["metrics"]["val"]["accuracy"] for e in results["evals"]]
+    assert len(scores) == 4
+    told = trials[1].intermediate_values
+    assert sorted(told) == [1, 2, 3, 4]
+    assert [told[k] for k in (1, 2, 3, 4)] == [max(scores[:k]) for k in (1, 2, 3, 4)]
+
+
 def test_the_schedule_ranking_takes_the_choice_a_cut_schedule_would_make():
     """scripts/analysis/schedule_ranking.py: at evaluation k only candidates that reached k compete, each by its
     best score up to k; the regret is read on the whole schedule, and a tie there loses nothing."""
