@@ -17,6 +17,13 @@ def write_section(path: Path, marker: str, body: str) -> None:
     path.write_text(doc)
 
 
+def publish(body: str, path: Path | None, marker: str) -> None:
+    """Print `body`; with a path (a script's `--write`), also put it in that file's `marker` section."""
+    print(body)
+    if path:
+        write_section(path, marker, body)
+
+
 def head_commit() -> str:
     """The short hash of the checked-out commit: the one a generated table names as read at."""
     return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()

@@ -14,7 +14,7 @@ from pathlib import Path
 from selectune.delta.taskdelta import TaskDelta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def main() -> None:
@@ -34,9 +34,7 @@ def main() -> None:
             f"the {result['method']} delta "
             f"of {result['task']} ({result['budget']['stored_percent']:.2f}% of the backbone, head included), "
             f"header and metadata included.\n\n" + "\n".join(rows))
-    print(body)
-    if args.write:
-        write_section(args.write, "results:delta_bytes", body)
+    publish(body, args.write, "results:delta_bytes")
 
 
 if __name__ == "__main__":

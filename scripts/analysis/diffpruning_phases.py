@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from selectune.report import metrics_file, metrics_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 PROJECTION = re.compile(r"projection: (\d+) nonzero -> (\d+) kept")
 
@@ -75,9 +75,7 @@ def main() -> None:
     lines += [row(run) for run in args.runs]
     body = ("### Diff pruning, phase by phase\n\n`python scripts/analysis/diffpruning_phases.py "
             + " ".join(str(r) for r in args.runs) + "`\n\n" + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, "results:diffpruning_phases", body)
+    publish(body, args.write, "results:diffpruning_phases")
 
 
 if __name__ == "__main__":

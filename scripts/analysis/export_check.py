@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def main() -> None:
@@ -71,9 +71,7 @@ def main() -> None:
             f"`python scripts/analysis/export_check.py {args.run}` on the {results['method']} run of {results['task']} "
             f"(seed {results['seed']}): dev logits of the in-training model (delta forms attached) vs the merged, "
             f"saved and reloaded plain transformers model.\n\n" + "\n".join(rows))
-    print(body)
-    if args.write:
-        write_section(args.write, args.section, body)
+    publish(body, args.write, args.section)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def main() -> None:
@@ -60,9 +60,7 @@ def main() -> None:
     body = (f"{first['task']} · {first['method']} · {first['model']}, {split} split, seeds "
             f"{', '.join(map(str, pairs))} (`python scripts/analysis/precision_pairs.py {args.folder.name}`):\n\n"
             + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, args.section, body)
+    publish(body, args.write, args.section)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from selectune.selection import select_k
 from selectune.sensitivity import layer_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -69,9 +69,7 @@ def main() -> None:
             f"\n\nShare of each set per module type (matrix weights q … ffn-out; `vectors` = the "
             f"layers' biases and LayerNorms; outside the layers = the pooler):\n\n" + "\n".join(rows)
             + f"\n\n![{a}](probe_{a}_grad2.png) ![{b}](probe_{b}_grad2.png)")
-    print(body)
-    if args.write:
-        write_section(args.write, "results:probe_overlap", body)
+    publish(body, args.write, "results:probe_overlap")
 
 
 if __name__ == "__main__":

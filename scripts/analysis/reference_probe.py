@@ -30,7 +30,7 @@ from selectune.config import compose
 from selectune.features import extract, head_plan
 from selectune.tasks import load_task
 
-from docsection import write_section
+from docsection import publish
 from frozen_probe import C_GRID, choose_c, fitted
 
 
@@ -102,9 +102,7 @@ def main() -> None:
         f"| logistic regression, C={best_c:.0e} (chosen on val) | {val_scores[best_c]:.2f} | {test:.2f} |",
         f"| selectune `method=linear method.cached=true` | {ours['select']:.2f} | {ours['final']:.2f} |",
         f"\nVal accuracy per C: {grid}."])
-    print(body)
-    if args.write:
-        write_section(args.write, f"reference_probe:{args.task}", body)
+    publish(body, args.write, f"reference_probe:{args.task}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import head_commit, write_section
+from docsection import head_commit, publish
 
 
 def curves(study) -> dict[str, dict]:
@@ -183,9 +183,7 @@ def main() -> None:
         if len(args.roots) != 1:
             raise SystemExit("--short compares with one root of long-schedule studies")
         body = short_schedule(args.roots[0], args.short)
-        print(body)
-        if args.write:
-            write_section(args.write, "results:short_schedule", body)
+        publish(body, args.write, "results:short_schedule")
         return
     lines, stable_at = [], []
     for root in args.roots:
@@ -218,9 +216,7 @@ def main() -> None:
             "the projection.\n\n" + "\n".join(head + lines) + "\n\n"
             f"From 30% of the schedule on, the early choice stays the study's own (or a tie) in {early} of "
             f"{len(stable_at)} studies (from: {shares}).")
-    print(body)
-    if args.write:
-        write_section(args.write, "results:schedule_ranking", body)
+    publish(body, args.write, "results:schedule_ranking")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from selectune.tasks import load_task
 from selectune.tasks.batches import eval_batches
 from selectune.tasks.glue import GLUE
 
-from docsection import head_commit, write_section
+from docsection import head_commit, publish
 from frozen_probe import C_GRID, choose_c, fitted
 
 READINGS = ("cls", "pooler", "mean")
@@ -101,9 +101,7 @@ def main() -> None:
             f"the frozen all-MiniLM-L6-v2 (fp32, standardised features), C chosen on the carved `val` (10% of train, "
             f"seed 42), dev scored once; the majority class is the training split's (STS-B: ridge regression, "
             f"alpha = 1/C; a constant score has no correlation, so its floor is 0).\n\n" + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, "results:text_probe", body)
+    publish(body, args.write, "results:text_probe")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def start(recipe: str, cached: bool, epochs: float, seed: int, out: Path,
@@ -92,9 +92,7 @@ def main() -> None:
         lines.append(f"| {i // 2 + 1} | {'yes' if row['cached'] else 'no'} | {row['steps']} | {row['wall_s']:.1f} | "
                      f"{row['cpu_s']:.1f} | {row['train_time_s']:.1f} | {row['peak_rss_mib']:.0f} | {scores} |")
     body = "\n".join(lines)
-    print(body)
-    if args.write:
-        write_section(args.write, "bench:cached_probe", body)
+    publish(body, args.write, "bench:cached_probe")
 
 
 if __name__ == "__main__":

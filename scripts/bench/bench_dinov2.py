@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def measure(size: int, threads: int, steps: int, data: Path) -> dict[str, float]:
@@ -88,9 +88,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     body = ("`python scripts/bench/bench_dinov2.py` (full fine-tuning, AdamW, real dtd10 images, median of "
             f"{args.steps} steps after one warm-up; the machine is shared, so +-20%):\n\n" + "\n".join(rows))
-    print(body)
-    if args.write:
-        write_section(args.write, "results:dinov2_cost", body)
+    publish(body, args.write, "results:dinov2_cost")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from selectune.backbone import ModelConfig, load_backbone
 from selectune.sensitivity import candidates, probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def main() -> None:
@@ -69,9 +69,7 @@ def main() -> None:
             f"{torch.__version__}: offline MiniLM, 16 batches of 32 x {args.seq} tokens, median of "
             f"{args.rounds} rounds.\n\n| probe (grad², 16 batches) | 16 x full-FT forward+backward | ratio |\n"
             f"|---|---|---|\n| {p:.2f} s | {f:.2f} s | {p / f:.2f} |")
-    print(body)
-    if args.write:
-        write_section(args.write, "bench:probe", body)
+    publish(body, args.write, "bench:probe")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 SHAPES = {"smollm2": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30,
           "small": [(64, 64), (64, 256), (256, 64)] * 4}
@@ -127,9 +127,7 @@ def main() -> None:
             f"SmolLM2-shaped random matrices (select_k: the smallest; the SPT ranking: the top), one process per "
             f"form; each pair selects the same entries (sha256 {rows[1]['digest']}, {rows[3]['digest']}).\n\n"
             + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, "bench:select", body)
+    publish(body, args.write, "bench:select")
 
 
 if __name__ == "__main__":

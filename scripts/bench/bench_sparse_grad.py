@@ -24,7 +24,7 @@ import torch
 from selectune.delta import sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 CASES = [(2048, 384, 384, 0.04), (2048, 1536, 384, 0.005), (4096, 384, 1536, 0.005), (4096, 768, 768, 0.0208)]
 
@@ -79,9 +79,7 @@ def main() -> None:
     body = (f"### Sparse weight gradient{', on a GPU' if on_gpu else ''}\n\n`python scripts/bench/bench_sparse_grad.py"
             f"{' --device ' + args.device if on_gpu else ''}` (fp32, {where}, torch {torch.__version__}; "
             f"median of 10):\n\n" + "\n".join(rows))
-    print(body)
-    if args.write:
-        write_section(args.write, "bench:sparse_grad_cuda" if on_gpu else "bench:sparse_grad", body)
+    publish(body, args.write, "bench:sparse_grad_cuda" if on_gpu else "bench:sparse_grad")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 METHODS = {  # "{lora_count}": the stored count of LoRA r=8 on query/value (+ head) of the model benchmarked
     "full": ["recipe=glue/sst2_full"],
@@ -244,9 +244,7 @@ def main() -> None:
                if args.from_log else "")
             + f"memory = {runs[next(iter(runs))][0].get('memory', 'peak RSS' if not on_gpu else 'cuda')}.\n\n"
             + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, args.section or ("bench:step_cuda" if on_gpu else "bench:step"), body)
+    publish(body, args.write, args.section or ("bench:step_cuda" if on_gpu else "bench:step"))
 
 
 def read_log(path: Path) -> dict[tuple[str, str, int, int], list[dict]]:
@@ -290,9 +288,7 @@ def write_ops_table(args: argparse.Namespace, env: dict[str, str]) -> None:
             "whose CUDA kernel makes the host wait (bincount, nonzero, item, boolean-mask indexing, "
             "repeat_interleave without output_size, unique), counted by `selectune.profiling.OpCounter`.\n\n"
             + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, args.section or "bench:ops", body)
+    publish(body, args.write, args.section or "bench:ops")
 
 
 if __name__ == "__main__":

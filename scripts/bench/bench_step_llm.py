@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 METHODS = {
     "full": [],
@@ -144,9 +144,7 @@ def main() -> None:
             f"{args.batch} SST-2 prompts, {resolve_precision(args.precision, torch.device('cpu'))}, one warm-up "
             f"step then the median of {args.steps} timed steps, {args.rounds} round(s) in turn (the median over "
             f"rounds); memory = the process's highest peak RSS (loading and set-up included).\n\n" + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, args.section, body)
+    publish(body, args.write, args.section)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from selectune.export import export
 from selectune.tasks import load_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5
@@ -162,9 +162,7 @@ def main() -> None:
         lines += ["", "format=peft (`PeftModel.from_pretrained(base, dir)`, dev slice):", "",
                   *[f"- {line}" for line in peft_lines]]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, "bench-switch", text)
+    publish(text, args.write, "bench-switch")
     if worst > TOLERANCE:
         raise SystemExit(f"logits differ from the exported models by {worst:.2e} > {TOLERANCE}")
 

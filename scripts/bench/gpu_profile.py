@@ -29,7 +29,7 @@ import torch
 from bench_step import METHODS, method_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import write_section
+from docsection import publish
 
 
 def cuda_profile(bench, first: int, steps: int) -> tuple[float, float]:
@@ -126,9 +126,7 @@ def main() -> None:
             f"{' '.join(sys.argv[1:])}` on {device}, torch {torch.__version__}, {os.cpu_count()} CPU cores. Model "
             f"`{model}`, fp32, batch {args.batch} x {args.seq} tokens; counts of step 4, profiler over {args.steps} "
             "steps, sync debug mode over the next ones; peak memory over the profiled steps.\n\n" + "\n".join(lines))
-    print(body)
-    if args.write:
-        write_section(args.write, "bench:gpu_profile", body)
+    publish(body, args.write, "bench:gpu_profile")
 
 
 if __name__ == "__main__":

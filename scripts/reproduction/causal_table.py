@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import head_commit, write_section
+from docsection import head_commit, publish
 
 
 def keep_rows(studies: Path, keep: Path) -> list[str]:
@@ -83,9 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     left = keep_rows(args.studies, args.keep) if args.studies.exists() else []
     body = table(args.keep, left)
-    print(body)
-    if args.write:
-        write_section(args.write, "results:causal_finetuned", body)
+    publish(body, args.write, "results:causal_finetuned")
 
 
 if __name__ == "__main__":

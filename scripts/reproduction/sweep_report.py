@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/, for docsection
-from docsection import head_commit, write_section
+from docsection import head_commit, publish
 
 
 def main() -> None:
@@ -50,9 +50,7 @@ def main() -> None:
             f"grids hold without pruning, in {seconds / 3600:.1f} hours of training (one thread each; set-up and "
             f"evaluation not counted).")
     body = head + "\n\n" + "\n\n".join(parts)
-    print(body)
-    if args.write:
-        write_section(args.write, f"results:sweeps:{args.root.name}", body)
+    publish(body, args.write, f"results:sweeps:{args.root.name}")
 
 
 if __name__ == "__main__":
