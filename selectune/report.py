@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from selectune import runfs
+from selectune.budget import BudgetConfig
 from selectune.errors import SelectuneError
 from selectune.tasks.glue import GLUE
 
@@ -181,9 +182,23 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
             # a setting a run predates reads as null: a key is added with the default that keeps the old behaviour
             keys = sorted(k for k in set(run["settings"]) | set(recipe) if not k.startswith(NOT_A_VARIANT)
                           and run["settings"].get(k, "null") != recipe.get(k, "null"))
+            if _asks_the_same(run, recipe):  # one budget written another way (a count, a count beyond the head)
+                keys = [k for k in keys if not k.startswith("budget.")]
         labels.append(", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={_shown(run, k)}"
                                 for k in keys))
     return labels
+
+
+def _asks_the_same(run: dict[str, Any], recipe: dict[str, str]) -> bool:
+    """Whether the recipe's budget, on this run's backbone and head, asks the count the run asked: a run of
+    `budget.count=155146` and a recipe of `budget.beyond_head=147456` on a 7,690-value head are one budget."""
+    asked = run["budget"].get("asked")
+    written = {k: json.loads(recipe.get(f"budget.{k}", "null")) for k in ("fraction", "count", "beyond_head")}
+    try:
+        return asked is not None and BudgetConfig(**written).resolve(run["budget"]["backbone"],
+                                                                     run["budget"]["head"]) == asked
+    except SelectuneError:  # a recipe giving two of them: not this run's budget
+        return False
 
 
 def _shown(run: dict[str, Any], key: str) -> str:

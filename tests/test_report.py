@@ -8,13 +8,13 @@ from conftest import run_cli
 
 
 def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None,
-             predictions=None, precision=None):
+             predictions=None, precision=None, asked=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
         trainer = {**config.get("trainer", {}), "seed": seed}
         (folder / "config.yaml").write_text(json.dumps({**config, "trainer": trainer, "out_dir": str(folder)}))
     result = {"task": task, "method": method, "seed": seed, "metrics": {split: metrics}, "selection": "last",
-              "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10},
+              "selected_step": 10, "budget": {"stored": stored, "backbone": 1_000_000, "head": 10, "asked": asked},
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10,
               **({"family": family} if family else {}),
               **({"predictions": {split: predictions}} if predictions else {}),
@@ -104,6 +104,28 @@ def test_a_recipe_run_is_named_by_what_it_changes_in_its_recipe_so_per_task_valu
     assert "| adalora | 83.00 ± 1.41 (2) | 55.00 ± 0.00 (1) | 69.00 |" in lines  # γ 0.1 and 0.3: one row
     assert "| adalora (orth_weight=0) | 86.00 ± 0.00 (1) | — | — |" in lines
     assert any(line.startswith("| rte | adalora | accuracy 55.00") for line in lines)
+
+
+def test_a_run_of_the_recipes_budget_written_another_way_is_no_variant(tmp_path):
+    """The recipe asks 73,728 beyond the head; a run that asked the same count as `budget.count` (older
+    recipes did, on its 10-value head: 73,738) is the recipe's row; a run that asked another count is not."""
+    from omegaconf import OmegaConf
+
+    from selectune.config import compose
+
+    recipe = OmegaConf.to_container(compose("train", ["recipe=glue/rte_spt_lora"]), resolve=True)
+    assert recipe["budget"] == {"fraction": None, "count": None, "beyond_head": 73728}
+    runs = tmp_path / "runs"
+    same = {**recipe, "budget": {"fraction": None, "count": 73738, "beyond_head": None}}
+    other = {**recipe, "budget": {"fraction": None, "count": 80000, "beyond_head": None}}
+    fake_run(runs / "a", "rte", "spt_lora", 1, {"accuracy": 55.0}, 73738, config=same, asked=73738)
+    fake_run(runs / "b", "rte", "spt_lora", 1, {"accuracy": 51.0}, 80000, config=other, asked=80000)
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert any(line.startswith("| rte | spt_lora | accuracy 55.00") for line in lines)
+    assert any(line.startswith("| rte | spt_lora (budget.beyond_head=None, budget.count=80000) | accuracy 51.00")
+               for line in lines), lines
 
 
 def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fails_before_writing(tmp_path):
