@@ -92,7 +92,7 @@ def test_schedule_misconfigurations_fail_before_training(data_env, tmp_path):
     with pytest.raises(SelectuneError, match="exceeds b\\(0\\)"):
         train(compose_run("glue/rte_adalora", "method.init_ratio=0.5", "method.target_total=24"), tmp_path / "c")
     with pytest.raises(SelectuneError, match="not reachable"):
-        train(compose_run("glue/rte_adalora", "method.target_total=null", "budget.count=100"), tmp_path / "d")
+        train(compose_run("glue/rte_adalora", "budget=none", "budget.count=100"), tmp_path / "d")
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
@@ -113,7 +113,7 @@ def test_svd_delta_merges_and_trims(data_env, tmp_path):
     from selectune.commands import train
 
     full = train(compose_run("glue/rte_adalora", "trainer.max_steps=20", "method.t_init=2", "method.t_final=5",
-                             "method.delta_t=2", "method.target_total=8"), tmp_path / "full")
+                             "method.delta_t=2", "method.target_total=8", "method.trim=false"), tmp_path / "full")
     trimmed = train(compose_run("glue/rte_adalora", "trainer.max_steps=20", "method.t_init=2", "method.t_final=5",
                                 "method.delta_t=2", "method.target_total=8", "method.trim=true"), tmp_path / "trim")
     assert trimmed["metrics"] == full["metrics"]
@@ -150,7 +150,8 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
     overrides = [f"trainer.max_steps={steps}", "trainer.warmup_ratio=0", f"trainer.lr={lr}", f"trainer.seed={seed}",
                  "+model.config_overrides.hidden_dropout_prob=0.0",
                  "+model.config_overrides.attention_probs_dropout_prob=0.0", "method.target_total=12",
-                 "method.t_init=4", "method.t_final=6", "method.delta_t=5", "method.orth_weight=0.3"]
+                 "method.t_init=4", "method.t_final=6", "method.delta_t=5", "method.orth_weight=0.3",
+                 "method.trim=false"]  # every triplet stored, masked ones too: compared entry for entry
     _, method = build(*overrides)  # r0 = 2 on 12 matrices, b(T) = 12; the P, Q init train() draws too
     init = {name: (m.lora_P.detach().clone(), m.lora_Q.detach().clone()) for name, m in method.modules.items()}
     train(compose_run("glue/rte_adalora", *overrides), tmp_path / "run")

@@ -77,3 +77,24 @@ def test_spt_recipes_ask_for_what_lora_stores_with_the_same_head(task):
     for name in ("spt_lora", "spt_adapter"):
         assert specs[name].model.train_with_head == specs["lora"].model.train_with_head, name
         assert specs[name].budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters) == stored
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_adalora_recipes_ask_for_lora_s_count_and_derive_b_t_from_it(task):
+    """AdaLoRA's GLUE recipes: LoRA r=8's count on the same head, b(T) = 73,728 over the mean triplet of MiniLM's
+    36 matrices (4 attention of 769 values and 2 FFN of 1,921 a layer: 1,153) = 63, and a trimmed delta, so what
+    it stores is the head and the triplets it kept."""
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+    from selectune.methods import build_method
+
+    lora, adalora = (RunSpec.from_config(compose("train", [f"recipe=glue/{task}_{m}", "+model.random_init=true"]))
+                     for m in ("lora", "adalora"))
+    assert adalora.model.train_with_head == lora.model.train_with_head == ["bert.pooler"]
+    regression = task == "stsb"
+    backbone = load_backbone(adalora.model, 1 if regression else 2, regression, None, seed=0)
+    asked = adalora.budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters)
+    assert asked == 73_728 + 147_840 + (385 if regression else 770)  # what LoRA stores (the test above)
+    method = build_method(adalora.method, asked)
+    method.attach(backbone)
+    assert (method.bT, method.r0, len(method.modules)) == (63, 3, 36) and adalora.method.trim

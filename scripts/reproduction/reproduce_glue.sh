@@ -8,10 +8,11 @@
 # The fifth argument is passed to every run, e.g. "model=tiny_random trainer.max_steps=4" for a smoke run.
 # Budgets: the selective methods at 0.5% of the backbone (head counted); LoRA both at its own r=8 and at
 # 0.5% (`lora_0.5pct`: rank derived from the budget, the count SaRA and diff pruning store); SPT at LoRA
-# r=8's count (its recipes); AdaLoRA at b(T)=144. `lora_adalora_count` (not in the default list): LoRA on
-# AdaLoRA's 36 matrices at rank b(T)/36 = 4, with AdaLoRA's lr and scale (lora_alpha 32 / initial rank 6
-# = 21.33 / 4) — the same final count, only the rank schedule differs. Selection rule: last evaluation on
-# the dev split.
+# r=8's count (its recipes); AdaLoRA at LoRA r=8's count too (its recipes: b(T) derived from it, trimmed delta).
+# `lora_adalora_count` (not in the default list) is the comparison from before that, at AdaLoRA's old preset
+# (b(T)=144, i.e. adalora with method.target_total=144 method.trim=false budget=none): LoRA on AdaLoRA's 36
+# matrices at rank b(T)/36 = 4, with that preset's lr and scale (lora_alpha 32 / initial rank 6 = 21.33 / 4) —
+# the same final count, only the rank schedule differs. Selection rule: last evaluation on the dev split.
 # Run time on the 2-core CPU machine, one core per run with another beside it (OMP_NUM_THREADS=1), one-phase
 # methods: MRPC 9-20 minutes, RTE 11-16, STS-B 12-14, CoLA 6-8 (the range over sessions), i.e. 40-60
 # minutes per (method, seed) over the four tasks; ~60 per MRPC run for diff pruning's 8 epochs at batch 8;
