@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -97,6 +98,13 @@ class SweepPlan:
 def point_name(point: dict[str, str]) -> str:
     """A candidate's folder name: `trainer.lr=5e-4,trainer.epochs=10` -> `lr5e-4_epochs10`."""
     return "_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items()) or "default"
+
+
+def studies_in(root: Path, nested: bool = False) -> Iterator[tuple[Path, SweepPlan]]:
+    """Each study below `root` (a folder with `sweep.json` beside its journal: `<root>/<study>`, or at any depth
+    with `nested`), in name order, with its plan as a sweep re-reads it: what the reports and analysis scripts walk."""
+    for found in sorted(root.glob("**/sweep.json" if nested else "*/sweep.json")):
+        yield found.parent, parse([f"study={found.parent}"])
 
 
 def parse(args: list[str]) -> SweepPlan:

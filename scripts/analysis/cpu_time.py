@@ -50,10 +50,10 @@ def study_parts(root: Path, match: str) -> list[Part]:
     from selectune import sweep
 
     parts = []
-    for folder in sorted(p.parent for p in root.glob("**/sweep.json")):
+    for folder, plan in sweep.studies_in(root, nested=True):
         if match not in folder.name:
             continue
-        study = sweep.open_study(sweep.parse([f"study={folder}"]), create=False)
+        study = sweep.open_study(plan, create=False)
         part = Part(f"study {folder}")
         for trial in study.get_trials(deepcopy=False):
             if trial.state.name in ("COMPLETE", "PRUNED"):

@@ -42,10 +42,10 @@ def main() -> None:
 
     counts = {p: {"worse": 0, "winners": [], "saved": 0.0} for p in PATIENCES}
     total = 0
-    for folder in sorted(p.parent for p in args.root.glob("*/sweep.json")):
+    for folder, plan in sweep.studies_in(args.root):
         if folder.name.split("_", 1)[1].startswith("linear"):
             continue
-        study = sweep.open_study(sweep.parse([f"study={folder}"]), create=False)
+        study = sweep.open_study(plan, create=False)
         best = sweep.winner(study)
         for trial in study.get_trials(deepcopy=False):
             scores = [s for _, s in trial.user_attrs.get("evals") or []]

@@ -46,8 +46,7 @@ def main() -> None:
 
     rows, stopped = [], []
     for root in args.roots:
-        for folder in sorted(p.parent for p in root.glob("*/sweep.json")):
-            plan = sweep.parse([f"study={folder}"])
+        for folder, plan in sweep.studies_in(root):
             if plan.pruner == "none" or plan.recipe.endswith(("_sdiff", "_udiff")):  # diff pruning: its scores
                 continue  # before the projection are of the unprojected diff, not of what the run keeps
             study = sweep.open_study(plan, create=False)

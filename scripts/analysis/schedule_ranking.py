@@ -143,8 +143,8 @@ def short_schedule(long_root: Path, short_root: Path) -> str:
     from selectune import sweep
 
     lines, same, key = [], [], None
-    for folder in sorted(p.parent for p in short_root.glob("*/sweep.json")):
-        if sweep.extended(sweep.parse([f"study={folder}"])) is not None:  # read with the study it extends
+    for folder, plan in sweep.studies_in(short_root):
+        if sweep.extended(plan) is not None:  # read with the study it extends
             continue
         if not (long_root / folder.name / "sweep.json").exists():
             raise SystemExit(f"{folder}: no study {long_root / folder.name} to compare it with")
@@ -187,8 +187,7 @@ def main() -> None:
         return
     lines, stable_at = [], []
     for root in args.roots:
-        for folder in sorted(p.parent for p in root.glob("*/sweep.json")):
-            plan = sweep.parse([f"study={folder}"])
+        for folder, plan in sweep.studies_in(root):
             if plan.recipe.endswith(("_sdiff", "_udiff")):  # their per-evaluation scores include phase 1's,
                 continue                                     # a model not yet projected: not comparable
             study = sweep.open_study(plan, create=False)

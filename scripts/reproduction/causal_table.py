@@ -27,8 +27,7 @@ def keep_rows(studies: Path, keep: Path) -> list[str]:
     from selectune import sweep
 
     left = []
-    for folder in sorted(p.parent for p in studies.glob("*/sweep.json")):
-        plan = sweep.parse([f"study={folder}"])
+    for folder, plan in sweep.studies_in(studies):
         study = sweep.open_study(plan, create=False)
         best = sweep.winner(study)
         run = folder / "runs" / (best["candidate"] if best else "-")

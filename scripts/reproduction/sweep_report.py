@@ -25,8 +25,7 @@ def main() -> None:
     from selectune import sweep
 
     parts, spent, most, done, pruned, candidates, seconds = [], 0, 0, 0, 0, 0, 0.0
-    for folder in sorted(p.parent for p in args.root.glob("*/sweep.json")):
-        plan = sweep.parse([f"study={folder}"])
+    for folder, plan in sweep.studies_in(args.root):
         study = sweep.open_study(plan, create=False)
         rows = sweep.rows(study)
         per_candidate = {r["candidate"]: r for r in rows}
