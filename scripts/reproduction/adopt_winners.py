@@ -33,13 +33,17 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from selectune.sweep import SweepPlan
 
 BOOKKEEPING = ("out_dir", "run_name", "trainer.progress", "trainer.resume", "task.score_dev", "task.data_root")
 
 
-def adopt(folder: Path, root: Path, dry_run: bool) -> str:
+def adopt(folder: Path, plan: SweepPlan, root: Path, dry_run: bool) -> str:
     """Adopt one study's chosen candidate; a line saying what was done or why not."""
     from selectune import sweep
     from selectune.commands import evaluate_delta
@@ -47,7 +51,6 @@ def adopt(folder: Path, root: Path, dry_run: bool) -> str:
     from selectune.report import flat_settings  # a config as dotted key -> JSON value, as the report reads it
     from selectune.tasks.glue import GLUE
 
-    plan = sweep.parse([f"study={folder}"])
     base = sweep.extended(plan)
     if base is not None:
         return f"{plan.recipe}: {folder.name} extends {base.name}, whose choice covers both"
@@ -125,8 +128,10 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
-    for folder in sorted(p.parent for p in args.studies.glob("*/sweep.json")):
-        print(adopt(folder, args.root, args.dry_run), flush=True)
+    from selectune import sweep
+
+    for folder, plan in sweep.studies_in(args.studies):
+        print(adopt(folder, plan, args.root, args.dry_run), flush=True)
 
 
 if __name__ == "__main__":

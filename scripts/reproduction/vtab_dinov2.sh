@@ -58,9 +58,8 @@ for task in $TASKS; do
       # every candidate runs to its end (pruner=none): on dtd10's studies, median pruning after 2 of 10 evaluations
       # saved 290 of 4,000 steps (4 candidates) and stopped SPT-Adapter's best lr (docs/results.md "A 5-epoch
       # select schedule on dtd10")
-      prune=(pruner=none)
       selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$task" "$method" | tr ' ' ',')" \
-        trainer.eval_every=null "study=$studies/${task}_${method}" "${prune[@]}"
+        trainer.eval_every=null "study=$studies/${task}_${method}" pruner=none
     fi
     if [[ "$STAGE" != select ]]; then
       # the chosen lr written into recipes/vtab/<task>_<method>.yaml (commit it): the final runs are that
