@@ -98,3 +98,6 @@ def test_adalora_recipes_ask_for_lora_s_count_and_derive_b_t_from_it(task):
     method = build_method(adalora.method, asked)
     method.attach(backbone)
     assert (method.bT, method.r0, len(method.modules)) == (63, 3, 36) and adalora.method.trim
+    # the budget line before training: every λ is still 0, so the trimmed delta itself would store the head alone;
+    # the line says what b(T) triplets of the mean size store instead
+    assert method.report().stored == backbone.num_head_parameters + 63 * 1_153

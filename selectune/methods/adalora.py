@@ -74,6 +74,7 @@ class AdaLoRA(Method):
         linears = find_linears(backbone.model, self.cfg.targets, backbone.head_names)
         head = backbone.num_head_parameters
         per_triplet = sum(m.in_features + m.out_features + 1 for m in linears.values()) / len(linears)
+        self.per_triplet = per_triplet
         if self.cfg.target_total is not None:
             self.bT = self.cfg.target_total
         elif self.budget is not None:
@@ -235,6 +236,16 @@ class AdaLoRA(Method):
                                               for n, r in final.items())
         return {"b0": self.b0, "bT": self.bT, "initial_rank": self.r0, "matrices": len(self.modules),
                 "final_rank_pattern": final, "final_kept_params": kept, "trimmed": self.cfg.trim}
+
+    def stored_count(self) -> int:
+        """A trimmed delta stores the triplets with λ ≠ 0, so before the final mask it reads nothing like the run's
+        answer (at step 0 every λ is 0: the head alone). Until then the count is b(T) triplets of the mean size,
+        what the final mask keeps on average (which matrices keep them is learned, so it lands near, not on, it);
+        from the final mask on, the delta's own count."""
+        if self.cfg.trim and self.fixed is None:
+            assert self.backbone is not None
+            return self.backbone.num_head_parameters + round(self.bT * self.per_triplet)
+        return super().stored_count()
 
     def method_delta(self) -> dict[str, torch.Tensor]:
         out = {}
