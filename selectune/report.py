@@ -260,6 +260,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
                      "top_label_share": _top_label_share(members, split),
                      "precisions": _precisions(members),
+                     "machines": _seeds_by(members, "machine"),
                      "runs": [m["run_dir"] for m in members]})
     return rows
 
@@ -282,10 +283,15 @@ def _precisions(members: list[dict[str, Any]]) -> dict[str, list[int]]:
     """The seeds by the precision each run trained in (results.json's `precision`, what `trainer.precision=auto`
     resolved to on the machine that ran it; `unrecorded` for runs from before it was kept), so a row whose seeds
     ran on different hardware says so."""
+    return _seeds_by(members, "precision")
+
+
+def _seeds_by(members: list[dict[str, Any]], key: str) -> dict[str, list[int]]:
+    """The seeds by a results.json string (`precision`, `machine`); `unrecorded` for runs without it."""
     seen: dict[str, list[int]] = defaultdict(list)
     for member in members:
-        precision = member.get("precision")
-        seen[precision if isinstance(precision, str) and precision else "unrecorded"].append(member["seed"])
+        value = member.get(key)
+        seen[value if isinstance(value, str) and value else "unrecorded"].append(member["seed"])
     return {name: sorted(seeds) for name, seeds in sorted(seen.items())}
 
 
@@ -323,16 +329,37 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | method | primary metric | all metrics (split) | seeds | stored params | % of backbone | "
              "delta on disk | s/step | peak memory | top label share |", "|---" * 11 + "|"]
     mixed = len({name for r in rows for name in r.get("precisions") or {}}) > 1
+    machines = list(dict.fromkeys(name for r in rows for name in r.get("machines") or {}))
+    labels = {name: f"m{i}" for i, name in enumerate(machines, 1)} if len(machines) > 1 else {}
     for r in rows:
         primary = r["metrics"].get(r["primary"])
         shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
+        step_time = f"{r['step_time_s']:.2f}{_phases_shown(r)}{_machines_shown(r, labels)}"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r, mixed)} | "
                      f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
-                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {r['step_time_s']:.2f}{_phases_shown(r)} | "
+                     f"{r['delta_bytes'] / 2**20:.2f} MiB | {step_time} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB | "
                      f"{_share_shown(r.get('top_label_share'), len(r['seeds']))} |")
+    if labels:
+        lines += ["", "s/step timed on different machines (a row's seeds by machine in brackets): "
+                  + "; ".join(f"{label} = {name}" + (" (runs from before results.json kept the machine)"
+                                                      if name == "unrecorded" else "")
+                              for name, label in labels.items()) + "."]
+    elif machines and machines[0] != "unrecorded":
+        lines += ["", f"s/step timed on {machines[0]}."]
     return "\n".join(lines)
+
+
+def _machines_shown(row: dict[str, Any], labels: dict[str, str]) -> str:
+    """` [m1]`, or ` [m1: 42; m2: 43,44]` where a row's seeds ran on different machines; `` where the table
+    was timed on one."""
+    machines = row.get("machines") or {}
+    if not labels or not machines:
+        return ""
+    if len(machines) == 1:
+        return f" [{labels[next(iter(machines))]}]"
+    return " [" + "; ".join(f"{labels[name]}: {','.join(map(str, seeds))}" for name, seeds in machines.items()) + "]"
 
 
 def _share_shown(share: tuple[float, int] | None, seeds: int) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -117,9 +118,31 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return "bf16" if native else "fp32"
+        return "bf16" if _cpu_bf16_native() else "fp32"
     return "fp32"
+
+
+def _cpu_bf16_native() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def machine_name(device: torch.device) -> str:
+    """What timed the run, so a table can say when its s/step figures come from different machines: the GPU's
+    name, or the CPU's model, whether it computes bf16 natively (what `precision=auto` reads) and the threads
+    torch used. A run resumed elsewhere names the machine that finished it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    model = platform.processor() or platform.machine() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip() or model
+                break
+    threads = torch.get_num_threads()
+    return (f"{model} ({'native bf16' if _cpu_bf16_native() else 'no native bf16'}), "
+            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -631,7 +654,8 @@ class Trainer:
                 "step_time_s_by_phase": {phase: round(seconds / max(steps, 1), 4)
                                          for phase, (seconds, steps) in run.phase_time.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
-                "precision": self.precision, "stopped_at": run.stopped_at, "distributed": distributed}
+                "machine": machine_name(self.device), "precision": self.precision, "stopped_at": run.stopped_at,
+                "distributed": distributed}
 
 def _record_step(line: str) -> float:
     """A metrics.jsonl record's step; a line a full disk or a kill cut short (not JSON, or no step) counts as

@@ -13,6 +13,7 @@ import torch
 from selectune.delta.taskdelta import TaskDelta
 from selectune.errors import SelectuneError
 from selectune.methods import METHODS as REGISTRY
+from selectune.trainer import resolve_precision
 
 from conftest import compose_run
 
@@ -40,6 +41,10 @@ def test_every_method_trains_under_autocast_and_stores_fp32(method, precision, d
     results = train(compose_run(f"glue/rte_{method}", f"trainer.precision={precision}", *overrides(method)),
                     tmp_path / "run")
     assert results["device"] == "cpu"
+    # what timed it: the CPU, its native bf16 support (what precision=auto reads) and torch's threads
+    native = "native bf16" if resolve_precision("auto", torch.device("cpu")) == "bf16" else "no native bf16"
+    assert results["machine"].endswith(f"({native}), {torch.get_num_threads()} thread"
+                                       + ("s" if torch.get_num_threads() != 1 else ""))
     delta = TaskDelta.load(tmp_path / "run")
     assert all(t.dtype in (torch.float32, torch.int32) for t in delta.tensors.values())
     assert torch.isfinite(torch.cat([t.float().reshape(-1) for t in delta.tensors.values()])).all()

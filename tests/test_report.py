@@ -8,7 +8,7 @@ from conftest import run_cli
 
 
 def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, config=None, split="dev", family=None,
-             predictions=None, precision=None, asked=None):
+             predictions=None, precision=None, asked=None, machine=None):
     folder.mkdir(parents=True)
     if config is not None:  # as a real run writes it: the resolved config, seed and out_dir included
         trainer = {**config.get("trainer", {}), "seed": seed}
@@ -18,7 +18,8 @@ def fake_run(folder, task, method, seed, metrics, stored, delta_bytes=1000, conf
               "delta_bytes": delta_bytes, "step_time_s": 0.5, "peak_memory_mb": 2048.0, "steps": 10,
               **({"family": family} if family else {}),
               **({"predictions": {split: predictions}} if predictions else {}),
-              **({"precision": precision} if precision else {})}
+              **({"precision": precision} if precision else {}),
+              **({"machine": machine} if machine else {})}
     (folder / "results.json").write_text(json.dumps(result))
     lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -219,6 +220,34 @@ def test_a_row_whose_seeds_trained_in_different_precisions_names_them(tmp_path):
     assert "| 42,43,44 (bf16: 42; fp32: 43,44) |" in next(line for line in lines if "| lora |" in line)
     assert "| 42,43 (fp32) |" in next(line for line in lines if "| bitfit |" in line)  # the table mixes them
     assert "| 42,43 (bf16: 42; unrecorded: 43) |" in next(line for line in lines if "| ia3 |" in line)
+
+
+def test_s_step_from_different_machines_says_which_seeds_ran_where(tmp_path):
+    # a table whose s/step means come from two CPUs (and a run from before results.json kept the machine)
+    amx, avx2 = "Xeon (native bf16), 1 thread", "AMD EPYC (no native bf16), 1 thread"
+    fake_run(tmp_path / "runs" / "a", "rte", "lora", 42, {"accuracy": 54.0}, 5000, machine=amx)
+    fake_run(tmp_path / "runs" / "b", "rte", "lora", 43, {"accuracy": 56.0}, 5000, machine=avx2)
+    fake_run(tmp_path / "runs" / "c", "rte", "lora", 44, {"accuracy": 52.0}, 5000, machine=avx2)
+    fake_run(tmp_path / "runs" / "d", "rte", "bitfit", 42, {"accuracy": 53.0}, 4000, machine=avx2)
+    fake_run(tmp_path / "runs" / "e", "rte", "ia3", 42, {"accuracy": 58.0}, 3000)
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    row = {m: next(line for line in lines if f"| {m} |" in line) for m in ("lora", "bitfit", "ia3")}
+    # labels in the order the rows name the machines (rows sorted by method: bitfit, ia3, lora)
+    assert "| 0.50 [m1] |" in row["bitfit"] and "| 0.50 [m2] |" in row["ia3"]
+    assert "| 0.50 [m1: 43,44; m3: 42] |" in row["lora"]
+    assert (f"s/step timed on different machines (a row's seeds by machine in brackets): m1 = {avx2}; "
+            f"m2 = unrecorded (runs from before results.json kept the machine); m3 = {amx}.") in lines
+
+
+def test_s_step_from_one_machine_names_it_once(tmp_path):
+    fake_run(tmp_path / "runs" / "a", "rte", "lora", 42, {"accuracy": 54.0}, 5000, machine="EPYC, 1 thread")
+    fake_run(tmp_path / "runs" / "b", "rte", "bitfit", 42, {"accuracy": 53.0}, 4000, machine="EPYC, 1 thread")
+    result = run_cli("report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "s/step timed on EPYC, 1 thread." in text and "[m1]" not in text and "| 0.50 |" in text
 
 
 def test_a_table_of_one_precision_does_not_name_it(tmp_path):
