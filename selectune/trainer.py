@@ -267,8 +267,8 @@ class Trainer:
                  on_eval: Callable[[int, float], bool] | None = None) -> None:
         """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes.
         `on_eval(step, score)` is called after every evaluation of the delta's final form (`method.storable`:
-        not during diff pruning's phase 1) with the primary metric on the selection split; returning True ends
-        the run there (a sweep pruning a hopeless candidate), as if it had reached
+        not during diff pruning's phase 1, nor before AdaLoRA's final mask) with the primary metric on the
+        selection split; returning True ends the run there (a sweep pruning a hopeless candidate), as if it had reached
         its last step: the delta and results are written as usual, with `stopped_at`. A resumed run first tells
         it the evaluations its checkpoint kept, in order (their answers are not acted on)."""
         cfg.validate()
@@ -412,8 +412,8 @@ class Trainer:
                 progress.update(run.bar, completed=step)
                 if step % self.eval_every == 0 or step == self.total_steps:
                     self._evaluate_and_select(run, progress)
-                    # only evaluations of the delta's final form count (diff pruning's phase 1 is not one): a
-                    # sweep prunes on the scores select=best chooses among, never on a model not yet projected
+                    # only evaluations of the delta's final form count (diff pruning's phase 1 is not one, nor
+                    # AdaLoRA over its final budget): a sweep prunes on the scores select=best chooses among
                     if (self.on_eval is not None and self.method.storable
                             and self.on_eval(step, self._primary(run.evals[-1]["metrics"]))
                             and step < self.total_steps):
@@ -603,7 +603,7 @@ class Trainer:
         metrics, run.outputs = self._evaluate()
         run.eval_time += time.perf_counter() - t0
         record: dict[str, Any] = {"step": run.step, "metrics": metrics}
-        if not self.method.storable:  # diff pruning's phase 1: not a form the run can store; on_eval never saw it
+        if not self.method.storable:  # diff pruning's phase 1, AdaLoRA before its final mask: on_eval never saw it
             record["storable"] = False
         counts = prediction_counts(self.task, run.outputs)
         if counts is not None:  # rows per predicted label: a collapse shows

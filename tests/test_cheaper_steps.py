@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from selectune.commands import train
+from selectune.delta.taskdelta import TaskDelta
 from selectune.tasks.batches import GROUP_BATCHES, train_batches
 from selectune.trainer import resolve_precision
 
@@ -92,6 +93,30 @@ def test_a_sweep_is_told_only_of_evaluations_of_the_final_form(data_env, tmp_pat
     assert [e["step"] for e in results["evals"]] == [2, 4]
     assert seen == [4] and results["stopped_at"] == 4 == results["selected_step"]
     assert (tmp_path / "run" / "delta.safetensors").exists()
+
+
+def test_adalora_is_chosen_and_told_only_at_its_final_budget(data_env, tmp_path):
+    """Before AdaLoRA's final mask (the last t_final steps) more than b(T) triplets are live: a delta stored then
+    is over the budget. select=best keeps none of those evaluations and a sweep hears none of them, so the run's
+    delta holds the kept triplets alone (trimmed: head + what they hold), even where an earlier score was better."""
+    seen = []
+
+    def on_eval(step: int, score: float) -> bool:
+        seen.append(step)
+        return False
+
+    cfg = compose_run("glue/rte_adalora", "trainer.max_steps=12", "trainer.eval_every=2", "method.t_init=2",
+                      "method.t_final=4", "method.delta_t=2", "method.target_total=4", "method.trim=true",
+                      "trainer.select=best", "task.validation=8", "task.score_dev=false")
+    results = train(cfg, tmp_path / "run", on_eval=on_eval)
+    # the final mask is set at step 12 - 4 = 8: evaluations at 8, 10, 12 are at b(T)
+    assert [(e["step"], e.get("storable", True)) for e in results["evals"]] == [
+        (2, False), (4, False), (6, False), (8, True), (10, True), (12, True)]
+    assert seen == [8, 10, 12] and results["selected_step"] in seen
+    delta = TaskDelta.load(tmp_path / "run")
+    assert delta.stored == results["budget"]["stored"] == results["budget"]["head"] + \
+        results["method_state"]["final_kept_params"]
+    assert sum(results["method_state"]["final_rank_pattern"].values()) == 4
 
 
 @pytest.mark.parametrize("value", ["bf32", "half"])

@@ -237,12 +237,20 @@ class AdaLoRA(Method):
         return {"b0": self.b0, "bT": self.bT, "initial_rank": self.r0, "matrices": len(self.modules),
                 "final_rank_pattern": final, "final_kept_params": kept, "trimmed": self.cfg.trim}
 
+    @property
+    def storable(self) -> bool:
+        """Only from the final mask on (the last t_final steps): before it more than b(T) triplets are live (b(0)
+        in the warm-up, b(t) while it decays), so a delta stored then is over the budget the run asked for (RTE at
+        LoRA's count: 108 triplets, 273k values, at epoch 1 against 222,338 asked). `select=best` and a sweep's
+        pruner read only these evaluations; the paper reports the model at the end of its schedule."""
+        return self.fixed is not None
+
     def stored_count(self) -> int:
         """A trimmed delta stores the triplets with λ ≠ 0, so before the final mask it reads nothing like the run's
         answer (at step 0 every λ is 0: the head alone). Until then the count is b(T) triplets of the mean size,
         what the final mask keeps on average (which matrices keep them is learned, so it lands near, not on, it);
         from the final mask on, the delta's own count."""
-        if self.cfg.trim and self.fixed is None:
+        if self.cfg.trim and not self.storable:
             assert self.backbone is not None
             return self.backbone.num_head_parameters + round(self.bT * self.per_triplet)
         return super().stored_count()

@@ -243,8 +243,9 @@ class Method(ABC):
 
     @property
     def storable(self) -> bool:
-        """Whether delta() is the final form now (diff pruning's phase 1 is not: it projects later);
-        "best" selection only considers evaluations made while this is true."""
+        """Whether delta() is the final form now (diff pruning's phase 1 is not: it projects later; nor is AdaLoRA
+        before its final mask: more than b(T) triplets are live); "best" selection only considers evaluations
+        made while this is true."""
         return True
 
     def stored_count(self) -> int:
