@@ -432,11 +432,13 @@ class Trainer:
         return self._finish(run)
 
     def _stale(self, run: RunState) -> bool:
-        """Whether the last trainer.patience evaluations all failed to beat the best one before them."""
+        """Whether the last trainer.patience evaluations all failed to beat the best one before them. Only
+        evaluations of a storable delta count (as for select=best): diff pruning's phase 1 or AdaLoRA's warm-up
+        cannot stop a run that has nothing to store yet, nor set the score its final form must beat."""
         patience = self.cfg.patience
-        if patience is None or len(run.evals) <= patience:
+        scores = [self._primary(e["metrics"]) for e in run.evals if e.get("storable", True)]
+        if patience is None or len(scores) <= patience:
             return False
-        scores = [self._primary(e["metrics"]) for e in run.evals]
         return max(scores[-patience:]) <= max(scores[:-patience])
 
     def _checkpoint_due(self, run: RunState) -> bool:

@@ -119,6 +119,18 @@ def test_adalora_is_chosen_and_told_only_at_its_final_budget(data_env, tmp_path)
     assert sum(results["method_state"]["final_rank_pattern"].values()) == 4
 
 
+def test_patience_counts_only_evaluations_of_a_storable_delta(data_env, tmp_path):
+    """trainer.patience on AdaLoRA: lr ~0, so no evaluation beats the first. Counting the warm-up's evaluations,
+    the run stopped at step 4 with nothing storable (select=best then failed the run); it stops at the second
+    evaluation at b(T) instead, keeping the first."""
+    cfg = compose_run("glue/rte_adalora", "trainer.max_steps=12", "trainer.eval_every=2", "method.t_init=2",
+                      "method.t_final=4", "method.delta_t=2", "method.target_total=4", "trainer.lr=1e-12",
+                      "trainer.patience=1", "trainer.select=best", "task.validation=8", "task.score_dev=false")
+    results = train(cfg, tmp_path / "run")
+    assert [e["step"] for e in results["evals"]] == [2, 4, 6, 8, 10]
+    assert results["stopped_early"] == 10 and results["selected_step"] == 8
+
+
 @pytest.mark.parametrize("value", ["bf32", "half"])
 def test_an_unknown_precision_fails_at_config_time(data_env, tmp_path, value):
     from selectune.errors import SelectuneError
