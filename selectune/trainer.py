@@ -268,9 +268,9 @@ class Trainer:
         """`save_delta(path)` writes the method's current TaskDelta and returns its size in bytes.
         `on_eval(step, score)` is called after every evaluation of the delta's final form (`method.storable`:
         not during diff pruning's phase 1, nor before AdaLoRA's final mask) with the primary metric on the
-        selection split; returning True ends the run there (a sweep pruning a hopeless candidate), as if it had reached
-        its last step: the delta and results are written as usual, with `stopped_at`. A resumed run first tells
-        it the evaluations its checkpoint kept, in order (their answers are not acted on)."""
+        selection split; returning True ends the run there (a sweep pruning a hopeless candidate), as if it had
+        reached its last step: the delta and results are written as usual, with `stopped_at`. A resumed run first
+        tells it the evaluations its checkpoint kept, in order (their answers are not acted on)."""
         cfg.validate()
         if ctx.active and cfg.batch_size < ctx.world:
             raise SelectuneError(f"trainer.batch_size={cfg.batch_size} is the global batch: it must be at least the "
