@@ -418,9 +418,14 @@ def rows(study) -> list[dict[str, Any]]:
             continue
         attrs = trial.user_attrs
         reports = trial.intermediate_values
+        # the evaluations the run made (its results.json's, kept when it ended), not the ones its trial was told:
+        # diff pruning's phase 1 and AdaLoRA before its final mask are not told, and a candidate resumed before
+        # the trainer retold its earlier evaluations (0cc360f) told only those after the resume
+        made = attrs.get("evals")
         out.append({"candidate": attrs["candidate"], "params": trial.params, "state": trial.state.name.lower(),
                     "score": trial.value if trial.value is not None else max(reports.values(), default=None),
-                    "evals": len(reports), "steps": attrs.get("steps"), "selected_step": attrs.get("selected_step"),
+                    "evals": len(made) if isinstance(made, list) else len(reports),
+                    "steps": attrs.get("steps"), "selected_step": attrs.get("selected_step"),
                     "step_time_s": attrs.get("step_time_s")})
     return out
 

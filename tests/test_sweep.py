@@ -44,6 +44,29 @@ def fake_train(calls: list[str]):
     return train
 
 
+def test_the_table_counts_the_evaluations_a_candidate_made_not_the_ones_it_was_told(tmp_path, monkeypatch):
+    """A method whose first evaluations are not of its stored form (diff pruning's phase 1, AdaLoRA before its final
+    mask) tells the sweep only the later ones; the table's evaluations are the run's own."""
+    def train(cfg, run_dir: Path, on_eval=None, **_):
+        scores = CURVES[f"{cfg.trainer.lr:g}"]
+        evals = [{"step": 10 * i, "metrics": {"val": {"accuracy": s}}} for i, s in enumerate(scores, start=1)]
+        for e in evals[:2]:
+            e["storable"] = False
+        for e in evals[2:]:
+            on_eval(e["step"], e["metrics"]["val"]["accuracy"])
+        best = max(evals[2:], key=lambda e: e["metrics"]["val"]["accuracy"])
+        return {"task": "rte", "family": "glue", "selected_on": "val", "metrics": best["metrics"],
+                "selected_step": best["step"], "evals": evals, "steps": 40, "step_time_s": 0.1,
+                "train_time_s": 1.0, "eval_time_s": 0.5, "stopped_at": None}
+
+    monkeypatch.setattr(commands, "train", train)
+    plan = plan_for(tmp_path)
+    sweep.run(plan)
+    study = sweep.open_study(plan, create=False)
+    assert {len(t.intermediate_values) for t in study.trials} == {2}  # told 2 of 4
+    assert {r["evals"] for r in sweep.rows(study)} == {4}
+
+
 def plan_for(tmp_path: Path, *extra: str, recipe: str = "glue/rte_lora") -> sweep.SweepPlan:
     return sweep.parse([recipe, "model=tiny_random", "trainer.lr=1e-3,1e-2,1e-1", "trainer.epochs=4",
                         f"study={tmp_path / 'study'}", *extra])
