@@ -259,7 +259,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "phase_step_time_s": _phase_times(members),
                      "peak_memory_mb": statistics.mean(m["peak_memory_mb"] for m in members),
                      "top_label_share": _top_label_share(members, split),
-                     "precisions": _precisions(members),
+                     "precisions": _seeds_by(members, "precision"),
                      "machines": _seeds_by(members, "machine"),
                      "runs": [m["run_dir"] for m in members]})
     return rows
@@ -279,15 +279,10 @@ def _top_label_share(members: list[dict[str, Any]], split: str) -> tuple[float, 
     return (statistics.mean(shares), len(shares)) if shares else None
 
 
-def _precisions(members: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """The seeds by the precision each run trained in (results.json's `precision`, what `trainer.precision=auto`
-    resolved to on the machine that ran it; `unrecorded` for runs from before it was kept), so a row whose seeds
-    ran on different hardware says so."""
-    return _seeds_by(members, "precision")
-
-
 def _seeds_by(members: list[dict[str, Any]], key: str) -> dict[str, list[int]]:
-    """The seeds by a results.json string (`precision`, `machine`); `unrecorded` for runs without it."""
+    """The seeds by a results.json string: `precision` (what `trainer.precision=auto` resolved to on the machine
+    that ran it) or `machine` (what timed it); `unrecorded` for runs from before it was kept. A row whose seeds
+    ran on different hardware says so."""
     seen: dict[str, list[int]] = defaultdict(list)
     for member in members:
         value = member.get(key)

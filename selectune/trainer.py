@@ -118,12 +118,23 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if _cpu_bf16_native() else "fp32"
+        return "bf16" if cpu_bf16_native() else "fp32"
     return "fp32"
 
 
-def _cpu_bf16_native() -> bool:
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, slower."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows where that file is absent."""
+    model = platform.processor() or platform.machine() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or model
+    return model
 
 
 def machine_name(device: torch.device) -> str:
@@ -134,14 +145,8 @@ def machine_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type != "cpu":
         return device.type
-    model = platform.processor() or platform.machine() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip() or model
-                break
     threads = torch.get_num_threads()
-    return (f"{model} ({'native bf16' if _cpu_bf16_native() else 'no native bf16'}), "
+    return (f"{cpu_model()} ({'native bf16' if cpu_bf16_native() else 'no native bf16'}), "
             f"{threads} thread{'s' if threads != 1 else ''}")
 
 

@@ -14,7 +14,6 @@ both see the same load; the ratio is read within the run.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from datetime import date
@@ -29,11 +28,10 @@ from docsection import head_commit, write_section
 
 def cpu_name() -> str:
     """The CPU's model name and whether torch sees native bf16 on it."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}; native bf16: {'yes' if native else 'no'}, so "
+    from selectune.trainer import cpu_bf16_native, cpu_model
+
+    native = cpu_bf16_native()
+    return (f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}; native bf16: {'yes' if native else 'no'}, so "
             f"`trainer.precision=auto` is {'bf16' if native else 'fp32'} here)")
 
 
