@@ -188,8 +188,8 @@ def main() -> None:
     lines, stable_at = [], []
     for root in args.roots:
         for folder, plan in sweep.studies_in(root):
-            if plan.recipe.endswith(("_sdiff", "_udiff")):  # their per-evaluation scores include phase 1's,
-                continue                                     # a model not yet projected: not comparable
+            if plan.recipe.endswith(("_sdiff", "_udiff", "_adalora")):  # scores before the budget holds (diff
+                continue  # pruning's phase 1, AdaLoRA's warm-up) are of a larger delta than the one stored
             study = sweep.open_study(plan, create=False)
             best = sweep.winner(study)
             found = curves(study)
@@ -211,8 +211,9 @@ def main() -> None:
             "`trainer.eval_every` steps where the study fixed it); `=` where it is the study's own, else the value "
             "and its whole-schedule score minus the choice's (`tie`: equal); `—`: one candidate left. A cut run is "
             "not a shorter schedule (its learning rate decays over the whole one), so this is evidence, not the "
-            "measurement. Diff-pruning studies are left out: their per-evaluation scores include phase 1's, before "
-            "the projection.\n\n" + "\n".join(head + lines) + "\n\n"
+            "measurement. Diff-pruning and AdaLoRA studies are left out: their scores before the budget holds "
+            "(phase 1, before the projection; AdaLoRA's warm-up, before its final mask) are of a larger delta than "
+            "the one stored.\n\n" + "\n".join(head + lines) + "\n\n"
             f"From 30% of the schedule on, the early choice stays the study's own (or a tie) in {early} of "
             f"{len(stable_at)} studies (from: {shares}).")
     publish(body, args.write, "results:schedule_ranking")
