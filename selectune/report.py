@@ -1,9 +1,9 @@
 """`selectune report <run dirs or a multirun dir> [out=<dir>] [pair=A:B ...]`: one table and the papers' plots.
 
-Collects every results.json below the given folders, groups runs by (task, method, stored count, and
-a variant label read from each run's config.yaml — so `sdiff` with two penalty forms or two learning
-rates are two rows named by the difference, never one row with a false ±), and averages over seeds
-(mean ± sample std), then writes to `out` (default: the first folder):
+Collects every results.json below the given folders, groups runs by (task, method, budget: the count a
+run was asked to store, else the count it stored, and a variant label read from each run's config.yaml —
+so `sdiff` with two penalty forms or two learning rates are two rows named by the difference, never one row
+with a false ±), and averages over seeds (mean ± sample std), then writes to `out` (default: the first folder):
     report.md            task × method: primary dev metric, other metrics, seeds, stored params,
                          % of the backbone, delta bytes, s/step, peak memory; with two GLUE tasks or
                          more, also method × task (primary metric) and the average over the tasks; with
@@ -161,7 +161,7 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     recipes: dict[str, dict[str, str] | None] = {}
     experiments: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        experiments[(run["task"], run["method"], run["budget"]["stored"])].append(run)
+        experiments[(run["task"], run["method"], budget_key(run))].append(run)
     if across_tasks:
         per_task: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for run in runs:
@@ -177,7 +177,7 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
     for run in runs:
         recipe = _recipe_settings(run, recipes)
         if recipe is None:
-            keys = differing[(run["task"], run["method"], run["budget"]["stored"])]
+            keys = differing[(run["task"], run["method"], budget_key(run))]
         else:
             # a setting a run predates reads as null: a key is added with the default that keeps the old behaviour
             keys = sorted(k for k in set(run["settings"]) | set(recipe) if not k.startswith(NOT_A_VARIANT)
@@ -187,6 +187,14 @@ def variants(runs: list[dict[str, Any]], across_tasks: bool = False) -> list[str
         labels.append(", ".join(f"{k.partition('.')[2] if k.startswith('method.') else k}={_shown(run, k)}"
                                 for k in keys))
     return labels
+
+
+def budget_key(run: dict[str, Any]) -> int:
+    """The budget a run belongs to: the count it was asked to store where it was given one, else what it stored.
+    A method whose stored count moves with the seed under one budget (AdaLoRA's trimmed delta: b(T) fixes
+    triplets, not numbers, and which matrices keep them differs by seed) stays one row, not one row per count."""
+    asked = run["budget"].get("asked")
+    return asked if isinstance(asked, int) and not isinstance(asked, bool) else run["budget"]["stored"]
 
 
 def _asks_the_same(run: dict[str, Any], recipe: dict[str, str]) -> bool:
@@ -236,13 +244,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method, stored count, variant, reported split): metrics as mean and std over the
-    runs' seeds."""
+    """One row per (task, method, budget, variant, reported split): metrics as mean and std over the runs' seeds;
+    the stored count as their mean and, where it differs between them, its range."""
     groups: dict[tuple[str, str, int, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run, variant in zip(runs, variants(runs), strict=True):
-        groups[(run["task"], run["method"], run["budget"]["stored"], variant, next(iter(run["metrics"])))].append(run)
+        groups[(run["task"], run["method"], budget_key(run), variant, next(iter(run["metrics"])))].append(run)
     rows = []
-    for (task, method, stored, variant, split), members in sorted(groups.items()):
+    for (task, method, _, variant, split), members in sorted(groups.items()):
+        counts = sorted(m["budget"]["stored"] for m in members)
         method = f"{method} ({variant})" if variant else method
         metrics = {}
         for name in members[0]["metrics"][split]:
@@ -250,7 +259,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if values:
                 metrics[name] = mean_std(values)
         family = members[0].get("family", "vtab" if task not in GLUE else "glue")
-        rows.append({"task": task, "method": method, "stored": stored, "split": split, "metrics": metrics,
+        rows.append({"task": task, "method": method, "stored": round(statistics.mean(counts)),
+                     "stored_range": (counts[0], counts[-1]), "split": split, "metrics": metrics,
                      "family": family,
                      "primary": GLUE[task].primary if task in GLUE else next(iter(metrics)),
                      "seeds": sorted(m["seed"] for m in members), "backbone": members[0]["budget"]["backbone"],
@@ -332,7 +342,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
         step_time = f"{r['step_time_s']:.2f}{_phases_shown(r)}{_machines_shown(r, labels)}"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r, mixed)} | "
-                     f"{r['stored']:,} | {100 * r['stored'] / r['backbone']:.3f}% | "
+                     f"{_stored_shown(r)} | {100 * r['stored'] / r['backbone']:.3f}% | "
                      f"{r['delta_bytes'] / 2**20:.2f} MiB | {step_time} | "
                      f"{r['peak_memory_mb'] / 1024:.2f} GiB | "
                      f"{_share_shown(r.get('top_label_share'), len(r['seeds']))} |")
@@ -344,6 +354,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     elif machines and machines[0] != "unrecorded":
         lines += ["", f"s/step timed on {machines[0]}."]
     return "\n".join(lines)
+
+
+def _stored_shown(row: dict[str, Any]) -> str:
+    """`222,338`, or `217,793 (215,489-218,945)`: the mean and range where the seeds stored different counts."""
+    low, high = row.get("stored_range") or (row["stored"], row["stored"])
+    return f"{row['stored']:,}" + (f" ({low:,}-{high:,})" if low != high else "")
 
 
 def _machines_shown(row: dict[str, Any], labels: dict[str, str]) -> str:

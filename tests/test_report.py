@@ -129,6 +129,24 @@ def test_a_run_of_the_recipes_budget_written_another_way_is_no_variant(tmp_path)
                for line in lines), lines
 
 
+def test_seeds_of_one_budget_that_stored_different_counts_are_one_row_with_the_range(tmp_path):
+    """AdaLoRA's trimmed delta: b(T) fixes triplets, not numbers, so its seeds store different counts under the one
+    budget asked (RTE: 218,945, 215,489, 218,945 for 222,338). They are one row of 3 seeds, the count shown as
+    mean and range; runs not asked a count still part by what they stored."""
+    runs = tmp_path / "runs"
+    for seed, stored, score in ((42, 218945, 51.0), (43, 215489, 52.0), (44, 218945, 54.0)):
+        fake_run(runs / f"ada{seed}", "rte", "adalora", seed, {"accuracy": score}, stored, asked=222338)
+    fake_run(runs / "l1", "rte", "lora", 42, {"accuracy": 55.0}, 222338)
+    fake_run(runs / "l2", "rte", "lora", 43, {"accuracy": 57.0}, 100000)
+    result = run_cli("report", str(runs), f"out={tmp_path / 'rep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    ada = [line for line in lines if line.startswith("| rte | adalora |")]
+    assert len(ada) == 1 and "accuracy 52.33 ± 1.53" in ada[0] and "| 42,43,44 |" in ada[0], ada
+    assert "| 217,793 (215,489-218,945) | 21.779% |" in ada[0]  # (218,945 x 2 + 215,489) / 3, of 1,000,000
+    assert len([line for line in lines if line.startswith("| rte | lora |")]) == 2
+
+
 def test_pair_compares_two_methods_on_the_seeds_both_have_and_a_wrong_label_fails_before_writing(tmp_path):
     runs = tmp_path / "runs"
     for seed, s, f in ((1, 84.0, 85.0), (2, 86.0, 85.0), (3, 90.0, 85.0)):
