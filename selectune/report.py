@@ -358,7 +358,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def _stored_shown(row: dict[str, Any]) -> str:
     """`222,338`, or `217,793 (215,489-218,945)`: the mean and range where the seeds stored different counts."""
-    low, high = row.get("stored_range") or (row["stored"], row["stored"])
+    low, high = row["stored_range"]
     return f"{row['stored']:,}" + (f" ({low:,}-{high:,})" if low != high else "")
 
 
