@@ -16,7 +16,8 @@ decoder recipes keep their own schedule. A candidate whose best score so far is 
 earlier candidates' at the same evaluation stops there (`pruner=median`, from the evaluation `prune_after`
 on; `pruner=none` runs every candidate to its end). A winner at an end of a numeric grid is named in the table,
 with the sweep of one value beyond it in a study of its own (Optuna fixes a parameter's choices per study);
-`write=true` then chooses over the study and those extensions together; `extend=N` runs them itself, one at a
+`write=true` then chooses over the study and those extensions together (and refuses while one has a candidate
+not finished); `extend=N` first finishes an extension left unfinished, then runs new ones itself, one at a
 time while the choice sits at an end, N at most. `select_only=trainer.epochs` (any fixed override, comma-separated)
 keeps a setting out of what `write=true` writes: a choice made on a shorter schedule than the recipe trains (the
 recipe's comment line says at which).
@@ -319,6 +320,9 @@ def run(plan: SweepPlan) -> None:
         RunSpec.from_config(compose("train", candidate_overrides(plan, point, plan.study / "runs" / "check")))
     study = open_study(plan, create=True)
     run_candidates(plan, study)
+    if plan.extend:  # an extension begun before and left unfinished (a killed extend= call) is finished first
+        for each in extensions(plan, quiet=True):
+            run_candidates(each, open_study(each, create=False))
     for _ in range(plan.extend):  # while the choice sits at an end: one value beyond it, in its own study
         beyond = next_extension(plan, study)
         if beyond is None:
@@ -545,7 +549,12 @@ def write_recipe(plan: SweepPlan, study) -> Path:
         print(f"sweep: {plan.study} extends {base}: the recipe is written from both")
         plan = parse([f"study={base}"])
         study = open_study(plan, create=False)
-    found = candidates_with_extensions(plan, study)
+    searched = with_extensions(plan, study)
+    for each, done in searched[1:]:  # a value tried and not yet scored may be the winner: no choice without it
+        if len(done) < len(each.points()):
+            raise SelectuneError(f"{each.study} extends {plan.study} and has candidates not finished: finish them "
+                                 f"first (selectune sweep study={each.study}) or move that study away")
+    found = candidates(plan, searched)
     best = choose(found)
     if best is None:
         raise SelectuneError(f"{plan.study}: no finished candidate to write")

@@ -556,6 +556,42 @@ def test_extend_runs_the_extensions_while_the_choice_sits_at_an_end(tmp_path, mo
     assert "note:" not in text
 
 
+def test_an_extension_left_unfinished_is_finished_by_extend_and_blocks_write(tmp_path, monkeypatch):
+    """A killed extend= call leaves its extension with a value tried and not scored: write=true refuses until it is
+    scored (it may be the winner), and extend=N finishes it before anything else (it used to stop there, and
+    write=true then chose without it)."""
+    calls: list[str] = []
+    train = fake_train(calls)
+
+    def killed_once(cfg, run_dir: Path, on_eval=None, **kw):
+        if f"{cfg.trainer.lr:g}" == "0.1" and "0.1 killed" not in calls:
+            calls.append("0.1 killed")
+            raise KeyboardInterrupt
+        return train(cfg, run_dir, on_eval=on_eval, **kw)
+
+    monkeypatch.setattr(commands, "train", killed_once)
+    monkeypatch.setitem(CURVES, "0.1", [64.0, 70.0, 72.0, 72.5])  # the extension wins once it is scored
+    monkeypatch.setitem(CURVES, "1", [50.0, 50.0, 50.0, 50.0])
+    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    assert not made.exists()
+    study = tmp_path / "s"
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", "extend=1", f"study={study}"]))
+        assert calls == ["0.001", "0.01", "0.1 killed"] and (tmp_path / "s_hi" / "study.journal").is_file()
+        with pytest.raises(SelectuneError, match=rf"{tmp_path / 's_hi'} extends {study} and has candidates not "
+                                                 r"finished: finish them first"):
+            sweep.run(sweep.parse([f"study={study}", "write=true"]))
+        assert not made.exists()
+        sweep.run(sweep.parse([f"study={study}", "extend=1", "write=true"]))
+        assert calls[3:] == ["0.1", "1"]  # the extension first; 1e-1 won it, so extend=1 then tries 1, which loses
+        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.1
+        assert f"({study}, {tmp_path / 's_hi'}" in made.read_text()
+    finally:
+        made.unlink(missing_ok=True)
+
+
 def test_patience_check_stops_as_the_trainer_does():
     """scripts/analysis/patience_check.py: a run stops once `patience` evaluations in a row beat no best (a tie is
     no new best), as trainer.patience does."""
