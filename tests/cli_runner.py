@@ -31,13 +31,15 @@ from pathlib import Path
 #   fresh interpreter, so the test of a user's HF_HUB_OFFLINE=0 runs as from the user's shell;
 # - TORCHINDUCTOR_CACHE_DIR, which torch sets in a worker that compiled something, and reads only to compile;
 # - the Intel OpenMP settings sklearn and joblib set when imported (in a worker, or by the CLI when it scores F1),
-#   which this torch (GNU OpenMP) never reads.
+#   which this torch (GNU OpenMP) never reads;
+# - TMPDIR, which `tempfile` reads once and caches: the child clears that cache, so it reads the call's own (the
+#   refusal tests put it inside the folder they watch).
 FORK_SAFE_ENV = frozenset({"SELECTUNE_DATA", "SELECTUNE_DEBUG", "PYTEST_CURRENT_TEST", "COMP_LINE",
                            "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCHINDUCTOR_CACHE_DIR",
-                           "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
+                           "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TMPDIR"})
 
 SERVER = r"""
-import json, os, runpy, sys
+import json, os, runpy, sys, tempfile
 from selectune.config import set_network
 set_network(False)  # as main() does before huggingface_hub is imported
 import hydra, selectune.cli, selectune.commands, selectune.sweep  # noqa: F401  what every call imports
@@ -51,6 +53,7 @@ for line in requests:
         os.chdir(call["cwd"])
         os.environ.clear()
         os.environ.update(call["env"])
+        tempfile.tempdir = None  # read again from this call's TMPDIR, as a fresh interpreter would
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, call["stdout"], os.O_WRONLY),
                                 (2, call["stderr"], os.O_WRONLY)):
             opened = os.open(path, flags)

@@ -28,6 +28,19 @@ def test_a_forked_call_gives_what_a_fresh_interpreter_gives(glue_root, tmp_path)
     assert [r.returncode for r in (forked, plain)] == [0, 0] and list(tmp_path.iterdir()) == []
 
 
+def test_a_forked_call_uses_its_own_tmpdir(glue_root, tmp_path):
+    """The refusal tests put TMPDIR inside the folder they watch: a forked call stages Hydra's files there, as a
+    fresh one does (seen through the staging clean-up: a dead process's leftover in that TMPDIR is removed)."""
+    tmp = tmp_path / "tmp"
+    stale = tmp / "selectune-stage-4194305-x"  # above Linux's largest pid: no such process
+    stale.mkdir(parents=True)
+    served = cli_runner._server.served if cli_runner._server else 0
+    result = run_cli("train", "glue/rte_bitfit", *TINY, cwd=tmp_path,
+                     env={"SELECTUNE_DATA": str(tmp_path / "nowhere"), "TMPDIR": str(tmp)})
+    assert result.returncode == 2 and cli_runner._server is not None and cli_runner._server.served == served + 1
+    assert not stale.exists() and list(tmp.iterdir()) == []
+
+
 def test_only_environment_read_at_run_time_may_differ_in_a_fork(tmp_path):
     run_cli("ls", "rte", cwd=tmp_path)
     server = cli_runner._server

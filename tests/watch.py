@@ -9,10 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import TINY
+from conftest import TINY, run_cli
 
 R = ["recipe=glue/rte_bitfit", *TINY, "task.max_train_examples=64", "task.max_eval_examples=32",
      "trainer.max_steps=2"]
@@ -43,12 +42,11 @@ def one_line(result: subprocess.CompletedProcess, *patterns: str, code: int = 2)
 
 
 def cli(*args: str, cwd: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
-    """`python -m selectune ...` in `cwd`, its temp folder (Hydra's staging) inside `cwd` too: the watched root."""
+    """`python -m selectune ...` in `cwd`, its temp folder (Hydra's staging) inside `cwd` too: the watched root.
+    A fork of the worker's pre-imported interpreter where that behaves the same (cli_runner.py), else a fresh one."""
     tmp = cwd / ".tmp"
     tmp.mkdir(exist_ok=True)
-    full = {**os.environ, "SELECTUNE_DATA": str(data), "TMPDIR": str(tmp), **env}
-    return subprocess.run([sys.executable, "-m", "selectune", *args], cwd=cwd, env=full, text=True,
-                          capture_output=True, timeout=300)
+    return run_cli(*args, cwd=cwd, env={"SELECTUNE_DATA": str(data), "TMPDIR": str(tmp), **env})
 
 
 def final_line(result: subprocess.CompletedProcess, *patterns: str, code: int = 2) -> str:
