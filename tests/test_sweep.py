@@ -19,6 +19,7 @@ from selectune.config import compose, conf_dir
 from selectune.errors import SelectuneError
 
 from conftest import REPO
+from conftest import run_cli as cli
 
 # val accuracy per evaluation for each lr: 1e-3 learns, 1e-2 is best at its end, 1e-1 never leaves chance
 CURVES = {"0.001": [60.0, 64.0, 66.0, 67.0], "0.01": [62.0, 66.0, 70.0, 71.0], "0.1": [50.0, 50.0, 51.0, 50.0]}
@@ -179,8 +180,8 @@ def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "selectune", "sweep", *args], capture_output=True, text=True,
-                          cwd=cwd)
+    """`python -m selectune sweep ...` (a fork of the worker's pre-imported interpreter, as every CLI test's)."""
+    return cli(*("sweep", *args), cwd=cwd)
 
 
 @pytest.mark.parametrize("args, message", [
