@@ -6,6 +6,9 @@
 #   SELECTUNE_DATA=../shared/data OMP_NUM_THREADS=1 bash scripts/reproduction/glue_sweep.sh \
 #       ["lora bitfit linear ia3 full sara spt_lora adalora"] ["rte mrpc stsb cola"] [write]
 #
+# A choice at an end of its grid is extended, one value beyond it in its own study (<study>_hi, _lo, ...), up to
+# 2 values (extend=2; RTE full FT chose 5e-5 at its grid's top and was extended by hand before this).
+#
 # Resumable and shareable: each study is results/sweeps/glue/<task>_<method>/ (study.journal and sweep.json are
 # committed; runs/ below it is not), so a killed or unfinished sweep continues in a fresh clone from the committed
 # journal; two calls with the same lists may run at once (one per core), each taking candidates the other has not
@@ -31,6 +34,7 @@ for task in $tasks; do
       search=("method.l0_weight=$(python -c "import sys; l = float(sys.argv[1]); print(f'{l / 2:g},{l:g},{2 * l:g}')" "$lambda")"
               "trainer.epochs=$(setting "$recipe" trainer epochs)" "prune_after=$(( $(setting "$recipe" method phase1_epochs) + 1 ))")
     fi
-    selectune sweep "$recipe" trainer.precision=auto trainer.group_by_length=true "${search[@]}" "study=$study" ${write:+write=true}
+    selectune sweep "$recipe" trainer.precision=auto trainer.group_by_length=true "${search[@]}" "study=$study" extend=2 \
+      ${write:+write=true}
   done
 done

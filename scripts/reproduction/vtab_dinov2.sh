@@ -55,11 +55,13 @@ for task in $TASKS; do
     if [[ "$STAGE" != final ]]; then
       # train800 -> val200, evaluated every epoch (the journal keeps each score); the study (journal) is
       # committed under results/sweeps/vtab and resumes in a fresh clone
+      # a choice at an end of the grid is extended, one value beyond it at a time, 2 at most (extend=2; the
+      # studies before this extended by hand, <study>_hi / _lo)
       # every candidate runs to its end (pruner=none): on dtd10's studies, median pruning after 2 of 10 evaluations
       # saved 290 of 4,000 steps (4 candidates) and stopped SPT-Adapter's best lr (docs/results.md "A 5-epoch
       # select schedule on dtd10")
       selectune sweep "vtab/${task}_${method}" "trainer.lr=$(candidates "$task" "$method" | tr ' ' ',')" \
-        trainer.eval_every=null "study=$studies/${task}_${method}" pruner=none
+        trainer.eval_every=null "study=$studies/${task}_${method}" pruner=none extend=2
     fi
     if [[ "$STAGE" != select ]]; then
       # the chosen lr written into recipes/vtab/<task>_<method>.yaml (commit it): the final runs are that
