@@ -181,7 +181,7 @@ def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m selectune sweep ...` (a fork of the worker's pre-imported interpreter, as every CLI test's)."""
-    return cli(*("sweep", *args), cwd=cwd)
+    return cli("sweep", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("args, message", [
