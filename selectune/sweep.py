@@ -550,10 +550,10 @@ def write_recipe(plan: SweepPlan, study) -> Path:
         plan = parse([f"study={base}"])
         study = open_study(plan, create=False)
     searched = with_extensions(plan, study)
-    for each, done in searched[1:]:  # a value tried and not yet scored may be the winner: no choice without it
-        if len(done) < len(each.points()):
-            raise SelectuneError(f"{each.study} extends {plan.study} and has candidates not finished: finish them "
-                                 f"first (selectune sweep study={each.study}) or move that study away")
+    left = extensions_left(searched)  # a value tried and not yet scored may be the winner: no choice without it
+    if left:
+        raise SelectuneError(f"{left[0]} extends {plan.study} and has candidates not finished: finish them "
+                             f"first (selectune sweep study={left[0]}) or move that study away")
     found = candidates(plan, searched)
     best = choose(found)
     if best is None:
@@ -647,10 +647,10 @@ def with_extensions(plan: SweepPlan, study, quiet: bool = False) -> list[tuple[S
     return [(plan, rows(study)), *((e, rows(open_study(e, create=False))) for e in extensions(plan, quiet))]
 
 
-def extensions_left(searched: list[tuple[SweepPlan, list[dict[str, Any]]]]) -> bool:
-    """Whether an extension (`with_extensions` after the study itself) still has candidates to finish (its value
-    is tried but not scored)."""
-    return any(len(found) < len(each.points()) for each, found in searched[1:])
+def extensions_left(searched: list[tuple[SweepPlan, list[dict[str, Any]]]]) -> list[Path]:
+    """The extensions (`with_extensions` after the study itself) that still have candidates to finish (a value
+    tried but not scored); empty where none has."""
+    return [each.study for each, found in searched[1:] if len(found) < len(each.points())]
 
 
 def candidates(plan: SweepPlan, searched: list[tuple[SweepPlan, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
