@@ -243,6 +243,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def spread(mean: float, std: float, n: int, sign: str = "") -> str:
+    """`83.00 ± 1.41` over n > 1 seeds; one seed has no spread, so it prints the value alone (a `± 0.00`
+    would read as a measured, perfectly stable result)."""
+    return f"{mean:{sign}.2f} ± {std:.2f}" if n > 1 else f"{mean:{sign}.2f}"
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, method, budget, variant, reported split): metrics as mean and std over the runs' seeds;
     the stored count as their mean and, where it differs between them, its range."""
@@ -338,8 +344,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     labels = {name: f"m{i}" for i, name in enumerate(machines, 1)} if len(machines) > 1 else {}
     for r in rows:
         primary = r["metrics"].get(r["primary"])
-        shown = "n/a" if primary is None else f"{r['primary']} {primary[0]:.2f} ± {primary[1]:.2f}"
-        others = ", ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
+        n = len(r["seeds"])
+        shown = "n/a" if primary is None else f"{r['primary']} {spread(*primary, n)}"
+        others = ", ".join(f"{k} {spread(m, s, n)}" for k, (m, s) in r["metrics"].items()) + f" ({r['split']})"
         step_time = f"{r['step_time_s']:.2f}{_phases_shown(r)}{_machines_shown(r, labels)}"
         lines.append(f"| {r['task']} | {r['method']} | {shown} | {others} | {_seeds_shown(r, mixed)} | "
                      f"{_stored_shown(r)} | {100 * r['stored'] / r['backbone']:.3f}% | "
@@ -425,7 +432,7 @@ def glue_matrix(runs: list[dict[str, Any]]) -> str:
         shown = []
         for task in tasks:
             key = (label, task)
-            shown.append(f"{stats[key][0]:.2f} ± {stats[key][1]:.2f} ({len(cells[key])})" if key in stats else "—")
+            shown.append(f"{spread(*stats[key], len(cells[key]))} ({len(cells[key])})" if key in stats else "—")
         complete = all((label, t) in stats for t in tasks)
         average = statistics.mean(stats[(label, t)][0] for t in tasks) if complete else None
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {'—' if average is None else f'{average:.2f}'} |")
@@ -476,7 +483,8 @@ def paired(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
             mean, std = mean_std(diffs)
             means.append(mean)
             wins = sum(d >= 0 for d in diffs)
-            shown.append(f"{mean:+.2f} ± {std:.2f} (seeds {','.join(map(str, seeds))}; A ≥ B on {wins}/{len(seeds)})")
+            shown.append(f"{spread(mean, std, len(seeds), '+')} (seeds {','.join(map(str, seeds))}; "
+                         f"A ≥ B on {wins}/{len(seeds)})")
         average = f"{statistics.mean(means):+.2f}" if len(means) == len(tasks) else "—"
         lines.append(f"| {a} − {b} | " + " | ".join(shown) + f" | {average} |")
     return "\n".join(lines)
@@ -579,7 +587,8 @@ def report(folders: list[Path], out: Path | None = None, pairs: list[tuple[str, 
         differences = f"\nPaired on the seeds both methods have (A − B, primary dev metric):\n\n{differences}\n"
         print(differences)
     text = (f"# selectune report\n\n{len(runs)} runs from {', '.join(map(str, folders))}; mean ± sample std over "
-            f"seeds; dev split; each run's own selection rule (see its results.json).\n\n{markdown(rows)}\n"
+            f"seeds (a one-seed row: its value alone); dev split; each run's own selection rule (see its "
+            f"results.json).\n\n{markdown(rows)}\n"
             f"{averages}{matrix}{differences}\n"
             + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     try:

@@ -74,7 +74,7 @@ def main() -> None:
                if any(r["split"] == "val" for r in rows) else
                "Selection rule: each run's dev-split evaluation at the end of training (`trainer.select=last`); "
                "no test split is used. ")
-            + "Metrics are percentages; ± is the sample std over seeds (0 for one seed).\n\n"
+            + "Metrics are percentages; ± is the sample std over seeds (a one-seed value is printed alone).\n\n"
             f"{markdown(rows)}\n\n"
             + (f"Per method, the primary dev metric of each task (seeds in brackets) and the average over the "
                f"tasks (only where a method has them all):\n\n{matrix}\n\n" if matrix else "")
