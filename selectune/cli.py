@@ -373,6 +373,11 @@ def _cp(command: str, rest: list[str]) -> None:
     new_name = str(Path(*parts[at + 1:]).with_suffix(""))
     if dest.exists() or dest.is_symlink():
         raise SelectuneError(f"{dest} already exists; choose another file (or remove it first)")
+    from selectune.config import shipped_file
+
+    if shipped_file(new_name):
+        raise SelectuneError(f"{new_name} is a shipped recipe's name, which is read before your folder: name the "
+                             f"copy otherwise (e.g. {Path(*parts[:at + 1], 'mine', Path(new_name).name)}.yaml)")
     check_folder(dest.parent, "cp")
     searchpath = f"hydra.searchpath=[file://{folder}]"
     made = [p for p in reversed([dest.parent, *dest.parent.parents]) if not p.exists()]

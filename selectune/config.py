@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selectune.errors import SelectuneError
-from selectune.options import CONF_PACKAGE, conf_dir, group_options  # noqa: F401 (conf_dir: config's API too)
+from selectune.options import CONF_PACKAGE, conf_dir, group_options
 from selectune.recipes import list_recipes, register
 
 T = TypeVar("T")
@@ -84,6 +84,26 @@ def check_group_overrides(overrides: list[str]) -> None:
                 check_choice(key, choice.strip(), folders)
 
 
+def shipped_file(name: str) -> bool:
+    """Whether recipe `name` is a file under the shipped recipes/: Hydra reads the shipped config folder before
+    any `hydra.searchpath` folder, so a user's file of that name would be silently ignored."""
+    return (conf_dir() / "recipe" / f"{name}.yaml").is_file()
+
+
+def check_not_shadowed(overrides: list[str], folders: list[Path]) -> None:
+    """Refuse a `recipe=` that a user's folder holds under a shipped recipe's name: the run would train the
+    shipped one, not the user's edits."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") != "recipe":
+            continue
+        for name in (choice.strip() for choice in value.split(",")):
+            for folder in folders:
+                if (folder / "recipe" / f"{name}.yaml").is_file() and shipped_file(name):
+                    raise SelectuneError(f"{folder / 'recipe' / name}.yaml has the name of a shipped recipe, which is "
+                                         f"read first: rename it (e.g. mine/{name.rpartition('/')[2]})")
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose a primary config with Hydra's compose API (no run dir, no logging side effects)."""
     from hydra import compose as hydra_compose
@@ -91,7 +111,9 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     check_group_overrides(overrides)
-    register(overrides)
+    folders = searched_folders(overrides)
+    check_not_shadowed(overrides, folders)
+    register(overrides, folders)
     import yaml
 
     try:

@@ -13,6 +13,7 @@ task, its name in a set.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from selectune.options import conf_dir, group_options
 
@@ -63,9 +64,11 @@ def list_recipes(made: dict[str, tuple[str, str]] | None = None) -> list[str]:
     return sorted({*group_options("recipe"), *(composed() if made is None else made)})
 
 
-def register(overrides: list[str]) -> None:
+def register(overrides: list[str], folders: list[Path] | None = None) -> None:
     """Make the composed recipes that `overrides` ask for (`recipe=a` or a sweep's `recipe=a,b`; all of them
     for a sweep function such as `glob(...)`) the ones in Hydra's ConfigStore, where Hydra looks after the files.
+    A name that is a file in one of `folders` (a user's config folders on `hydra.searchpath`) is that file's, as
+    a file under recipes/ takes a composed name's place (Hydra refuses a file and a stored node of one name).
 
     Only those asked for, and those asked for earlier in this process are taken out again: Hydra copies the
     whole store on every composition (0.05 s more per composition with all 300 in it, and `--help` 2.9 ->
@@ -73,6 +76,9 @@ def register(overrides: list[str]) -> None:
     from hydra.core.config_store import ConfigStore
 
     made = composed()
+    for folder in folders or []:
+        for name in group_options("recipe", folder):
+            made.pop(name, None)
     wanted: set[str] = set()
     for item in overrides:
         key, _, value = item.partition("=")

@@ -20,7 +20,9 @@ with the sweep of one value beyond it in a study of its own (Optuna fixes a para
 not finished); `extend=N` first finishes an extension left unfinished, then runs new ones itself, one at a
 time while the choice sits at an end, N at most. `select_only=trainer.epochs` (any fixed override, comma-separated)
 keeps a setting out of what `write=true` writes: a choice made on a shorter schedule than the recipe trains (the
-recipe's comment line says at which).
+recipe's comment line says at which). The recipe written is the shipped one under recipes/, or, with
+`hydra.searchpath=[file://<folder>]` among the overrides (a recipe of your own, or a `selectune cp` copy), the file
+`<folder>/recipe/<name>.yaml`.
 
 The study lives in one folder: `study.journal` (Optuna's journal file: every candidate, each evaluation's
 score, what was pruned where) and `runs/<candidate>/` (the runs themselves). The journal is small and can be
@@ -137,7 +139,7 @@ def parse(args: list[str]) -> SweepPlan:
     fixed = [o for o in overrides if o.partition("=")[0] not in grid]
     for item in fixed:
         key = item.partition("=")[0].lstrip("+~")
-        if key.startswith(SET_BY_SWEEP):
+        if key.startswith(SET_BY_SWEEP) and key != "hydra.searchpath":  # a user's own recipe folder: kept
             hint = " (the split's size: validation=<fraction or count>)" if key == "task.validation" else ""
             raise SelectuneError(f"sweep: the sweep sets {key} for every candidate{hint}")
     for key, values in grid.items():
@@ -185,6 +187,8 @@ def parse(args: list[str]) -> SweepPlan:
             raise SelectuneError(f"sweep: select_only={','.join(unknown)}: not a fixed override of this study "
                                  f"(fixed: {' '.join(plan.fixed) or 'none'})")
     plan.write = options.get("write", "false").lower() in ("true", "1", "yes")
+    if plan.write:
+        recipe_file(plan)  # a name the file could not take fails now, not after the candidates trained
     plan.table_only = options.get("table", "false").lower() in ("true", "1", "yes")
     plan.plan_only = options.get("plan", "false").lower() in ("true", "1", "yes")
     return plan
@@ -537,11 +541,26 @@ def next_extension(plan: SweepPlan, study) -> SweepPlan | None:
     return None
 
 
+def recipe_file(plan: SweepPlan) -> Path:
+    """Where `write=true` writes: with `hydra.searchpath=[file://<folder>]` among the overrides (a user's own
+    config folder), `<folder>/recipe/<name>.yaml`, so a sweep never writes into the installed package for a
+    user; without, the shipped recipes/ (the project's chosen recipes)."""
+    from selectune.config import conf_dir, searched_folders, shipped_file
+
+    folders = searched_folders(plan.fixed)
+    if not folders:
+        return conf_dir() / "recipe" / f"{plan.recipe}.yaml"
+    if shipped_file(plan.recipe):
+        raise SelectuneError(f"sweep: write=true into {folders[0]}: {plan.recipe} is a shipped recipe's name, which "
+                             f"is read before your folder; sweep a copy (selectune cp {plan.recipe} "
+                             f"{folders[0]}/recipe/mine/{plan.recipe.rpartition('/')[2]}.yaml)")
+    return folders[0] / "recipe" / f"{plan.recipe}.yaml"
+
+
 def write_recipe(plan: SweepPlan, study) -> Path:
     """The winner's values, and the fixed overrides every candidate trained with, into the recipe file (made on
     top of its preset where the name had none), with a comment line of every candidate's score; GLUE dev stays
     unseen (the recipe selects on `val`)."""
-    from selectune.config import conf_dir
     from selectune.recipes import composed
 
     base = extended(plan)
@@ -558,7 +577,7 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     best = choose(found)
     if best is None:
         raise SelectuneError(f"{plan.study}: no finished candidate to write")
-    path = conf_dir() / "recipe" / f"{plan.recipe}.yaml"
+    path = recipe_file(plan)
     if path.exists():
         text = path.read_text()
     else:

@@ -73,6 +73,13 @@ def plan_for(tmp_path: Path, *extra: str, recipe: str = "glue/rte_lora") -> swee
                         f"study={tmp_path / 'study'}", *extra])
 
 
+def own_conf(tmp_path: Path, recipe: str) -> tuple[str, Path]:
+    """A user's config folder on the searchpath, where write=true writes `recipe`: (the override, the file). Tests
+    never write into the shipped recipes/ (a test stopped midway would leave a file there; two at once would clash)."""
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]", tmp_path / "conf" / "recipe" / f"{recipe}.yaml"
+
+
 def test_the_hopeless_candidate_is_pruned_and_the_best_one_wins(tmp_path, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(commands, "train", fake_train(calls))
@@ -106,70 +113,63 @@ def test_a_killed_sweep_resumes_without_redoing_finished_candidates(tmp_path, mo
 
 def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "train", fake_train([]))
-    recipes = conf_dir() / "recipe" / "glue"
-    # WNLI: a recipe the GLUE sweep never writes, so the real chosen recipes (rte_lora, ...) can sit beside it
-    made = recipes / "wnli_lora.yaml"
-    assert not made.exists()
-    kept = recipes / "rte_sdiff.yaml"
+    searchpath, made = own_conf(tmp_path, "glue/wnli_lora")
+    kept = conf_dir() / "recipe" / "glue" / "rte_sdiff.yaml"
     before = kept.read_text()
-    try:
-        # the training subset every candidate saw is written with the winner; the backbone override is not
-        args = ("write=true", "task.max_train_examples=48", "+method.head_lr=0.05")
-        sweep.run(plan_for(tmp_path, *args, recipe="glue/wnli_lora"))
-        text = made.read_text()
-        assert "chosen by selectune sweep on val" in text and "lr1e-1" in text
-        cfg = compose("train", ["recipe=glue/wnli_lora"])
-        assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "best" and cfg.task.validation == 0.1
-        assert cfg.trainer.epochs == 4 and cfg.method.name == "lora" and cfg.task.max_train_examples == 48
-        assert cfg.method.head_lr == 0.05  # added with `+` on the command line, a plain key in the recipe
-        assert not cfg.model.get("random_init", False)
-        sweep.run(plan_for(tmp_path, *args, recipe="glue/wnli_lora"))  # twice: one block
-        assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
-    finally:
-        made.unlink(missing_ok=True)
-    assert kept.read_text() == before
+    # the training subset every candidate saw is written with the winner; the backbone override is not
+    args = ("write=true", "task.max_train_examples=48", "+method.head_lr=0.05", searchpath)
+    sweep.run(plan_for(tmp_path, *args, recipe="glue/wnli_lora"))
+    text = made.read_text()
+    assert "chosen by selectune sweep on val" in text and "lr1e-1" in text
+    cfg = compose("train", ["recipe=glue/wnli_lora", searchpath])
+    assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "best" and cfg.task.validation == 0.1
+    assert cfg.trainer.epochs == 4 and cfg.method.name == "lora" and cfg.task.max_train_examples == 48
+    assert cfg.method.head_lr == 0.05  # added with `+` on the command line, a plain key in the recipe
+    assert not cfg.model.get("random_init", False) and "hydra" not in text
+    sweep.run(plan_for(tmp_path, *args, recipe="glue/wnli_lora"))  # twice: one block
+    assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
+    assert kept.read_text() == before and not (conf_dir() / "recipe" / "glue" / "wnli_lora.yaml").exists()
+    assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 5e-4  # without the folder: the preset's
+
+
+def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_training(tmp_path, monkeypatch):
+    """The shipped recipes/ is read before a user's folder, so a winner written there under a shipped name would be
+    ignored: refused when the sweep starts, nothing trained, nothing written."""
+    calls: list[str] = []
+    monkeypatch.setattr(commands, "train", fake_train(calls))
+    searchpath, made = own_conf(tmp_path, "glue/rte_lora")
+    with pytest.raises(SelectuneError, match=r"glue/rte_lora is a shipped recipe's name, which is read before your "
+                                             r"folder; sweep a copy \(selectune cp glue/rte_lora "):
+        sweep.run(plan_for(tmp_path, "write=true", searchpath))
+    assert calls == [] and not made.exists() and not (tmp_path / "study").exists()
 
 
 def test_an_image_winner_is_written_without_the_sweeps_evaluation_cadence(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "train", fake_train([]))
-    made = conf_dir() / "recipe" / "vtab" / "dtd10_lora.yaml"
-    before = made.read_text() if made.exists() else None  # the vision sweep writes this recipe too: kept
-    try:
-        sweep.run(sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1",
-                               "trainer.eval_every=null", f"study={tmp_path / 's'}", "write=true"]))
-        cfg = compose("train", ["recipe=vtab/dtd10_lora"])
-        assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "last" and "validation" not in cfg.task
-        assert cfg.trainer.eval_every == 100000  # the preset's: the final run scores test once, at the end
-    finally:
-        if before is not None:
-            made.write_text(before)
-        else:
-            made.unlink(missing_ok=True)
-            if made.parent.is_dir() and not any(made.parent.iterdir()):
-                made.parent.rmdir()
+    searchpath, made = own_conf(tmp_path, "vtab/svhn_lora")
+    sweep.run(sweep.parse(["vtab/svhn_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1", searchpath,
+                           "trainer.eval_every=null", f"study={tmp_path / 's'}", "write=true"]))
+    cfg = compose("train", ["recipe=vtab/svhn_lora", searchpath])
+    assert cfg.trainer.lr == 0.01 and cfg.trainer.select == "last" and "validation" not in cfg.task
+    # the preset's cadence, not the sweep's per-epoch one: the final run scores test once, at the end
+    assert "eval_every" not in made.read_text() and "chosen by selectune sweep on val200 (" in made.read_text()
+    assert cfg.trainer.eval_every == compose("train", ["recipe=vtab/svhn_lora"]).trainer.eval_every
 
 
 def test_a_choice_made_on_a_shorter_schedule_is_written_without_it(tmp_path, monkeypatch):
-    """select_only: the candidates trained 4 epochs, the recipe keeps its preset's 10 and says where the lr came
+    """select_only: the candidates trained 4 epochs, the recipe keeps its preset's 100 and says where the lr came
     from; the study remembers the option, so a later write=true from its folder alone does the same."""
     monkeypatch.setattr(commands, "train", fake_train([]))
-    made = conf_dir() / "recipe" / "vtab" / "dtd10_lora.yaml"
-    before = made.read_text() if made.exists() else None
-    try:
-        sweep.run(sweep.parse(["vtab/dtd10_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1",
-                               "trainer.epochs=4", "trainer.eval_every=null", f"study={tmp_path / 's'}",
-                               "select_only=trainer.epochs", "write=true"]))
-        cfg = compose("train", ["recipe=vtab/dtd10_lora"])
-        assert cfg.trainer.lr == 0.01 and cfg.trainer.epochs == 10  # the preset's schedule, not the sweep's
-        assert "chosen by selectune sweep on val200 at trainer.epochs=4 (" in made.read_text()
-        made.write_text(before) if before is not None else made.unlink()  # as it was: the study writes it again
-        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
-        assert compose("train", ["recipe=vtab/dtd10_lora"]).trainer.epochs == 10
-    finally:
-        if before is not None:
-            made.write_text(before)
-        else:
-            made.unlink(missing_ok=True)
+    searchpath, made = own_conf(tmp_path, "vtab/svhn_lora")
+    sweep.run(sweep.parse(["vtab/svhn_lora", "model=vit_micro_random", "trainer.lr=1e-3,1e-2,1e-1", searchpath,
+                           "trainer.epochs=4", "trainer.eval_every=null", f"study={tmp_path / 's'}",
+                           "select_only=trainer.epochs", "write=true"]))
+    cfg = compose("train", ["recipe=vtab/svhn_lora", searchpath])
+    assert cfg.trainer.lr == 0.01 and cfg.trainer.epochs == 100  # the preset's schedule, not the sweep's
+    assert "chosen by selectune sweep on val200 at trainer.epochs=4 (" in made.read_text()
+    made.unlink()  # the study writes it again, from its folder alone
+    sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+    assert compose("train", ["recipe=vtab/svhn_lora", searchpath]).trainer.epochs == 100
 
 
 def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
@@ -483,36 +483,33 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
     winner over both, every candidate in the comment; a study so named with other settings is left out."""
     monkeypatch.setattr(commands, "train", fake_train([]))
     monkeypatch.setitem(CURVES, "0.03", [63.0, 68.0, 72.0, 73.0])
-    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    searchpath, made = own_conf(tmp_path, "glue/wnli_lora")
     assert not made.exists()
-    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
-    try:
-        sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}"]))
-        sweep.run(sweep.parse([*base, "trainer.lr=3e-2", f"study={tmp_path / 's_hi'}"]))
-        sweep.run(sweep.parse([*base, "trainer.lr=1e-1", "trainer.warmup_ratio=0.2", f"study={tmp_path / 's_hi2'}"]))
-        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
-        assert f"{tmp_path / 's_hi2'} is not an extension of {tmp_path / 's'}" in capsys.readouterr().out
-        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.03
-        [comment] = [line for line in made.read_text().splitlines() if "chosen by" in line]
-        assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3 67.00, lr1e-2 71.00, lr3e-2 73.00" in comment
-        # the winner over both sits at the top again: the next value, in the next free name (s_hi2 is taken)
-        plan = sweep.parse([f"study={tmp_path / 's'}"])
-        [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
-                  if line.startswith("note:")]
-        assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}  (or extend=1)")
-        assert "trainer.lr=3e-2 is the top" in note
-        base_table = sweep.table(plan, sweep.open_study(plan, create=False))
-        assert "**chosen**" not in base_table  # the choice is the extension's candidate, named below the rows
-        assert f"chosen over this study and its extensions: lr3e-2 in {tmp_path / 's_hi'} (73.00)" in base_table
-        hi = sweep.parse([f"study={tmp_path / 's_hi'}"])  # an extension's own table leaves the choice to its base
-        text = sweep.table(hi, sweep.open_study(hi, create=False))
-        assert f"(extends {tmp_path / 's'}: its table chooses over both)" in text and "note:" not in text
-        made.unlink()
-        sweep.run(sweep.parse([f"study={tmp_path / 's_hi'}", "write=true"]))  # through the extension: the same
-        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.03
-        assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3" in made.read_text()
-    finally:
-        made.unlink(missing_ok=True)
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none", searchpath]
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", f"study={tmp_path / 's'}"]))
+    sweep.run(sweep.parse([*base, "trainer.lr=3e-2", f"study={tmp_path / 's_hi'}"]))
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-1", "trainer.warmup_ratio=0.2", f"study={tmp_path / 's_hi2'}"]))
+    sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+    assert f"{tmp_path / 's_hi2'} is not an extension of {tmp_path / 's'}" in capsys.readouterr().out
+    assert compose("train", ["recipe=glue/wnli_lora", searchpath]).trainer.lr == 0.03
+    [comment] = [line for line in made.read_text().splitlines() if "chosen by" in line]
+    assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3 67.00, lr1e-2 71.00, lr3e-2 73.00" in comment
+    # the winner over both sits at the top again: the next value, in the next free name (s_hi2 is taken)
+    plan = sweep.parse([f"study={tmp_path / 's'}"])
+    [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
+              if line.startswith("note:")]
+    assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}  (or extend=1)")
+    assert "trainer.lr=3e-2 is the top" in note
+    base_table = sweep.table(plan, sweep.open_study(plan, create=False))
+    assert "**chosen**" not in base_table  # the choice is the extension's candidate, named below the rows
+    assert f"chosen over this study and its extensions: lr3e-2 in {tmp_path / 's_hi'} (73.00)" in base_table
+    hi = sweep.parse([f"study={tmp_path / 's_hi'}"])  # an extension's own table leaves the choice to its base
+    text = sweep.table(hi, sweep.open_study(hi, create=False))
+    assert f"(extends {tmp_path / 's'}: its table chooses over both)" in text and "note:" not in text
+    made.unlink()
+    sweep.run(sweep.parse([f"study={tmp_path / 's_hi'}", "write=true"]))  # through the extension: the same
+    assert compose("train", ["recipe=glue/wnli_lora", searchpath]).trainer.lr == 0.03
+    assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3" in made.read_text()
 
 
 def test_write_keeps_every_grid_key_and_a_lo_extension_that_sets_them(tmp_path, monkeypatch):
@@ -520,21 +517,18 @@ def test_write_keeps_every_grid_key_and_a_lo_extension_that_sets_them(tmp_path, 
     did before extensions; a `_lo` study that sets every grid key extends the study, one that leaves a grid key
     to the recipe's default does not (its winner would leave a stale value in the recipe)."""
     monkeypatch.setattr(commands, "train", fake_train([]))
-    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    searchpath, made = own_conf(tmp_path, "glue/wnli_lora")
     assert not made.exists()
-    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
-    try:
-        sweep.run(sweep.parse([*base, "trainer.lr=1e-2,1e-1", "task.max_train_examples=40,48",
-                               f"study={tmp_path / 's'}"]))
-        sweep.run(sweep.parse([*base, "trainer.lr=1e-3", "task.max_train_examples=48", f"study={tmp_path / 's_lo'}"]))
-        sweep.run(sweep.parse([*base, "trainer.lr=1e-3", f"study={tmp_path / 's_lo2'}"]))  # leaves one key out
-        plan = sweep.parse([f"study={tmp_path / 's'}"])
-        assert [e.study for e in sweep.extensions(plan, quiet=True)] == [tmp_path / "s_lo"]
-        sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
-        cfg = compose("train", ["recipe=glue/wnli_lora"])
-        assert cfg.trainer.lr == 0.01 and cfg.task.max_train_examples == 40  # the tie: the fewer steps, then first
-    finally:
-        made.unlink(missing_ok=True)
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none", searchpath]
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-2,1e-1", "task.max_train_examples=40,48",
+                           f"study={tmp_path / 's'}"]))
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-3", "task.max_train_examples=48", f"study={tmp_path / 's_lo'}"]))
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-3", f"study={tmp_path / 's_lo2'}"]))  # leaves one key out
+    plan = sweep.parse([f"study={tmp_path / 's'}"])
+    assert [e.study for e in sweep.extensions(plan, quiet=True)] == [tmp_path / "s_lo"]
+    sweep.run(sweep.parse([f"study={tmp_path / 's'}", "write=true"]))
+    cfg = compose("train", ["recipe=glue/wnli_lora", searchpath])
+    assert cfg.trainer.lr == 0.01 and cfg.task.max_train_examples == 40  # the tie: the fewer steps, then first
 
 
 def test_extend_runs_the_extensions_while_the_choice_sits_at_an_end(tmp_path, monkeypatch):
@@ -573,24 +567,21 @@ def test_an_extension_left_unfinished_is_finished_by_extend_and_blocks_write(tmp
     monkeypatch.setattr(commands, "train", killed_once)
     monkeypatch.setitem(CURVES, "0.1", [64.0, 70.0, 72.0, 72.5])  # the extension wins once it is scored
     monkeypatch.setitem(CURVES, "1", [50.0, 50.0, 50.0, 50.0])
-    made = conf_dir() / "recipe" / "glue" / "wnli_lora.yaml"
+    searchpath, made = own_conf(tmp_path, "glue/wnli_lora")
     assert not made.exists()
     study = tmp_path / "s"
-    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none"]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", "extend=1", f"study={study}"]))
-        assert calls == ["0.001", "0.01", "0.1 killed"] and (tmp_path / "s_hi" / "study.journal").is_file()
-        with pytest.raises(SelectuneError, match=rf"{tmp_path / 's_hi'} extends {study} and has candidates not "
-                                                 r"finished: finish them first"):
-            sweep.run(sweep.parse([f"study={study}", "write=true"]))
-        assert not made.exists()
-        sweep.run(sweep.parse([f"study={study}", "extend=1", "write=true"]))
-        assert calls[3:] == ["0.1", "1"]  # the extension first; 1e-1 won it, so extend=1 then tries 1, which loses
-        assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 0.1
-        assert f"({study}, {tmp_path / 's_hi'}" in made.read_text()
-    finally:
-        made.unlink(missing_ok=True)
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "pruner=none", searchpath]
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", "extend=1", f"study={study}"]))
+    assert calls == ["0.001", "0.01", "0.1 killed"] and (tmp_path / "s_hi" / "study.journal").is_file()
+    with pytest.raises(SelectuneError, match=rf"{tmp_path / 's_hi'} extends {study} and has candidates not "
+                                             r"finished: finish them first"):
+        sweep.run(sweep.parse([f"study={study}", "write=true"]))
+    assert not made.exists()
+    sweep.run(sweep.parse([f"study={study}", "extend=1", "write=true"]))
+    assert calls[3:] == ["0.1", "1"]  # the extension first; 1e-1 won it, so extend=1 then tries 1, which loses
+    assert compose("train", ["recipe=glue/wnli_lora", searchpath]).trainer.lr == 0.1
+    assert f"({study}, {tmp_path / 's_hi'}" in made.read_text()
 
 
 def test_patience_check_stops_as_the_trainer_does():

@@ -124,6 +124,28 @@ def test_cp_writes_a_recipe_usable_at_once(data_env, tmp_path):
     assert not (tmp_path / "conf/recipe/x.yaml").exists() and not (tmp_path / "rte.yaml").exists()
 
 
+def test_a_copy_under_a_recipes_own_name(data_env, tmp_path):
+    """A composed name (glue/wnli_lora: a preset and a task, no file) can be taken by a user's file, which is then
+    what runs; a shipped file's name cannot (the shipped folder is read first: the copy's edits would be ignored),
+    whether made by cp or by hand."""
+    result = run_cli("cp", "glue/wnli_lora", "conf/recipe/glue/wnli_lora.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "conf/recipe/glue/wnli_lora.yaml"
+    path.write_text(re.sub(r"(?m)^  lr: .*$", "  lr: 1.0e-3", path.read_text()))
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    assert "lr: 0.001" in run_cli("cat", "glue/wnli_lora", searchpath, cwd=tmp_path).stdout
+    assert "lr: 0.001" not in run_cli("cat", "glue/wnli_lora", cwd=tmp_path).stdout
+    one_error(run_cli("cp", "glue/rte_lora", "conf/recipe/glue/rte_lora.yaml", cwd=tmp_path),
+              "glue/rte_lora is a shipped recipe's name, which is read before your folder: name the copy otherwise "
+              "(e.g. conf/recipe/mine/rte_lora.yaml)")
+    assert not (tmp_path / "conf/recipe/glue/rte_lora.yaml").exists()
+    (tmp_path / "conf/recipe/glue/rte_lora.yaml").write_text(path.read_text())  # by hand
+    one_error(run_cli("train", "recipe=glue/rte_lora", searchpath, *QUICK, "out_dir=r", cwd=tmp_path),
+              f"{tmp_path / 'conf/recipe/glue/rte_lora.yaml'} has the name of a shipped recipe, which is read first: "
+              "rename it (e.g. mine/rte_lora)")
+    assert not (tmp_path / "r").exists()
+
+
 def test_validate_prints_the_expected_wall_time_per_phase(data_env, tmp_path):
     result = run_cli("validate", "glue/rte_sdiff", *TINY, "trainer.max_steps=10", "method.phase1_share=0.4",
                      cwd=tmp_path, fresh=True)  # a cold process, whose first steps pay their one-offs, as a user's
