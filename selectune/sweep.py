@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 from collections.abc import Iterator
@@ -517,9 +518,19 @@ def edge_note(plan: SweepPlan, key: str, chosen: dict[str, str], tried: list[str
     if step is None:
         return ""
     overrides, study, top = step
-    command = " ".join(["selectune sweep", plan.recipe, *plan.fixed, *overrides, f"study={study}"])
+    command = " ".join(["selectune sweep", *map(shlex.quote, [plan.recipe, *plan.fixed, *overrides,
+                                                              *own_options(plan), f"study={study}"])])
     return (f"note: the chosen {key}={chosen[bare(key)]} is the {'top' if top else 'bottom'} of the values tried; "
             f"the best may lie {'above' if top else 'below'} it: {command}  (or extend=1)")
+
+
+def own_options(plan: SweepPlan) -> list[str]:
+    """The study's options that differ from the defaults, as typed: an extension must carve the same split (else
+    it is not one search with the study) and should prune alike."""
+    default = SweepPlan(plan.recipe, {}, [], plan.study)
+    split = plan.family != "vtab" and plan.validation != default.validation  # vtab: its own val200
+    return [f"validation={plan.validation:g}"] * split + [f"{k}={getattr(plan, k)}" for k in ("pruner", "prune_after")
+                                                            if getattr(plan, k) != getattr(default, k)]
 
 
 def next_extension(plan: SweepPlan, study) -> SweepPlan | None:

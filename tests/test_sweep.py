@@ -441,11 +441,11 @@ def test_cpu_time_sums_the_studies_and_the_runs_apart(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("grid, note", [
     ("1e-3,1e-2", "the chosen trainer.lr=1e-2 is the top of the values tried; the best may lie above it: "
-                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 study={study}_hi"
-                  "  (or extend=1)"),
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.1 pruner=none "
+                  "study={study}_hi  (or extend=1)"),
     ("1e-2,1e-1", "the chosen trainer.lr=1e-2 is the bottom of the values tried; the best may lie below it: "
-                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 study={study}_lo"
-                  "  (or extend=1)"),
+                  "selectune sweep glue/rte_lora model=tiny_random trainer.epochs=4 trainer.lr=0.001 pruner=none "
+                  "study={study}_lo  (or extend=1)"),
     ("1e-3,1e-2,1e-1", None)])
 def test_a_winner_at_an_end_of_its_grid_says_what_to_try_next(tmp_path, monkeypatch, grid, note):
     """Once every candidate is in, a winner at the top (bottom) of a numeric grid gets a note and the sweep of
@@ -498,7 +498,7 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
     plan = sweep.parse([f"study={tmp_path / 's'}"])
     [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
               if line.startswith("note:")]
-    assert note.endswith(f"trainer.lr=0.09 study={tmp_path / 's_hi3'}  (or extend=1)")
+    assert note.endswith(f"trainer.lr=0.09 pruner=none study={tmp_path / 's_hi3'}  (or extend=1)")
     assert "trainer.lr=3e-2 is the top" in note
     base_table = sweep.table(plan, sweep.open_study(plan, create=False))
     assert "**chosen**" not in base_table  # the choice is the extension's candidate, named below the rows
@@ -510,6 +510,26 @@ def test_write_takes_the_best_of_the_study_and_the_studies_that_extend_its_grid(
     sweep.run(sweep.parse([f"study={tmp_path / 's_hi'}", "write=true"]))  # through the extension: the same
     assert compose("train", ["recipe=glue/wnli_lora", searchpath]).trainer.lr == 0.03
     assert f"({tmp_path / 's'}, {tmp_path / 's_hi'}): lr1e-3" in made.read_text()
+
+
+def test_the_notes_command_carves_the_same_split_and_pastes_into_a_shell(tmp_path, monkeypatch):
+    """The note's command is run as printed: it keeps the study's own validation= (else its study is not an
+    extension: another split) and pruner, and quotes what a shell would glob (zsh refuses an unmatched [...])."""
+    import shlex
+
+    monkeypatch.setattr(commands, "train", fake_train([]))
+    searchpath, _ = own_conf(tmp_path, "glue/wnli_lora")
+    base = ["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", searchpath]
+    sweep.run(sweep.parse([*base, "trainer.lr=1e-3,1e-2", "validation=0.2", "pruner=none", f"study={tmp_path / 's'}"]))
+    plan = sweep.parse([f"study={tmp_path / 's'}"])
+    [note] = [line for line in sweep.table(plan, sweep.open_study(plan, create=False)).splitlines()
+              if line.startswith("note:")]
+    command = note.split(": ", 2)[2].removesuffix("  (or extend=1)")
+    assert f"'{searchpath}'" in command and "validation=0.2 pruner=none" in command
+    words = shlex.split(command)
+    assert words[:2] == ["selectune", "sweep"] and searchpath in words
+    sweep.run(sweep.parse(words[2:]))
+    assert [e.study for e in sweep.extensions(plan)] == [tmp_path / "s_hi"]
 
 
 def test_write_keeps_every_grid_key_and_a_lo_extension_that_sets_them(tmp_path, monkeypatch):
