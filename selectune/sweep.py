@@ -553,9 +553,9 @@ def next_extension(plan: SweepPlan, study) -> SweepPlan | None:
 
 
 def recipe_file(plan: SweepPlan) -> Path:
-    """Where `write=true` writes: with `hydra.searchpath=[file://<folder>]` among the overrides (a user's own
-    config folder), `<folder>/recipe/<name>.yaml`, so a sweep never writes into the installed package for a
-    user; without, the shipped recipes/ (the project's chosen recipes)."""
+    """Where `write=true` writes: with `hydra.searchpath=[file://<folder>, ...]` among the overrides (a user's own
+    config folders), `<folder>/recipe/<name>.yaml` in the folder holding that recipe, else the first, so a sweep
+    never writes into the installed package for a user; without, the shipped recipes/ (the project's)."""
     from selectune.config import conf_dir, searched_folders, shipped_file
 
     folders = searched_folders(plan.fixed)
@@ -565,7 +565,8 @@ def recipe_file(plan: SweepPlan) -> Path:
         raise SelectuneError(f"sweep: write=true into {folders[0]}: {plan.recipe} is a shipped recipe's name, which "
                              f"is read before your folder; sweep a copy (selectune cp {plan.recipe} "
                              f"{folders[0]}/recipe/mine/{plan.recipe.rpartition('/')[2]}.yaml)")
-    return folders[0] / "recipe" / f"{plan.recipe}.yaml"
+    held = [folder for folder in folders if (folder / "recipe" / f"{plan.recipe}.yaml").is_file()]
+    return (held or folders)[0] / "recipe" / f"{plan.recipe}.yaml"
 
 
 def write_recipe(plan: SweepPlan, study) -> Path:

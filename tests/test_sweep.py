@@ -130,6 +130,13 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
     assert made.read_text().count("  lr:") == 1 and made.read_text().count("chosen by") == 1
     assert kept.read_text() == before and not (conf_dir() / "recipe" / "glue" / "wnli_lora.yaml").exists()
     assert compose("train", ["recipe=glue/wnli_lora"]).trainer.lr == 5e-4  # without the folder: the preset's
+    # two folders on the searchpath: the recipe is written where it is, not into the first
+    first = tmp_path / "first"
+    first.mkdir()
+    both = f"hydra.searchpath=[file://{first},file://{tmp_path / 'conf'}]"
+    sweep.run(plan_for(tmp_path, *args[:-1], both, "study=" + str(tmp_path / "s2"), recipe="glue/wnli_lora"))
+    assert not any(first.iterdir()) and made.read_text().count("chosen by") == 1 and f"({tmp_path / 's2'})" in \
+        made.read_text()
 
 
 def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_training(tmp_path, monkeypatch):
