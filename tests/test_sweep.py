@@ -141,7 +141,7 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
 
 def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_training(tmp_path, monkeypatch):
     """The shipped recipes/ is read before a user's folder, so a winner written there under a shipped name would be
-    ignored: refused when the sweep starts, nothing trained, nothing written."""
+    ignored; a folder that is not there is a typo. Each refused when the sweep starts, nothing trained or written."""
     calls: list[str] = []
     monkeypatch.setattr(commands, "train", fake_train(calls))
     searchpath, made = own_conf(tmp_path, "glue/rte_lora")
@@ -149,6 +149,11 @@ def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_trainin
                                              r"folder; sweep a copy \(selectune cp glue/rte_lora "):
         sweep.run(plan_for(tmp_path, "write=true", searchpath))
     assert calls == [] and not made.exists() and not (tmp_path / "study").exists()
+    typo = f"hydra.searchpath=[file://{tmp_path / 'cnof'}]"
+    with pytest.raises(SelectuneError, match=rf"sweep: hydra.searchpath names {tmp_path / 'cnof'}, which is not a "
+                                             r"folder here"):
+        sweep.run(plan_for(tmp_path, "write=true", typo, recipe="glue/wnli_lora"))
+    assert calls == [] and not (tmp_path / "cnof").exists() and not (tmp_path / "study").exists()
 
 
 def test_an_image_winner_is_written_without_the_sweeps_evaluation_cadence(tmp_path, monkeypatch):
