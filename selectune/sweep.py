@@ -715,9 +715,20 @@ def choose(found: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(done, key=lambda c: (c["score"], -(c["selected_step"] or 0))) if done else None
 
 
+def same_value(old: str, new: str) -> bool:
+    """Whether two YAML scalars as typed say the same: numerically for numbers (`8` and `8.0`, `6.25e-8` and
+    `6.25e-08`; YAML reads an exponent without a dot as text, so they are compared as typed), else as text."""
+    try:
+        return float(old) == float(new)
+    except ValueError:
+        return old.strip("'\"") == new.strip("'\"")
+
+
 def set_in_yaml(text: str, section: str, key: str, value: str, comment: str | None = None) -> str:
     """`section: {key: value}` set in a recipe's text, its other lines and comments kept: the key's line is
-    replaced where the section has it, else added to the section (made at the end where there is none)."""
+    replaced where the section has it and holds another value (a line that already says it, `6.25e-8` for
+    `6.25e-08` included, keeps its comment: the why of a value stays with it), else added to the section (made at
+    the end where there is none)."""
     lines = text.splitlines()
     head = next((i for i, line in enumerate(lines) if line == f"{section}:"), None)
     if head is None:
@@ -731,7 +742,8 @@ def set_in_yaml(text: str, section: str, key: str, value: str, comment: str | No
     found = next((i for i in range(head + 1, end) if re.match(rf"  {re.escape(key)}:", lines[i])), None)
     new = f"  {key}: {value}"
     if found is not None:
-        lines[found] = new
+        if not same_value(lines[found].split(":", 1)[1].split(" #", 1)[0].strip(), value):
+            lines[found] = new
     else:
         lines.insert(end, new)
     if comment is not None:

@@ -189,6 +189,11 @@ def test_a_recipe_file_keeps_its_own_values_when_the_choice_is_written():
     out = sweep.set_in_yaml(sweep.set_in_yaml(text, "trainer", "lr", "1e-4", "chosen"), "task", "validation", "0.1")
     assert "  epochs: 8  # phase 1" in out and "  l0_weight: 6.25e-8" in out and "  lr: 1e-4" in out
     assert out.count("trainer:") == 1 and out.rstrip().endswith("validation: 0.1")
+    # the value a line already holds, as the sweep writes it (6.25e-08 for 6.25e-8): the line and its why stay
+    again = sweep.set_in_yaml(sweep.set_in_yaml(text, "method", "l0_weight", "6.25e-08"), "trainer", "epochs", "8")
+    assert again == text
+    moved = sweep.set_in_yaml(text, "method", "l0_weight", "1.25e-07")
+    assert "  l0_weight: 1.25e-07\n" in moved and "closes RTE's gates" not in moved  # the why of the old value goes
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
