@@ -623,11 +623,12 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     studies = ", ".join(dict.fromkeys(str(c["study"]) for c in found))
     at = "".join(f" at {k}={fixed[k]}" for k in plan.select_only)
     note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'}{at} ({studies}): {tried}"
-    for i, (key, value) in enumerate(chosen.items()):
+    searched_key = bare(next(iter(plan.grid)))  # the note goes above the first value chosen, in its section
+    for key, value in chosen.items():
         section, _, leaf = key.partition(".")
         if not leaf or "." in leaf:
             raise SelectuneError(f"sweep: cannot write '{key}' into a recipe (section.key only)")
-        text = set_in_yaml(text, section, leaf, value, note if i == 0 else None)
+        text = set_in_yaml(text, section, leaf, value, note if key == searched_key else None)
     path.parent.mkdir(parents=True, exist_ok=True)  # the first written recipe of its family (vtab/, causal/)
     path.write_text(text)
     return path

@@ -137,6 +137,12 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
     sweep.run(plan_for(tmp_path, *args[:-1], both, "study=" + str(tmp_path / "s2"), recipe="glue/wnli_lora"))
     assert not any(first.iterdir()) and made.read_text().count("chosen by") == 1 and f"({tmp_path / 's2'})" in \
         made.read_text()
+    # the note heads the section of the value searched, not that of the first value written (trainer.epochs)
+    sweep.run(sweep.parse(["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "trainer.lr=1e-2", searchpath,
+                           "method.r=4,8", f"study={tmp_path / 'r'}", "write=true"]))
+    lines = made.read_text().splitlines()
+    assert lines[next(i for i, line in enumerate(lines) if "chosen by" in line) - 1] == "method:"
+    made.unlink()
 
 
 def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_training(tmp_path, monkeypatch):
