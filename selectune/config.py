@@ -74,6 +74,9 @@ def check_choice(group: str, value: str, folders: list[Path] | None = None) -> N
 def check_group_overrides(overrides: list[str]) -> None:
     """Check `recipe=`, `task=`, `model=`, ... overrides (multirun lists too) before Hydra sees them."""
     folders = searched_folders(overrides)
+    missing = [str(folder) for folder in folders if not folder.is_dir()]
+    if missing:  # a typo: Hydra only warns and goes on without it (a shipped recipe of that name then runs)
+        raise SelectuneError(f"hydra.searchpath names {', '.join(missing)}, which is not a folder here")
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.lstrip("+~")

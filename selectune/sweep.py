@@ -148,11 +148,6 @@ def parse(args: list[str]) -> SweepPlan:
             raise SelectuneError(f"sweep: '{key}' cannot be searched (one seed; choices are made on one split)")
         if len(set(values)) != len(values) or any(v == "" for v in values):
             raise SelectuneError(f"sweep: {key}={','.join(values)} repeats or leaves out a value")
-    from selectune.config import searched_folders
-
-    missing = [str(folder) for folder in searched_folders(fixed) if not folder.is_dir()]
-    if missing:  # a typo: Hydra only warns, and write=true would put the recipe where nothing reads it
-        raise SelectuneError(f"sweep: hydra.searchpath names {', '.join(missing)}, which is not a folder here")
     plan = SweepPlan(recipe, grid, fixed, Path(study_text or f"sweeps/{recipe}"))
     plan.family = recipe_family(recipe, tuple(fixed))
     # the method a recipe name ends with, the longest match (`rte_spt_lora` is spt_lora, not lora)

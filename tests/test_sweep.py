@@ -156,8 +156,8 @@ def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_trainin
         sweep.run(plan_for(tmp_path, "write=true", searchpath))
     assert calls == [] and not made.exists() and not (tmp_path / "study").exists()
     typo = f"hydra.searchpath=[file://{tmp_path / 'cnof'}]"
-    with pytest.raises(SelectuneError, match=rf"sweep: hydra.searchpath names {tmp_path / 'cnof'}, which is not a "
-                                             r"folder here"):
+    with pytest.raises(SelectuneError, match=rf"hydra.searchpath names {tmp_path / 'cnof'}, which is not a folder "
+                                             r"here"):
         sweep.run(plan_for(tmp_path, "write=true", typo, recipe="glue/wnli_lora"))
     assert calls == [] and not (tmp_path / "cnof").exists() and not (tmp_path / "study").exists()
 

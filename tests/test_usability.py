@@ -127,7 +127,7 @@ def test_cp_writes_a_recipe_usable_at_once(data_env, tmp_path):
 def test_a_copy_under_a_recipes_own_name(data_env, tmp_path):
     """A composed name (glue/wnli_lora: a preset and a task, no file) can be taken by a user's file, which is then
     what runs; a shipped file's name cannot (the shipped folder is read first: the copy's edits would be ignored),
-    whether made by cp or by hand."""
+    whether made by cp or by hand; a searchpath folder that is not there (a typo) is refused, not warned about."""
     result = run_cli("cp", "glue/wnli_lora", "conf/recipe/glue/wnli_lora.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     path = tmp_path / "conf/recipe/glue/wnli_lora.yaml"
@@ -144,6 +144,8 @@ def test_a_copy_under_a_recipes_own_name(data_env, tmp_path):
               f"{tmp_path / 'conf/recipe/glue/rte_lora.yaml'} has the name of a shipped recipe, which is read first: "
               "rename it (e.g. mine/rte_lora)")
     assert not (tmp_path / "r").exists()
+    one_error(run_cli("cat", "glue/wnli_lora", "hydra.searchpath=[file://cnof]", cwd=tmp_path),  # a typo
+              "hydra.searchpath names cnof, which is not a folder here")
 
 
 def test_validate_prints_the_expected_wall_time_per_phase(data_env, tmp_path):
