@@ -618,7 +618,8 @@ def write_recipe(plan: SweepPlan, study) -> Path:
     studies = ", ".join(dict.fromkeys(str(c["study"]) for c in found))
     at = "".join(f" at {k}={fixed[k]}" for k in plan.select_only)
     note = f"chosen by selectune sweep on {'val200' if plan.family == 'vtab' else 'val'}{at} ({studies}): {tried}"
-    searched_key = bare(next(iter(plan.grid)))  # the note goes above the first value chosen, in its section
+    # the note heads the section of the first value searched (a grid of one value: of the first value written)
+    searched_key = bare(next(iter(plan.grid), next(iter(chosen), "")))
     for key, value in chosen.items():
         section, _, leaf = key.partition(".")
         if not leaf or "." in leaf:

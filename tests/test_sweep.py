@@ -143,6 +143,10 @@ def test_the_winner_is_written_into_a_recipe_that_composes(tmp_path, monkeypatch
     lines = made.read_text().splitlines()
     assert lines[next(i for i, line in enumerate(lines) if "chosen by" in line) - 1] == "method:"
     made.unlink()
+    # one value and nothing searched (an empty grid): written, the note with the first value written
+    sweep.run(sweep.parse(["glue/wnli_lora", "model=tiny_random", "trainer.epochs=4", "trainer.lr=1e-2", searchpath,
+                           f"study={tmp_path / 'one'}", "write=true"]))
+    assert "  # chosen by selectune sweep on val" in made.read_text() and "  lr: 1e-2" in made.read_text()
 
 
 def test_write_into_a_users_folder_refuses_a_shipped_recipes_name_before_training(tmp_path, monkeypatch):
