@@ -72,7 +72,9 @@ def check_choice(group: str, value: str, folders: list[Path] | None = None) -> N
 
 
 def check_group_overrides(overrides: list[str]) -> None:
-    """Check `recipe=`, `task=`, `model=`, ... overrides (multirun lists too) before Hydra sees them."""
+    """Check `recipe=`, `task=`, `model=`, ... overrides (multirun lists too) before Hydra sees them; a recipe that a
+    user's folder holds under a shipped recipe's name is refused (the run would train the shipped one, not the
+    user's edits)."""
     folders = searched_folders(overrides)
     missing = [str(folder) for folder in folders if not folder.is_dir()]
     if missing:  # a typo: Hydra only warns and goes on without it (a shipped recipe of that name then runs)
@@ -85,6 +87,8 @@ def check_group_overrides(overrides: list[str]) -> None:
         for choice in value.split(","):
             if not choice.startswith(("choice(", "range(", "glob(")):
                 check_choice(key, choice.strip(), folders)
+                if key == "recipe":
+                    check_not_shadowed(choice.strip(), folders)
 
 
 def shipped_file(name: str) -> bool:
@@ -93,18 +97,12 @@ def shipped_file(name: str) -> bool:
     return (conf_dir() / "recipe" / f"{name}.yaml").is_file()
 
 
-def check_not_shadowed(overrides: list[str], folders: list[Path]) -> None:
-    """Refuse a `recipe=` that a user's folder holds under a shipped recipe's name: the run would train the
-    shipped one, not the user's edits."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.lstrip("+~") != "recipe":
-            continue
-        for name in (choice.strip() for choice in value.split(",")):
-            for folder in folders:
-                if (folder / "recipe" / f"{name}.yaml").is_file() and shipped_file(name):
-                    raise SelectuneError(f"{folder / 'recipe' / name}.yaml has the name of a shipped recipe, which is "
-                                         f"read first: rename it (e.g. mine/{name.rpartition('/')[2]})")
+def check_not_shadowed(name: str, folders: list[Path]) -> None:
+    """Refuse recipe `name` where one of the user's `folders` holds it and a shipped file has its name."""
+    for folder in folders:
+        if (folder / "recipe" / f"{name}.yaml").is_file() and shipped_file(name):
+            raise SelectuneError(f"{folder / 'recipe' / name}.yaml has the name of a shipped recipe, which is "
+                                 f"read first: rename it (e.g. mine/{name.rpartition('/')[2]})")
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -114,9 +112,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     check_group_overrides(overrides)
-    folders = searched_folders(overrides)
-    check_not_shadowed(overrides, folders)
-    register(overrides, folders)
+    register(overrides, searched_folders(overrides))
     import yaml
 
     try:
